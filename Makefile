@@ -1,0 +1,42 @@
+# selector: `make demo` runs the main job end to end, `make test` runs the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SEL    := $(VENV)/bin/selector
+DEMO   := demo
+# torch first, pinned to the local CPU wheel; without it pip would pull the multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test test-all lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev,postgres]'
+	touch $@
+
+demo: install
+	rm -rf $(DEMO) && mkdir -p $(DEMO)
+	$(SEL) run studies/digits.toml --storage sqlite:///$(DEMO)/selector.db
+	$(SEL) status digits-mlp --storage sqlite:///$(DEMO)/selector.db
+	$(SEL) export digits-mlp --storage sqlite:///$(DEMO)/selector.db -o $(DEMO)/best.json
+	$(SEL) final digits-mlp --storage sqlite:///$(DEMO)/selector.db
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m ''
+
+lint: install
+	$(VENV)/bin/ruff check selector tests bench
+	$(VENV)/bin/ruff format --check selector tests bench
+	$(VENV)/bin/mypy selector
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache *.egg-info

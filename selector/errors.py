@@ -1,0 +1,52 @@
+"""The error hierarchy and the reasons a trial can fail.
+
+`SelectorError` and its children are "stop, tell the user" errors: the CLI prints their message on one
+line and exits with `exit_code`. Trial-level errors (`TrialDiverged`) only end one trial; the study goes on.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+FailReason = Literal["exception", "diverged", "oom", "interrupted", "stale"]
+
+
+class SelectorError(Exception):
+    """A problem the user must fix; the message names the file, field or URL and what to do."""
+
+    exit_code = 2
+
+
+class SpecError(SelectorError):
+    """The study file is malformed."""
+
+
+class DataError(SelectorError):
+    """The data set is missing, malformed or unusable for the study."""
+
+
+class StorageError(SelectorError):
+    """The storage URL is wrong or the database cannot be reached."""
+
+
+class StudyError(SelectorError):
+    """The study does not exist, or its recorded spec or data differ from what is given."""
+
+
+class RefusedError(SelectorError):
+    """A rule refuses the request (test set already evaluated, budget spent)."""
+
+    exit_code = 1
+
+
+class LockboxError(RefusedError):
+    """The held-out test set was already claimed for this study."""
+
+
+class TrialDiverged(Exception):
+    """The training loss became non-finite; the trial ends at once as FAIL (reason `diverged`)."""
+
+    def __init__(self, epoch: int, fold: int) -> None:
+        super().__init__(f"non-finite training loss in fold {fold} at epoch {epoch}")
+        self.epoch = epoch
+        self.fold = fold

@@ -1,0 +1,72 @@
+"""The MLP a trial trains, built from a `TrialConfig`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from selector.space import TrialConfig
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+class Block(nn.Module):
+    """Linear → (batch norm) → activation → dropout, plus a skip link when `residual`.
+
+    The skip is the identity where widths match and a bias-free projection where they don't (funnel).
+    """
+
+    def __init__(self, n_in: int, n_out: int, config: TrialConfig, *, residual: bool) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_in, n_out)
+        self.norm: nn.Module = nn.BatchNorm1d(n_out) if config.batch_norm else nn.Identity()
+        self.act = ACTIVATIONS[config.activation]()
+        self.drop: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.skip: nn.Module | None = None
+        if residual:
+            self.skip = nn.Identity() if n_in == n_out else nn.Linear(n_in, n_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.act(self.norm(self.linear(x))))
+        return h + self.skip(x) if self.skip is not None else h
+
+
+class MLP(nn.Module):
+    def __init__(self, n_in: int, n_out: int, config: TrialConfig) -> None:
+        super().__init__()
+        widths = config.widths()
+        ins = [n_in, *widths[:-1]]
+        self.blocks = nn.ModuleList(
+            Block(i, o, config, residual=config.residual and k > 0)
+            for k, (i, o) in enumerate(zip(ins, widths, strict=True))
+        )
+        self.head = nn.Linear(widths[-1], n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)  # type: ignore[no-any-return]
+
+    def layers(self) -> list[nn.Linear]:
+        """The main linear layers, input to output (for gradient statistics)."""
+        return [b.linear for b in self.blocks] + [self.head]  # type: ignore[misc]
+
+
+def build_mlp(config: TrialConfig, n_in: int, n_out: int) -> MLP:
+    return MLP(n_in, n_out, config)
+
+
+def count_params(config: TrialConfig, n_in: int, n_out: int) -> int:
+    """Trainable parameters of the network (the model size used by `one-se` and the diagnosis)."""
+    with torch.device("meta"):
+        model = build_mlp(config, n_in, n_out)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,62 @@
+"""Progress of a run: a bar on a terminal, one line per trial otherwise."""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+from selector.study import FINISHED, describe_failure
+
+
+class Bar:
+    """Counts finished trials towards the study's budget; failures are reported, not counted."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.tty = sys.stderr.isatty()
+        self.bar: tqdm | None = None
+
+    def __enter__(self) -> Bar:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        line = self._line(trial)
+        if not self.tty:
+            print(f"[{done}/{self.total}] {line}", file=sys.stderr, flush=True)
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, initial=done - (trial.state in FINISHED),
+                            unit="trial", dynamic_ncols=True)
+        if trial.state in FINISHED:
+            self.bar.update(1)
+        else:
+            self.bar.write(line)
+        best = _best(study)
+        if best is not None:
+            self.bar.set_postfix_str(f"best {best:.4f}")
+
+    @staticmethod
+    def _line(trial: FrozenTrial) -> str:
+        if trial.state == TrialState.COMPLETE:
+            a = trial.user_attrs
+            return (f"trial {trial.number}: {trial.value:.4f} ± {a.get('cv_std', 0):.4f} "
+                    f"at epoch {a.get('best_epoch')}, {a.get('diagnosis')}")
+        if trial.state == TrialState.PRUNED:
+            return f"trial {trial.number}: pruned at epoch {trial.user_attrs.get('pruned_at_epoch')}"
+        return f"trial {trial.number}: failed ({describe_failure(trial)})"
+
+
+def _best(study: optuna.Study) -> float | None:
+    try:
+        return float(study.best_value)
+    except ValueError:
+        return None

@@ -1,0 +1,142 @@
+"""Storage URL → Optuna storage, with the checks that turn a bad URL into one clear line.
+
+Resolution: `--storage` > `$SELECTOR_STORAGE` > the study file's `storage` > `sqlite:///selector.db`.
+SQLite files are made absolute, run in WAL mode with a generous busy timeout.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+
+from selector.errors import StorageError
+
+DEFAULT_URL = "sqlite:///selector.db"
+SQLITE_TIMEOUT_S = 60
+SCHEMES = ("sqlite", "postgresql")
+
+
+def resolve_url(cli: str | None = None, spec_storage: str | None = None) -> str:
+    url = cli or os.environ.get("SELECTOR_STORAGE") or spec_storage or DEFAULT_URL
+    return _absolute(url)
+
+
+def mask(url: str) -> str:
+    """The URL with its password hidden, for every message and record."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable storage URL>"
+
+
+def _parse(url: str) -> URL:
+    try:
+        return make_url(url)
+    except Exception:
+        raise StorageError(
+            f"storage URL {url!r} is not a URL; use sqlite:///path/to/file.db or "
+            "postgresql://user@host:5432/dbname"
+        ) from None
+
+
+def _absolute(url: str) -> str:
+    u = _parse(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
+        return str(u.set(database=str(Path(u.database).expanduser().resolve())))
+    return url
+
+
+def sqlite_path(url: str) -> Path | None:
+    u = _parse(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
+        return None
+    return Path(u.database)
+
+
+def check(url: str, *, must_exist: bool) -> None:
+    """Fail with a clear message unless `url` names a reachable database (an existing one if
+    `must_exist`). Never creates anything."""
+    u = _parse(url)
+    backend = u.get_backend_name()
+    if backend not in SCHEMES:
+        raise StorageError(
+            f"storage {mask(url)}: unknown scheme {backend!r}; use sqlite:///path.db or "
+            "postgresql://user@host:5432/dbname"
+        )
+    path = sqlite_path(url)
+    if path is not None:
+        _check_sqlite(path, must_exist=must_exist)
+    elif backend == "postgresql":
+        _check_server(url)
+
+
+def _check_sqlite(path: Path, *, must_exist: bool) -> None:
+    if must_exist and not path.exists():
+        raise StorageError(
+            f"storage sqlite:///{path}: no such database; run `selector run STUDY_FILE` first "
+            "or pass --storage"
+        )
+    if path.is_dir():
+        raise StorageError(f"storage sqlite:///{path}: is a directory; name a database file")
+    parent = path.parent
+    if not parent.is_dir():
+        raise StorageError(f"storage sqlite:///{path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise StorageError(
+            f"storage sqlite:///{path}: not writable; choose a writable directory with --storage"
+        )
+
+
+def _check_server(url: str) -> None:
+    try:
+        with engine(url).connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except ModuleNotFoundError as e:
+        raise StorageError(
+            f"storage {mask(url)}: driver {e.name!r} is not installed; "
+            "pip install 'selector[postgres]'"
+        ) from None
+    except sa.exc.SQLAlchemyError as e:
+        first = str(getattr(e, "orig", e)).strip().splitlines()[0]
+        raise StorageError(f"storage {mask(url)}: cannot connect ({first})") from None
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    if sqlite_path(url) is not None:
+        return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 300}
+
+
+@functools.cache
+def engine(url: str) -> sa.Engine:
+    """One SQLAlchemy engine per URL for selector's own tables."""
+    eng = sa.create_engine(url, **_engine_kwargs(url))
+    if sqlite_path(url) is not None:
+        sa.event.listen(eng, "connect", _sqlite_pragmas)
+    return eng
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_TIMEOUT_S * 1000}")
+    cur.close()
+
+
+def open_storage(url: str, *, must_exist: bool) -> optuna.storages.RDBStorage:
+    """Check `url`, then open it as an Optuna storage (creating Optuna's tables when new)."""
+    check(url, must_exist=must_exist)
+    if sqlite_path(url) is not None:
+        with engine(url).connect():
+            pass  # the connect hook switches the file to WAL before Optuna opens it
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    except Exception as e:
+        first = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
+        raise StorageError(f"storage {mask(url)}: cannot open as an Optuna storage ({first})") from None
