@@ -14,12 +14,21 @@ import typer
 from selector.errors import SelectorError
 
 app = typer.Typer(
-    name="selector", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="selector",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
     help="Hyperparameter search and model selection for PyTorch MLPs on tabular data.",
 )
 
-StorageOpt = Annotated[str | None, typer.Option("--storage", help="Database URL "
-                       "(default: $SELECTOR_STORAGE, the study file's `storage`, sqlite:///selector.db)")]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Database URL "
+        "(default: $SELECTOR_STORAGE, the study file's `storage`, sqlite:///selector.db)",
+    ),
+]
 StudyArg = Annotated[str, typer.Argument(help="Study name, or a study file (.toml)")]
 T = TypeVar("T")
 
@@ -58,51 +67,71 @@ def _study_target(study: str, storage_opt: str | None) -> tuple[str, str]:
 
 
 @app.command()
-def create(study_file: Annotated[Path, typer.Argument(help="Study file (.toml)")],
-           storage: StorageOpt = None) -> None:
+def create(
+    study_file: Annotated[Path, typer.Argument(help="Study file (.toml)")],
+    storage: StorageOpt = None,
+) -> None:
     """Validate the study file and data, hold back the test set, record the study; run no trial."""
 
     def body() -> None:
-        from selector import spec, storage as st, study
+        from selector import spec, study
+        from selector import storage as st
 
         _quiet_optuna()
         s = spec.load(study_file)
         url = st.resolve_url(storage, s.storage)
         _, prep, _ = study.create_or_resume(s, url)
-        typer.echo(f"study {s.name!r} ready in {st.mask(url)}: {len(prep.dev)} dev rows in "
-                   f"{len(prep.folds)} folds, {len(prep.test)} test rows held back")
+        typer.echo(
+            f"study {s.name!r} ready in {st.mask(url)}: {len(prep.dev)} dev rows in "
+            f"{len(prep.folds)} folds, {len(prep.test)} test rows held back"
+        )
 
     guarded(body)
 
 
 @app.command()
-def run(study_file: Annotated[Path, typer.Argument(help="Study file (.toml)")],
-        storage: StorageOpt = None,
-        n_trials: Annotated[int | None, typer.Option("--n-trials", min=1,
-                            help="Run at most N trials now (never past the study's n_trials)")] = None,
-        timeout: Annotated[float | None, typer.Option("--timeout", min=0.0,
-                           help="Stop starting trials after S seconds")] = None) -> None:
+def run(
+    study_file: Annotated[Path, typer.Argument(help="Study file (.toml)")],
+    storage: StorageOpt = None,
+    n_trials: Annotated[
+        int | None,
+        typer.Option(
+            "--n-trials", min=1, help="Run at most N trials now (never past the study's n_trials)"
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", min=0.0, help="Stop starting trials after S seconds"),
+    ] = None,
+) -> None:
     """Create or resume the study and run trials until its n_trials are finished."""
 
     def body() -> None:
-        from selector import progress, spec, storage as st, study
+        from selector import progress, spec, study
+        from selector import storage as st
 
         _quiet_optuna()
         s = spec.load(study_file)
         url = st.resolve_url(storage, s.storage)
         with progress.Bar(s.n_trials) as bar:
             summary = study.run(s, url, n_trials=n_trials, timeout=timeout, progress=bar.update)
-        best = ("no complete trial" if summary.best_value is None
-                else f"best {s.metric} = {summary.best_value:.4f} (trial {summary.best_trial})")
+        best = (
+            "no complete trial"
+            if summary.best_value is None
+            else f"best {s.metric} = {summary.best_value:.4f} (trial {summary.best_trial})"
+        )
         typer.echo(f"study {s.name!r}: {summary.finished}/{summary.budget} trials finished; {best}")
 
     guarded(body)
 
 
 @app.command()
-def status(study: StudyArg, storage: StorageOpt = None,
-           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
-           top: Annotated[int, typer.Option(min=0, help="How many top trials to list")] = 5) -> None:
+def status(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    top: Annotated[int, typer.Option(min=0, help="How many top trials to list")] = 5,
+) -> None:
     """Show a study's progress, best trials and test-set state."""
 
     def body() -> None:
@@ -111,36 +140,47 @@ def status(study: StudyArg, storage: StorageOpt = None,
         _quiet_optuna()
         name, url = _study_target(study, storage)
         info = summary.status(url, name, top=top)
-        typer.echo(json.dumps(info, indent=2, default=str) if as_json else summary.status_text(info))
+        typer.echo(
+            json.dumps(info, indent=2, default=str) if as_json else summary.status_text(info)
+        )
 
     guarded(body)
 
 
 @app.command()
-def studies(storage: StorageOpt = None,
-            as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def studies(
+    storage: StorageOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
     """List the studies in a storage."""
 
     def body() -> None:
-        from selector import storage as st, summary
+        from selector import storage as st
+        from selector import summary
 
         _quiet_optuna()
         url = st.resolve_url(storage)
         rows = summary.studies(url)
-        typer.echo(json.dumps(rows, indent=2, default=str) if as_json else summary.studies_text(rows))
+        typer.echo(
+            json.dumps(rows, indent=2, default=str) if as_json else summary.studies_text(rows)
+        )
 
     guarded(body)
 
 
 @app.command()
-def export(study: StudyArg, storage: StorageOpt = None,
-           rule: Annotated[str, typer.Option(help="best | one-se")] = "best",
-           fmt: Annotated[str, typer.Option("--format", help="json | yaml | toml")] = "json",
-           output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write")] = None) -> None:
+def export(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    rule: Annotated[str, typer.Option(help="best | one-se")] = "best",
+    fmt: Annotated[str, typer.Option("--format", help="json | yaml | toml")] = "json",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write")] = None,
+) -> None:
     """Export the chosen config with its CV scores and provenance."""
 
     def body() -> None:
-        from selector import export as ex, final, study as st
+        from selector import export as ex
+        from selector import final
+        from selector import study as st
 
         _check_choice("--rule", rule, ("best", "one-se"))
         _check_choice("--format", fmt, ("json", "yaml", "toml"))
@@ -164,9 +204,12 @@ def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 @app.command("final")
-def final_cmd(study: StudyArg, storage: StorageOpt = None,
-              rule: Annotated[str, typer.Option(help="best | one-se")] = "best",
-              as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def final_cmd(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    rule: Annotated[str, typer.Option(help="best | one-se")] = "best",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
     """Evaluate the held-out test set, once per study: refit on all dev rows, score, record."""
 
     def body() -> None:
@@ -185,10 +228,14 @@ def final_cmd(study: StudyArg, storage: StorageOpt = None,
         if as_json:
             typer.echo(json.dumps(result.as_dict(), indent=2))
             return
-        typer.echo(f"study {name!r}, trial {result.trial} ({result.rule}): "
-                   f"CV {result.metric} = {result.cv_score:.4f}")
-        typer.echo(f"test {result.metric} = {result.test_score:.4f} on {result.test_rows} held-out "
-                   f"rows (evaluated once; model saved in {result.artifact})")
+        typer.echo(
+            f"study {name!r}, trial {result.trial} ({result.rule}): "
+            f"CV {result.metric} = {result.cv_score:.4f}"
+        )
+        typer.echo(
+            f"test {result.metric} = {result.test_score:.4f} on {result.test_rows} held-out "
+            f"rows (evaluated once; model saved in {result.artifact})"
+        )
 
     guarded(body)
 

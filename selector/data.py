@@ -138,9 +138,9 @@ def _infer_task(y: pd.Series) -> Task:
     if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
         return "classification"
     values = y.dropna()
-    if pd.api.types.is_integer_dtype(y) or bool((values == values.round()).all()):
-        if values.nunique() <= 20:
-            return "classification"
+    whole = pd.api.types.is_integer_dtype(y) or bool((values == values.round()).all())
+    if whole and values.nunique() <= 20:
+        return "classification"
     return "regression"
 
 
@@ -169,11 +169,13 @@ def _check_features(X: pd.DataFrame, origin: str) -> None:
             )
 
 
-def _encode_target(y: pd.Series, task: Task, origin: str, col: str) -> tuple[np.ndarray, tuple[str, ...]]:
+def _encode_target(
+    y: pd.Series, task: Task, origin: str, col: str
+) -> tuple[np.ndarray, tuple[str, ...]]:
     if task == "regression":
         if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
             raise DataError(
-                f"{origin}: target {col!r} is not numeric; set data.task = \"classification\""
+                f'{origin}: target {col!r} is not numeric; set data.task = "classification"'
             )
         values = y.to_numpy(dtype=float)
         if not np.isfinite(values).all():
@@ -183,7 +185,7 @@ def _encode_target(y: pd.Series, task: Task, origin: str, col: str) -> tuple[np.
     if len(uniques) > MAX_CLASSES:
         raise DataError(
             f"{origin}: target {col!r} has {len(uniques)} classes; "
-            "is it a regression target? set data.task = \"regression\""
+            'is it a regression target? set data.task = "regression"'
         )
     return codes.astype(np.int64), tuple(str(u) for u in uniques)
 
@@ -207,7 +209,9 @@ def load_table(ds: DataSpec, base_dir: str) -> Table:
         raise DataError(f"{origin}: target {target!r} has no values")
     y = frame[target]
     if y.nunique() < 2:
-        raise DataError(f"{origin}: target {target!r} is constant ({y.iloc[0]!r}); nothing to learn")
+        raise DataError(
+            f"{origin}: target {target!r} is constant ({y.iloc[0]!r}); nothing to learn"
+        )
     task = ds.task or _infer_task(y)
     codes, classes = _encode_target(y, task, origin, target)
     groups = frame[ds.groups].to_numpy() if ds.groups else None
@@ -248,7 +252,9 @@ def _splitter(table: Table, spec: StudySpec) -> object:
     return (StratifiedKFold if clf else KFold)(k, shuffle=True, random_state=seed)
 
 
-def _folds(table: Table, spec: StudySpec, dev: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+def _folds(
+    table: Table, spec: StudySpec, dev: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     k = spec.cv.folds
     if len(dev) < 2 * k:
         raise DataError(
@@ -282,11 +288,17 @@ def _sha(*parts: bytes) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprints(table: Table, dev: np.ndarray, test: np.ndarray,
-                  folds: tuple[tuple[np.ndarray, np.ndarray], ...]) -> Fingerprints:
+def _fingerprints(
+    table: Table,
+    dev: np.ndarray,
+    test: np.ndarray,
+    folds: tuple[tuple[np.ndarray, np.ndarray], ...],
+) -> Fingerprints:
     rows = pd.util.hash_pandas_object(table.X, index=False).to_numpy().tobytes()
     header = "|".join(f"{c}:{t}" for c, t in table.X.dtypes.astype(str).items()).encode()
-    data = _sha(header, rows, np.ascontiguousarray(table.y).tobytes(), "|".join(table.classes).encode())
+    data = _sha(
+        header, rows, np.ascontiguousarray(table.y).tobytes(), "|".join(table.classes).encode()
+    )
     split = _sha(test.astype(np.int64).tobytes(), dev.astype(np.int64).tobytes())
     fold_fp = _sha(*(va.astype(np.int64).tobytes() for _, va in folds))
     return Fingerprints(data=data, split=split, folds=fold_fp)
@@ -334,21 +346,32 @@ def test_set(prep: Prepared) -> Part:
 
 def make_preprocessor(X: pd.DataFrame) -> ColumnTransformer:
     """Impute + scale numeric columns, impute + one-hot categorical ones (unknown categories → 0)."""
-    numeric = [c for c in X.columns if pd.api.types.is_numeric_dtype(X[c]) and not pd.api.types.is_bool_dtype(X[c])]
+    numeric = [
+        c
+        for c in X.columns
+        if pd.api.types.is_numeric_dtype(X[c]) and not pd.api.types.is_bool_dtype(X[c])
+    ]
     categorical = [c for c in X.columns if c not in numeric]
     num = Pipeline([("impute", SimpleImputer(strategy="median")), ("scale", StandardScaler())])
-    cat = Pipeline([
-        ("impute", SimpleImputer(strategy="most_frequent")),
-        ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
-    ])
+    cat = Pipeline(
+        [
+            ("impute", SimpleImputer(strategy="most_frequent")),
+            ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False)),
+        ]
+    )
     return ColumnTransformer(
-        [("num", num, numeric), ("cat", cat, categorical)], sparse_threshold=0.0,
+        [("num", num, numeric), ("cat", cat, categorical)],
+        sparse_threshold=0.0,
         verbose_feature_names_out=False,
     )
 
 
 def _as_object(X: pd.DataFrame) -> pd.DataFrame:
-    cat = [c for c in X.columns if not pd.api.types.is_numeric_dtype(X[c]) or pd.api.types.is_bool_dtype(X[c])]
+    cat = [
+        c
+        for c in X.columns
+        if not pd.api.types.is_numeric_dtype(X[c]) or pd.api.types.is_bool_dtype(X[c])
+    ]
     if not cat:
         return X
     out = X.copy()
@@ -357,7 +380,9 @@ def _as_object(X: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def fit_transform(X_train: pd.DataFrame, *others: pd.DataFrame) -> tuple[ColumnTransformer, list[np.ndarray]]:
+def fit_transform(
+    X_train: pd.DataFrame, *others: pd.DataFrame
+) -> tuple[ColumnTransformer, list[np.ndarray]]:
     """Fit the preprocessor on `X_train` only; transform it and every other frame with it."""
     pre = make_preprocessor(X_train)
     train = pre.fit_transform(_as_object(X_train)).astype(np.float32)

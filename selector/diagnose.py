@@ -8,8 +8,17 @@ from typing import Literal
 Fit = Literal["overfit", "underfit", "good fit"]
 Gradients = Literal["healthy", "vanishing", "exploding"]
 
-BOUNDED = {"accuracy", "balanced_accuracy", "f1", "f1_macro", "f1_weighted", "roc_auc",
-           "matthews_corrcoef", "r2", "explained_variance"}
+BOUNDED = {
+    "accuracy",
+    "balanced_accuracy",
+    "f1",
+    "f1_macro",
+    "f1_weighted",
+    "roc_auc",
+    "matthews_corrcoef",
+    "r2",
+    "explained_variance",
+}
 VANISHING_RATIO = 1e-3
 EXPLODING_GROWTH = 1e3
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,14 +63,19 @@ class CVResult:
         return float(np.mean(self.train_scores))
 
 
-def make_optimizer(config: TrialConfig, params: object) -> torch.optim.Optimizer:
+def make_optimizer(config: TrialConfig, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     lr, wd = config.lr, config.weight_decay
     o = config.optimizer
     if o == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd)  # type: ignore[arg-type]
     if o == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=config.momentum,  # type: ignore[arg-type]
-                               nesterov=config.nesterov, weight_decay=wd)
+        return torch.optim.SGD(
+            params,
+            lr=lr,
+            momentum=config.momentum,  # type: ignore[arg-type]
+            nesterov=config.nesterov,
+            weight_decay=wd,
+        )
     if o == "adagrad":
         return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)  # type: ignore[arg-type]
     if o == "rmsprop":
@@ -82,8 +87,9 @@ def make_optimizer(config: TrialConfig, params: object) -> torch.optim.Optimizer
     return cls(params, lr=lr, betas=betas, weight_decay=wd)  # type: ignore[arg-type]
 
 
-def make_schedule(config: TrialConfig, opt: torch.optim.Optimizer,
-                  max_epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+def make_schedule(
+    config: TrialConfig, opt: torch.optim.Optimizer, max_epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
     """Per-epoch learning-rate decay, defined over `max_epochs` so a refit follows the same curve."""
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max_epochs)
@@ -105,8 +111,17 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 class FoldRun:
     """One fold's model, optimizer and data on the device."""
 
-    def __init__(self, config: TrialConfig, fold: FoldData, *, task: Task, n_out: int,
-                 max_epochs: int, seed: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: TrialConfig,
+        fold: FoldData,
+        *,
+        task: Task,
+        n_out: int,
+        max_epochs: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
         torch.manual_seed(seed)
         self.model: MLP = build_mlp(config, fold.X_train.shape[1], n_out).to(device)
         self.opt = make_optimizer(config, self.model.parameters())
@@ -116,7 +131,9 @@ class FoldRun:
         self.X = torch.as_tensor(fold.X_train, device=device)
         self.y = torch.as_tensor(fold.y_train, device=device)
         self.X_val = torch.as_tensor(fold.X_val, device=device)
-        self.loss_fn: nn.Module = nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+        self.loss_fn: nn.Module = (
+            nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+        )
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def _loss(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -154,8 +171,9 @@ class FoldRun:
             self.model.load_state_dict(self.best_state)
 
 
-def predict(model: nn.Module, X: torch.Tensor, *, task: Task, y_mean: float = 0.0,
-            y_std: float = 1.0) -> np.ndarray:
+def predict(
+    model: nn.Module, X: torch.Tensor, *, task: Task, y_mean: float = 0.0, y_std: float = 1.0
+) -> np.ndarray:
     """Class probabilities (float64, rows sum to 1) or target values on the original scale."""
     model.eval()
     with torch.no_grad():
@@ -181,15 +199,27 @@ class _Curves:
     grads: list[list[float]] = field(default_factory=list)
 
 
-def cross_validate(config: TrialConfig, folds: Sequence[FoldData], *, task: Task, n_classes: int,
-                   metric: Metric, training: TrainingSpec, seed: int,
-                   on_epoch: EpochCallback | None = None) -> CVResult:
+def cross_validate(
+    config: TrialConfig,
+    folds: Sequence[FoldData],
+    *,
+    task: Task,
+    n_classes: int,
+    metric: Metric,
+    training: TrainingSpec,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+) -> CVResult:
     """Train the K fold models epoch-major; `on_epoch(epoch, mean_val_score)` may raise to prune."""
     device = resolve_device(training.device)
     n_out = n_classes if task == "classification" else 1
     seeds = [derive_seed(seed, k) for k in range(len(folds))]
-    runs = [FoldRun(config, f, task=task, n_out=n_out, max_epochs=training.max_epochs, seed=s,
-                    device=device) for f, s in zip(folds, seeds, strict=True)]
+    runs = [
+        FoldRun(
+            config, f, task=task, n_out=n_out, max_epochs=training.max_epochs, seed=s, device=device
+        )
+        for f, s in zip(folds, seeds, strict=True)
+    ]
     torch.manual_seed(derive_seed(seed, len(folds)))  # dropout masks
     curves = _Curves()
     best, best_epoch, best_scores = -math.inf, 0, [0.0] * len(runs)
@@ -201,7 +231,9 @@ def cross_validate(config: TrialConfig, folds: Sequence[FoldData], *, task: Task
                 raise TrialDiverged(epoch, k)
             losses.append(loss)
             norms.append(layer_norms)
-            pred = predict(run.model, run.X_val, task=task, y_mean=run.fold.y_mean, y_std=run.fold.y_std)
+            pred = predict(
+                run.model, run.X_val, task=task, y_mean=run.fold.y_mean, y_std=run.fold.y_std
+            )
             scores.append(score(metric, run.fold.y_val, pred, n_classes))
         mean = float(np.mean(scores))
         curves.val.append(mean)
@@ -218,10 +250,17 @@ def cross_validate(config: TrialConfig, folds: Sequence[FoldData], *, task: Task
             break
     train_scores = [_train_score(run, metric, n_classes) for run in runs]
     return CVResult(
-        value=best, best_epoch=best_epoch, epochs_run=len(curves.val), fold_scores=best_scores,
-        train_scores=train_scores, val_curve=curves.val, train_loss_curve=curves.loss,
-        fold_curves=[list(c) for c in zip(*curves.folds, strict=True)], grad_norms=curves.grads,
-        seeds=seeds, stopped_early=len(curves.val) < training.max_epochs,
+        value=best,
+        best_epoch=best_epoch,
+        epochs_run=len(curves.val),
+        fold_scores=best_scores,
+        train_scores=train_scores,
+        val_curve=curves.val,
+        train_loss_curve=curves.loss,
+        fold_curves=[list(c) for c in zip(*curves.folds, strict=True)],
+        grad_norms=curves.grads,
+        seeds=seeds,
+        stopped_early=len(curves.val) < training.max_epochs,
     )
 
 
@@ -235,12 +274,28 @@ def _train_score(run: FoldRun, metric: Metric, n_classes: int) -> float:
     return score(metric, y, pred, n_classes)
 
 
-def fit(config: TrialConfig, fold: FoldData, *, task: Task, n_classes: int, epochs: int,
-        max_epochs: int, seed: int, device: str = "auto") -> MLP:
+def fit(
+    config: TrialConfig,
+    fold: FoldData,
+    *,
+    task: Task,
+    n_classes: int,
+    epochs: int,
+    max_epochs: int,
+    seed: int,
+    device: str = "auto",
+) -> MLP:
     """Train one model on `fold`'s training rows for exactly `epochs` epochs (the final refit)."""
     n_out = n_classes if task == "classification" else 1
-    run = FoldRun(config, fold, task=task, n_out=n_out, max_epochs=max_epochs, seed=seed,
-                  device=resolve_device(device))
+    run = FoldRun(
+        config,
+        fold,
+        task=task,
+        n_out=n_out,
+        max_epochs=max_epochs,
+        seed=seed,
+        device=resolve_device(device),
+    )
     torch.manual_seed(derive_seed(seed, 1))
     for epoch in range(1, epochs + 1):
         loss, _ = run.train_epoch()

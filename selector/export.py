@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from selector import storage
 from selector.errors import RefusedError
-from selector.study import Record
+from selector.study import Record, value_of
 
 Rule = Literal["best", "one-se"]
 Format = Literal["json", "yaml", "toml"]
@@ -42,17 +42,24 @@ def standard_error(trial: FrozenTrial) -> float:
 
 def choose(study: optuna.Study, rule: Rule) -> FrozenTrial:
     trials = _complete(study)
-    best = max(trials, key=lambda t: float(t.value))  # type: ignore[arg-type]
+    best = max(trials, key=lambda t: value_of(t))
     if rule == "best":
         return best
-    floor = float(best.value) - standard_error(best)  # type: ignore[arg-type]
-    near = [t for t in trials if float(t.value) >= floor]  # type: ignore[arg-type]
-    return min(near, key=lambda t: (t.user_attrs.get("n_params", 0),
-                                    t.user_attrs.get("best_epoch", 0), -float(t.value)))  # type: ignore[arg-type]
+    floor = value_of(best) - standard_error(best)
+    near = [t for t in trials if value_of(t) >= floor]
+    return min(
+        near,
+        key=lambda t: (
+            t.user_attrs.get("n_params", 0),
+            t.user_attrs.get("best_epoch", 0),
+            -value_of(t),
+        ),
+    )
 
 
-def document(study: optuna.Study, rec: Record, rule: Rule, url: str,
-             final: dict[str, Any] | None = None) -> dict[str, Any]:
+def document(
+    study: optuna.Study, rec: Record, rule: Rule, url: str, final: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything needed to rebuild and retrain the chosen model, and where it came from."""
     trial = choose(study, rule)
     a = trial.user_attrs
@@ -62,11 +69,17 @@ def document(study: optuna.Study, rec: Record, rule: Rule, url: str,
         "rule": rule,
         "trial": trial.number,
         "params": trial.params,
-        "config": {**a.get("config", {}), "epochs": a.get("best_epoch"),
-                   "max_epochs": spec.training.max_epochs},
+        "config": {
+            **a.get("config", {}),
+            "epochs": a.get("best_epoch"),
+            "max_epochs": spec.training.max_epochs,
+        },
         "cv": {
-            "metric": spec.metric, "mean": trial.value, "std": a.get("cv_std"),
-            "standard_error": standard_error(trial), "fold_scores": a.get("fold_scores"),
+            "metric": spec.metric,
+            "mean": trial.value,
+            "std": a.get("cv_std"),
+            "standard_error": standard_error(trial),
+            "fold_scores": a.get("fold_scores"),
             "folds": len(a.get("fold_scores") or []),
         },
         "train_score": a.get("train_score"),
@@ -75,8 +88,11 @@ def document(study: optuna.Study, rec: Record, rule: Rule, url: str,
         "gradient_health": a.get("gradient_health"),
         "n_params": a.get("n_params"),
         "seed": a.get("seed"),
-        "data": {**spec.data.model_dump(exclude_none=True), "seed": spec.seed,
-                 "fingerprints": rec.fingerprints},
+        "data": {
+            **spec.data.model_dump(exclude_none=True),
+            "seed": spec.seed,
+            "fingerprints": rec.fingerprints,
+        },
         "versions": rec.versions,
         "storage": storage.mask(url),
         "test": final,

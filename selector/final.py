@@ -45,11 +45,17 @@ class FinalResult:
 
 
 def _result(row: Any) -> FinalResult:
-    iso = lambda t: t.isoformat() if t is not None else None  # noqa: E731
     return FinalResult(
-        study=row.study_name, state=row.state, rule=row.rule, trial=row.trial_number,
-        metric=row.metric, cv_score=row.cv_score, test_score=row.test_score,
-        test_rows=row.test_rows, claimed_at=iso(row.claimed_at), finished_at=iso(row.finished_at),
+        study=row.study_name,
+        state=row.state,
+        rule=row.rule,
+        trial=row.trial_number,
+        metric=row.metric,
+        cv_score=row.cv_score,
+        test_score=row.test_score,
+        test_rows=row.test_rows,
+        claimed_at=row.claimed_at.isoformat(),
+        finished_at=row.finished_at.isoformat() if row.finished_at else None,
         artifact=row.artifact,
     )
 
@@ -63,11 +69,18 @@ def stored(url: str, name: str) -> FinalResult | None:
 def _claim(url: str, name: str, rule: str, trial: int, metric: str, cv: float) -> None:
     try:
         with db.transaction(url) as conn:
-            conn.execute(db.final.insert().values(
-                study_name=name, state="claimed", claimed_at=dt.datetime.now(dt.UTC),
-                claimed_by=f"{socket.gethostname()}:{os.getpid()}", rule=rule, trial_number=trial,
-                metric=metric, cv_score=cv,
-            ))
+            conn.execute(
+                db.final.insert().values(
+                    study_name=name,
+                    state="claimed",
+                    claimed_at=dt.datetime.now(dt.UTC),
+                    claimed_by=f"{socket.gethostname()}:{os.getpid()}",
+                    rule=rule,
+                    trial_number=trial,
+                    metric=metric,
+                    cv_score=cv,
+                )
+            )
     except sa.exc.IntegrityError:
         raise LockboxError(refusal(stored(url, name))) from None
 
@@ -76,11 +89,15 @@ def refusal(prev: FinalResult | None) -> str:
     if prev is None:  # pragma: no cover - the row that blocked the claim cannot vanish
         return "the test set was already claimed"
     if prev.state == "finished":
-        return (f"the test set of study {prev.study!r} was already evaluated at {prev.finished_at}: "
-                f"{prev.metric} = {prev.test_score:.4f} (trial {prev.trial}, rule {prev.rule}); "
-                "it is evaluated only once")
-    return (f"the test set of study {prev.study!r} was claimed at {prev.claimed_at} but the "
-            "evaluation did not finish; it will not be evaluated silently a second time")
+        return (
+            f"the test set of study {prev.study!r} was already evaluated at {prev.finished_at}: "
+            f"{prev.metric} = {prev.test_score:.4f} (trial {prev.trial}, rule {prev.rule}); "
+            "it is evaluated only once"
+        )
+    return (
+        f"the test set of study {prev.study!r} was claimed at {prev.claimed_at} but the "
+        "evaluation did not finish; it will not be evaluated silently a second time"
+    )
 
 
 def artifact_dir(url: str, name: str) -> Path:
@@ -95,34 +112,58 @@ def evaluate(url: str, name: str, rule: export.Rule = "best") -> FinalResult:
     trial = export.choose(study, rule)
     prep = data.prepare(rec.spec)
     if prep.fingerprints.as_dict() != rec.fingerprints:
-        raise StudyError(f"study {name!r}: the data differ from when the study was created "
-                         f"({prep.table.origin}); the test set cannot be evaluated on other data")
+        raise StudyError(
+            f"study {name!r}: the data differ from when the study was created "
+            f"({prep.table.origin}); the test set cannot be evaluated on other data"
+        )
     _claim(url, name, rule, trial.number, rec.spec.metric, float(trial.value))  # type: ignore[arg-type]
     score, n_test, model = _refit_and_score(rec, prep, trial.user_attrs)
     artifact = _save(url, name, model, export.document(study, rec, rule, url))
     with db.transaction(url) as conn:
-        conn.execute(db.final.update().where(db.final.c.study_name == name).values(
-            state="finished", finished_at=dt.datetime.now(dt.UTC), test_score=score,
-            test_rows=n_test, artifact=str(artifact),
-        ))
+        conn.execute(
+            db.final.update()
+            .where(db.final.c.study_name == name)
+            .values(
+                state="finished",
+                finished_at=dt.datetime.now(dt.UTC),
+                test_score=score,
+                test_rows=n_test,
+                artifact=str(artifact),
+            )
+        )
     result = stored(url, name)
     assert result is not None
     return result
 
 
-def _refit_and_score(rec: Record, prep: data.Prepared,
-                     attrs: dict[str, Any]) -> tuple[float, int, torch.nn.Module]:
+def _refit_and_score(
+    rec: Record, prep: data.Prepared, attrs: dict[str, Any]
+) -> tuple[float, int, torch.nn.Module]:
     dev, test = data.dev_set(prep), data.test_set(prep)
     config = TrialConfig(**attrs["config"])
     _, (x_dev, x_test) = data.fit_transform(dev.X, test.X)
     y_dev = dev.y.astype("float32") if dev.task == "regression" else dev.y
-    mean, std = (float(dev.y.mean()), float(dev.y.std()) or 1.0) if dev.task == "regression" else (0.0, 1.0)
-    fold = data.FoldData(x_dev, (y_dev - mean) / std if dev.task == "regression" else y_dev,
-                         x_test, test.y, mean, std)
-    model = engine.fit(config, fold, task=dev.task, n_classes=dev.n_classes,
-                       epochs=int(attrs["best_epoch"]), max_epochs=rec.spec.training.max_epochs,
-                       seed=engine.derive_seed(rec.spec.seed, FINAL_SEED_TAG),
-                       device=rec.spec.training.device)
+    mean, std = (
+        (float(dev.y.mean()), float(dev.y.std()) or 1.0) if dev.task == "regression" else (0.0, 1.0)
+    )
+    fold = data.FoldData(
+        x_dev,
+        (y_dev - mean) / std if dev.task == "regression" else y_dev,
+        x_test,
+        test.y,
+        mean,
+        std,
+    )
+    model = engine.fit(
+        config,
+        fold,
+        task=dev.task,
+        n_classes=dev.n_classes,
+        epochs=int(attrs["best_epoch"]),
+        max_epochs=rec.spec.training.max_epochs,
+        seed=engine.derive_seed(rec.spec.seed, FINAL_SEED_TAG),
+        device=rec.spec.training.device,
+    )
     x = torch.as_tensor(x_test, device=next(model.parameters()).device)
     pred = engine.predict(model, x, task=dev.task, y_mean=mean, y_std=std)
     metric = metrics.get(rec.spec.metric)

@@ -36,7 +36,7 @@ class Block(nn.Module):
             self.skip = nn.Identity() if n_in == n_out else nn.Linear(n_in, n_out, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.drop(self.act(self.norm(self.linear(x))))
+        h: torch.Tensor = self.drop(self.act(self.norm(self.linear(x))))
         return h + self.skip(x) if self.skip is not None else h
 
 
@@ -58,7 +58,7 @@ class MLP(nn.Module):
 
     def layers(self) -> list[nn.Linear]:
         """The main linear layers, input to output (for gradient statistics)."""
-        return [b.linear for b in self.blocks] + [self.head]  # type: ignore[misc]
+        return [b.linear for b in self.blocks] + [self.head]  # type: ignore[misc, return-value]
 
 
 def build_mlp(config: TrialConfig, n_in: int, n_out: int) -> MLP:

@@ -72,8 +72,14 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (mean CV score {value:.4f})")
 
         return engine.cross_validate(
-            config, self.folds, task=self.dev.task, n_classes=self.dev.n_classes,
-            metric=self.metric, training=self.spec.training, seed=seed, on_epoch=on_epoch,
+            config,
+            self.folds,
+            task=self.dev.task,
+            n_classes=self.dev.n_classes,
+            metric=self.metric,
+            training=self.spec.training,
+            seed=seed,
+            on_epoch=on_epoch,
         )
 
     def _record(self, trial: optuna.Trial, r: engine.CVResult, seconds: float) -> None:
@@ -86,8 +92,13 @@ class Objective:
             "gap": r.train_score - r.value,
             "best_epoch": r.best_epoch,
             "epochs_run": r.epochs_run,
-            "diagnosis": diagnose.fit_label(train=r.train_score, val=r.value, fold_std=r.cv_std,
-                                            study_best=best, metric=self.spec.metric),
+            "diagnosis": diagnose.fit_label(
+                train=r.train_score,
+                val=r.value,
+                fold_std=r.cv_std,
+                study_best=best,
+                metric=self.spec.metric,
+            ),
             "gradient_health": diagnose.gradient_health(r.grad_norms),
             "grad_norms": [[round(x, 6) for x in e] for e in r.grad_norms],
             "val_curve": r.val_curve,
@@ -101,6 +112,8 @@ class Objective:
 
 
 def _study_best(study: optuna.Study, current: float) -> float:
-    values = [t.value for t in study.get_trials(deepcopy=False,
-                                                 states=(optuna.trial.TrialState.COMPLETE,))]
+    values = [
+        t.value
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    ]
     return float(np.max([current, *[v for v in values if v is not None]]))

@@ -34,8 +34,12 @@ class Bar:
             print(f"[{done}/{self.total}] {line}", file=sys.stderr, flush=True)
             return
         if self.bar is None:
-            self.bar = tqdm(total=self.total, initial=done - (trial.state in FINISHED),
-                            unit="trial", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self.total,
+                initial=done - (trial.state in FINISHED),
+                unit="trial",
+                dynamic_ncols=True,
+            )
         if trial.state in FINISHED:
             self.bar.update(1)
         else:
@@ -48,10 +52,14 @@ class Bar:
     def _line(trial: FrozenTrial) -> str:
         if trial.state == TrialState.COMPLETE:
             a = trial.user_attrs
-            return (f"trial {trial.number}: {trial.value:.4f} ± {a.get('cv_std', 0):.4f} "
-                    f"at epoch {a.get('best_epoch')}, {a.get('diagnosis')}")
+            return (
+                f"trial {trial.number}: {trial.value:.4f} ± {a.get('cv_std', 0):.4f} "
+                f"at epoch {a.get('best_epoch')}, {a.get('diagnosis')}"
+            )
         if trial.state == TrialState.PRUNED:
-            return f"trial {trial.number}: pruned at epoch {trial.user_attrs.get('pruned_at_epoch')}"
+            return (
+                f"trial {trial.number}: pruned at epoch {trial.user_attrs.get('pruned_at_epoch')}"
+            )
         return f"trial {trial.number}: failed ({describe_failure(trial)})"
 
 

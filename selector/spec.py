@@ -118,7 +118,7 @@ def _check_bounds(rule: _Rule, x: float, shown: str) -> None:
 
 def _range(rule: _Rule, table: dict[str, Any]) -> Param:
     if rule.type not in ("int", "float"):
-        raise ValueError(f"a range needs a numeric parameter; give a list of choices instead")
+        raise ValueError("a range needs a numeric parameter; give a list of choices instead")
     unknown = sorted(set(table) - {"low", "high", "log"})
     if unknown:
         raise ValueError(f"unknown range key {unknown[0]!r}; a range is {{low, high, log}}")
@@ -313,7 +313,10 @@ def _problems(err: ValidationError) -> list[str]:
             out.append(f"{where}: missing; this field is required")
         else:
             msg = _PREFIX.sub("", e["msg"])
-            out.append(f"{where}: {msg}" + ("" if e["type"] == "value_error" else f" (got {e.get('input')!r})"))
+            out.append(
+                f"{where}: {msg}"
+                + ("" if e["type"] == "value_error" else f" (got {e.get('input')!r})")
+            )
     return out
 
 

@@ -139,4 +139,6 @@ def open_storage(url: str, *, must_exist: bool) -> optuna.storages.RDBStorage:
         return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
     except Exception as e:
         first = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
-        raise StorageError(f"storage {mask(url)}: cannot open as an Optuna storage ({first})") from None
+        raise StorageError(
+            f"storage {mask(url)}: cannot open as an Optuna storage ({first})"
+        ) from None

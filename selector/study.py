@@ -37,8 +37,11 @@ class FailureStreakError(SelectorError):
 
 def versions() -> dict[str, str]:
     return {
-        "selector": __version__, "optuna": optuna.__version__, "torch": torch.__version__,
-        "sklearn": sklearn.__version__, "python": platform.python_version(),
+        "selector": __version__,
+        "optuna": optuna.__version__,
+        "torch": torch.__version__,
+        "sklearn": sklearn.__version__,
+        "python": platform.python_version(),
     }
 
 
@@ -58,10 +61,13 @@ class Record:
 def _row_to_record(row: Any, origin: str) -> Record:
     raw = json.loads(row.spec_json)
     return Record(
-        name=row.study_name, spec=from_record(raw, row.base_dir, origin=origin),
+        name=row.study_name,
+        spec=from_record(raw, row.base_dir, origin=origin),
         spec_hash=row.spec_hash,
         fingerprints={"data": row.data_fp, "split": row.split_fp, "folds": row.folds_fp},
-        n_trials=row.n_trials, versions=json.loads(row.versions_json), created_at=row.created_at,
+        n_trials=row.n_trials,
+        versions=json.loads(row.versions_json),
+        created_at=row.created_at,
     )
 
 
@@ -118,32 +124,44 @@ def create_or_resume(spec: StudySpec, url: str) -> tuple[optuna.Study, data.Prep
         _check_same(rec, spec, prep)
         if rec.n_trials != spec.n_trials:
             with db.transaction(url) as conn:
-                conn.execute(db.studies.update().where(db.studies.c.study_name == spec.name)
-                             .values(n_trials=spec.n_trials))
+                conn.execute(
+                    db.studies.update()
+                    .where(db.studies.c.study_name == spec.name)
+                    .values(n_trials=spec.n_trials)
+                )
         study = optuna.load_study(study_name=spec.name, storage=optuna_storage)
         return study, prep, load_record(url, spec.name)
     return _create(spec, url, optuna_storage, prep)
 
 
-def _create(spec: StudySpec, url: str, optuna_storage: optuna.storages.BaseStorage,
-            prep: data.Prepared) -> tuple[optuna.Study, data.Prepared, Record]:
+def _create(
+    spec: StudySpec, url: str, optuna_storage: optuna.storages.BaseStorage, prep: data.Prepared
+) -> tuple[optuna.Study, data.Prepared, Record]:
     if spec.name in {s.study_name for s in optuna.get_all_study_summaries(optuna_storage, False)}:
         raise StudyError(
             f"an Optuna study named {spec.name!r} already exists in {storage.mask(url)} but was not "
             "created by selector; choose another name"
         )
-    study = optuna.create_study(study_name=spec.name, storage=optuna_storage,
-                                direction=spec.study_direction)
+    study = optuna.create_study(
+        study_name=spec.name, storage=optuna_storage, direction=spec.study_direction
+    )
     try:
         _describe(study, spec, prep)
         with db.transaction(url) as conn:
-            conn.execute(db.studies.insert().values(
-                study_name=spec.name, spec_json=canonical_json(spec.raw),
-                spec_hash=spec.spec_hash(), base_dir=spec.base_dir,
-                data_fp=prep.fingerprints.data, split_fp=prep.fingerprints.split,
-                folds_fp=prep.fingerprints.folds, n_trials=spec.n_trials,
-                versions_json=json.dumps(versions()), created_at=dt.datetime.now(dt.UTC),
-            ))
+            conn.execute(
+                db.studies.insert().values(
+                    study_name=spec.name,
+                    spec_json=canonical_json(spec.raw),
+                    spec_hash=spec.spec_hash(),
+                    base_dir=spec.base_dir,
+                    data_fp=prep.fingerprints.data,
+                    split_fp=prep.fingerprints.split,
+                    folds_fp=prep.fingerprints.folds,
+                    n_trials=spec.n_trials,
+                    versions_json=json.dumps(versions()),
+                    created_at=dt.datetime.now(dt.UTC),
+                )
+            )
     except BaseException:
         optuna.delete_study(study_name=spec.name, storage=optuna_storage)
         raise
@@ -156,8 +174,8 @@ def _describe(study: optuna.Study, spec: StudySpec, prep: data.Prepared) -> None
     study.set_user_attr("data", prep.table.origin)
     study.set_user_attr("task", prep.table.task)
     study.set_user_attr("folds", spec.cv.folds * spec.cv.repeats)
-    study.set_user_attr("dev_rows", int(len(prep.dev)))
-    study.set_user_attr("test_rows_held_out", int(len(prep.test)))
+    study.set_user_attr("dev_rows", len(prep.dev))
+    study.set_user_attr("test_rows_held_out", len(prep.test))
 
 
 def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -178,6 +196,11 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if spec.search.pruner == "none":
         return optuna.pruners.NopPruner()
     return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
+
+
+def value_of(trial: FrozenTrial) -> float:
+    """A complete trial's value (−inf for a trial without one, so it sorts last)."""
+    return float(trial.value) if trial.value is not None else float("-inf")
 
 
 def count_finished(study: optuna.Study) -> int:
@@ -232,8 +255,15 @@ def describe_failure(trial: FrozenTrial) -> str:
 Progress = Callable[[optuna.Study, FrozenTrial], None]
 
 
-def run(spec: StudySpec, url: str, *, n_trials: int | None = None, timeout: float | None = None,
-        worker: int = 0, progress: Progress | None = None) -> RunSummary:
+def run(
+    spec: StudySpec,
+    url: str,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    worker: int = 0,
+    progress: Progress | None = None,
+) -> RunSummary:
     """Run trials until the study holds `spec.n_trials` finished ones (or this run's cap/timeout)."""
     study, prep, _ = create_or_resume(spec, url)
     done = count_finished(study)
@@ -243,12 +273,17 @@ def run(spec: StudySpec, url: str, *, n_trials: int | None = None, timeout: floa
             "trials; raise n_trials in the study file to run more"
         )
     objective = Objective(spec, data.dev_set(prep))
-    study = optuna.load_study(study_name=spec.name, storage=study._storage,
-                              sampler=make_sampler(spec, worker), pruner=make_pruner(spec))
+    study = optuna.load_study(
+        study_name=spec.name,
+        storage=study._storage,
+        sampler=make_sampler(spec, worker),
+        pruner=make_pruner(spec),
+    )
     budget, streak = _Budget(spec.n_trials, n_trials), _FailureStreak(spec.search.max_failures)
-    callbacks: list[Progress] = [budget, streak] + ([progress] if progress else [])
-    study.optimize(objective, catch=(Exception,), callbacks=callbacks, timeout=timeout,
-                   gc_after_trial=False)
+    callbacks: list[Progress] = [budget, streak, *([progress] if progress else [])]
+    study.optimize(
+        objective, catch=(Exception,), callbacks=callbacks, timeout=timeout, gc_after_trial=False
+    )
     if streak.streak >= streak.limit:
         raise FailureStreakError(
             f"study {spec.name!r} stopped after {streak.streak} consecutive failed trials; "
@@ -260,9 +295,14 @@ def run(spec: StudySpec, url: str, *, n_trials: int | None = None, timeout: floa
 def summarize(study: optuna.Study, budget: int, *, ran: int = 0) -> RunSummary:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = max(complete, key=lambda t: t.value or float("-inf")) if complete else None
-    return RunSummary(study=study.study_name, finished=count_finished(study), budget=budget, ran=ran,
-                      best_value=best.value if best else None,
-                      best_trial=best.number if best else None)
+    return RunSummary(
+        study=study.study_name,
+        finished=count_finished(study),
+        budget=budget,
+        ran=ran,
+        best_value=best.value if best else None,
+        best_trial=best.number if best else None,
+    )
 
 
 def open_study(url: str, name: str) -> tuple[optuna.Study, Record]:
@@ -270,5 +310,3 @@ def open_study(url: str, name: str) -> tuple[optuna.Study, Record]:
     optuna_storage = storage.open_storage(url, must_exist=True)
     rec = load_record(url, name)
     return optuna.load_study(study_name=name, storage=optuna_storage), rec
-
-
