@@ -7,9 +7,14 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
+
+try:  # typer vendors click since 0.25
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import UsageError  # type: ignore[no-redef]
 
 from selector.errors import SelectorError
 
@@ -74,11 +79,13 @@ def create(
     """Validate the study file and data, hold back the test set, record the study; run no trial."""
 
     def body() -> None:
-        from selector import spec, study
+        from selector import spec
         from selector import storage as st
 
+        s = spec.load(study_file)  # before torch is imported: a bad file is refused at once
+        from selector import study
+
         _quiet_optuna()
-        s = spec.load(study_file)
         url = st.resolve_url(storage, s.storage)
         _, prep, _ = study.create_or_resume(s, url)
         typer.echo(
@@ -107,11 +114,13 @@ def run(
     """Create or resume the study and run trials until its n_trials are finished."""
 
     def body() -> None:
-        from selector import progress, spec, study
+        from selector import spec
         from selector import storage as st
 
-        _quiet_optuna()
         s = spec.load(study_file)
+        from selector import progress, study
+
+        _quiet_optuna()
         url = st.resolve_url(storage, s.storage)
         with progress.Bar(s.n_trials) as bar:
             summary = study.run(s, url, n_trials=n_trials, timeout=timeout, progress=bar.update)
@@ -240,5 +249,20 @@ def final_cmd(
     guarded(body)
 
 
-def main(argv: list[str] | None = None) -> Any:
-    return app(args=argv if argv is not None else sys.argv[1:], prog_name="selector")
+def main(argv: list[str] | None = None) -> None:
+    """The console script: usage errors too become one `selector:` line and exit code 2."""
+    args = (argv if argv is not None else sys.argv[1:]) or ["--help"]
+    try:
+        code = app(args=args, prog_name="selector", standalone_mode=False)
+    except UsageError as e:
+        name = e.ctx.command.name if e.ctx else None
+        where = f"selector {name}" if name and name != "selector" else "selector"
+        _err(f"selector: {e.format_message()} (see `{where} --help`)")
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

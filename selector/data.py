@@ -30,6 +30,7 @@ from sklearn.model_selection import (
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
+from selector import metrics
 from selector.errors import DataError
 from selector.metrics import Task
 from selector.spec import DataSpec, StudySpec
@@ -204,6 +205,11 @@ def load_table(ds: DataSpec, base_dir: str) -> Table:
         _column(frame, col, "data.drop", origin)
     if ds.groups is not None:
         _column(frame, ds.groups, "data.groups", origin)
+        if ds.groups == target:
+            raise DataError(
+                f"{origin}: data.groups {ds.groups!r} is the target column; "
+                "name the column that groups related rows"
+            )
     frame = frame[frame[target].notna()].reset_index(drop=True)
     if len(frame) == 0:
         raise DataError(f"{origin}: target {target!r} has no values")
@@ -232,6 +238,14 @@ def _split(table: Table, spec: StudySpec) -> tuple[np.ndarray, np.ndarray]:
         dev, test = next(gss.split(idx, groups=table.groups))
         return np.sort(dev), np.sort(test)
     strat = table.y if table.task == "classification" else None
+    if strat is not None:
+        counts = np.bincount(strat, minlength=len(table.classes))
+        if counts.min() < 2:
+            raise DataError(
+                f"{table.origin}: class {table.classes[int(counts.argmin())]!r} has "
+                f"{counts.min()} row; the stratified data.test_size split needs at least 2 rows "
+                "per class; drop the rare class"
+            )
     try:
         dev, test = train_test_split(idx, test_size=ts, random_state=seed, stratify=strat)
     except ValueError as e:
@@ -313,9 +327,26 @@ class Prepared:
     fingerprints: Fingerprints
 
 
+def _check_metric(table: Table, name: str) -> None:
+    """The study's metric must score the data's task (and `f1` needs exactly two classes)."""
+    metric = metrics.get(name)
+    if metric.task != table.task:
+        fits = ", ".join(m.name for m in metrics.METRICS.values() if m.task == table.task)
+        raise DataError(
+            f"{table.origin}: metric {name!r} scores {metric.task}, but this is a {table.task} "
+            f"task; use one of {fits}, or set data.task"
+        )
+    if name == "f1" and len(table.classes) != 2:
+        raise DataError(
+            f"{table.origin}: metric 'f1' needs 2 classes, the target has {len(table.classes)} "
+            "classes; use f1_macro or f1_weighted"
+        )
+
+
 def prepare(spec: StudySpec) -> Prepared:
     """Load the data and fix the split and folds; nothing here is handed to a trial yet."""
     table = load_table(spec.data, spec.base_dir)
+    _check_metric(table, spec.metric)
     dev, test = _split(table, spec)
     folds = _folds(table, spec, dev)
     return Prepared(table, dev, test, folds, _fingerprints(table, dev, test, folds))

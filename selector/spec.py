@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -104,7 +105,18 @@ def _check_value(rule: _Rule, v: Any) -> None:
         did = f" (did you mean '{hint[0]}'?)" if hint else ""
         raise ValueError(f"unknown value {v!r}{did}; expected one of {', '.join(rule.allowed)}")
     if rule.type in ("int", "float"):
-        _check_bounds(rule, float(v), repr(v))
+        _check_bounds(rule, _finite(v), repr(v))
+
+
+def _finite(v: float) -> float:
+    """`v` as a float; NaN, infinity and integers too large for a float are refused."""
+    try:
+        x = float(v)
+    except OverflowError:
+        raise ValueError("the number is too large") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{v!r} is not a finite number")
+    return x
 
 
 def _check_bounds(rule: _Rule, x: float, shown: str) -> None:
@@ -302,11 +314,17 @@ def _field_hint(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     return f" (did you mean '{hint[0]}'?)" if hint and hint[0] != "raw" else ""
 
 
+def _shown(part: Any) -> str:
+    """A key as written, quoted when it is empty or holds a line break or other control character."""
+    text = str(part)
+    return text if text.isprintable() and text else repr(text)
+
+
 def _problems(err: ValidationError) -> list[str]:
     out = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
+        where = ".".join(_shown(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
             out.append(f"{where}: unknown key{_field_hint(StudySpec, loc)}")
         elif e["type"] == "missing":
@@ -349,8 +367,10 @@ def load(path: str | Path) -> StudySpec:
         raise SpecError(f"{p}: cannot read: {e.strerror}") from None
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise SpecError(f"{p}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise SpecError(f"{p}: not valid TOML: arrays or tables nested too deeply") from None
+    except ValueError as e:  # TOMLDecodeError, or an integer too long to convert
+        raise SpecError(f"{p}: not valid TOML: {str(e).splitlines()[0]}") from None
     return parse(raw, origin=str(p), base_dir=str(p.resolve().parent))
 
 

@@ -7,7 +7,9 @@ SQLite files are made absolute, run in WAL mode with a generous busy timeout.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,9 @@ def _parse(url: str) -> URL:
     try:
         return make_url(url)
     except Exception:
+        shown = re.sub(r":[^:@/]*@", ":***@", url)  # a password, where the URL cannot be parsed
         raise StorageError(
-            f"storage URL {url!r} is not a URL; use sqlite:///path/to/file.db or "
+            f"storage URL {shown!r} is not a URL; use sqlite:///path/to/file.db or "
             "postgresql://user@host:5432/dbname"
         ) from None
 
@@ -48,8 +51,23 @@ def _parse(url: str) -> URL:
 def _absolute(url: str) -> str:
     u = _parse(url)
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:":
-        return str(u.set(database=str(Path(u.database).expanduser().resolve())))
+        return u.set(database=str(Path(u.database).expanduser().resolve())).render_as_string(
+            hide_password=False
+        )
     return url
+
+
+def _with_driver(url: str) -> str:
+    """The URL to connect with: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, while the
+    [postgres] extra installs psycopg2; use psycopg2 when it is the one installed."""
+    u = _parse(url)
+    if u.drivername == "postgresql" and not _installed("psycopg") and _installed("psycopg2"):
+        return u.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
+    return url
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -70,6 +88,11 @@ def check(url: str, *, must_exist: bool) -> None:
             "postgresql://user@host:5432/dbname"
         )
     path = sqlite_path(url)
+    if backend == "sqlite" and path is None:
+        raise StorageError(
+            f"storage {mask(url)}: names no database file (an in-memory database is lost when "
+            "the command ends); use sqlite:///path/to/file.db"
+        )
     if path is not None:
         _check_sqlite(path, must_exist=must_exist)
     elif backend == "postgresql":
@@ -116,7 +139,7 @@ def _engine_kwargs(url: str) -> dict[str, Any]:
 @functools.cache
 def engine(url: str) -> sa.Engine:
     """One SQLAlchemy engine per URL for selector's own tables."""
-    eng = sa.create_engine(url, **_engine_kwargs(url))
+    eng = sa.create_engine(_with_driver(url), **_engine_kwargs(url))
     if sqlite_path(url) is not None:
         sa.event.listen(eng, "connect", _sqlite_pragmas)
     return eng
@@ -133,10 +156,14 @@ def open_storage(url: str, *, must_exist: bool) -> optuna.storages.RDBStorage:
     """Check `url`, then open it as an Optuna storage (creating Optuna's tables when new)."""
     check(url, must_exist=must_exist)
     if sqlite_path(url) is not None:
-        with engine(url).connect():
-            pass  # the connect hook switches the file to WAL before Optuna opens it
+        try:
+            with engine(url).connect():
+                pass  # the connect hook switches the file to WAL before Optuna opens it
+        except sa.exc.SQLAlchemyError as e:
+            first = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
+            raise StorageError(f"storage {mask(url)}: cannot open ({first})") from None
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=_engine_kwargs(url))
     except Exception as e:
         first = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
         raise StorageError(

@@ -1,0 +1,83 @@
+"""The lockbox: the test set is evaluated once, claimed before any test row is read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from selector import data, db, engine, final, spec, study
+from selector.errors import LockboxError
+from tests.conftest import small_raw
+
+
+@pytest.fixture
+def ran(url: str) -> str:
+    study.run(spec.parse(small_raw(n_trials=2), origin="t.toml"), url)
+    return url
+
+
+def _rows(url: str) -> list[Any]:
+    with db.transaction(url) as conn:
+        return list(conn.execute(sa.select(db.final)))
+
+
+def test_final_scores_the_test_set_once_and_records_it(ran: str) -> None:
+    result = final.evaluate(ran, "iris-small")
+    assert result.state == "finished" and 0.0 <= result.test_score <= 1.0  # type: ignore[operator]
+    assert result.test_rows == 30
+    assert (final.artifact_dir(ran, "iris-small") / "model.pt").exists()
+    assert len(_rows(ran)) == 1
+
+
+def test_final_refuses_second_evaluation(ran: str) -> None:
+    first = final.evaluate(ran, "iris-small")
+    with pytest.raises(LockboxError, match="already evaluated") as err:
+        final.evaluate(ran, "iris-small")
+    assert err.value.exit_code == 1
+    assert f"{first.test_score:.4f}" in str(err.value)
+    assert len(_rows(ran)) == 1
+
+
+def test_claim_happens_before_any_test_row_is_read(
+    ran: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, states = data.test_set, []
+
+    def watched(prep: data.Prepared) -> data.Part:
+        states.append([r.state for r in _rows(ran)])
+        return real(prep)
+
+    monkeypatch.setattr(data, "test_set", watched)
+    final.evaluate(ran, "iris-small")
+    assert states == [["claimed"]]
+
+
+def test_crash_after_claim_never_allows_a_silent_second_evaluation(
+    ran: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*_: Any, **__: Any) -> None:
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(engine, "fit", crash)
+    with pytest.raises(RuntimeError):
+        final.evaluate(ran, "iris-small")
+    monkeypatch.undo()
+    with pytest.raises(LockboxError, match="did not finish"):
+        final.evaluate(ran, "iris-small")
+    assert [r.state for r in _rows(ran)] == ["claimed"]
+
+
+def test_final_on_a_regression_study(url: str) -> None:
+    raw = small_raw(
+        name="diabetes",
+        metric="r2",
+        n_trials=1,
+        data={"source": "sklearn:diabetes"},
+        training={"max_epochs": 20, "patience": 20},
+        space={"width": 32, "lr": 0.01, "optimizer": "adam"},
+    )
+    study.run(spec.parse(raw, origin="d.toml"), url)
+    result = final.evaluate(url, "diabetes")
+    assert 0.0 < result.test_score < 1.0  # type: ignore[operator]

@@ -1,0 +1,207 @@
+"""Create, resume and run studies: the invariants of ARCHITECTURE.md asserted on real runs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+from sklearn.datasets import load_digits
+
+from selector import data, engine, objective, spec, study
+from selector.errors import RefusedError, StudyError
+from tests.conftest import PENGUINS, small_raw
+
+
+def _spec(**overrides: Any) -> spec.StudySpec:
+    return spec.parse(small_raw(**overrides), origin="t.toml")
+
+
+def _trials(url: str, name: str = "iris-small") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials()
+
+
+def test_run_records_results_and_diagnosis(url: str) -> None:
+    summary = study.run(_spec(), url)
+    assert summary.finished == 3 and summary.ran == 3
+    t = _trials(url)[0]
+    assert t.state == TrialState.COMPLETE
+    for key in (
+        "fold_scores",
+        "cv_std",
+        "train_score",
+        "gap",
+        "best_epoch",
+        "diagnosis",
+        "gradient_health",
+        "seed",
+        "fold_seeds",
+        "seconds",
+        "config",
+        "val_curve",
+    ):
+        assert key in t.user_attrs, key
+    assert t.value == pytest.approx(np.mean(t.user_attrs["fold_scores"]))
+    assert t.user_attrs["gap"] == pytest.approx(t.user_attrs["train_score"] - t.value)
+    assert t.user_attrs["diagnosis"] in ("overfit", "underfit", "good fit")
+    assert list(t.intermediate_values) == list(range(1, t.user_attrs["epochs_run"] + 1))
+
+
+def test_budget_is_for_the_whole_study_across_runs(url: str) -> None:
+    s = _spec(n_trials=4)
+    assert study.run(s, url, n_trials=1).finished == 1
+    assert study.run(s, url, n_trials=2).finished == 3
+    assert study.run(s, url).finished == 4
+    with pytest.raises(RefusedError, match="already has 4 of its n_trials = 4"):
+        study.run(s, url)
+    assert study.run(_spec(n_trials=5), url).finished == 5  # raising n_trials extends the study
+
+
+def test_changed_spec_is_refused_with_a_diff(url: str) -> None:
+    study.create_or_resume(_spec(), url)
+    changed = _spec(space={**small_raw()["space"], "lr": {"low": 1e-4, "high": 1e-1, "log": True}})
+    with pytest.raises(StudyError, match=r"space\.lr\.low: 0\.001 -> 0\.0001"):
+        study.create_or_resume(changed, url)
+
+
+def test_changed_data_is_refused(tmp_path: Path, url: str) -> None:
+    csv = tmp_path / "p.csv"
+    pd.read_csv(PENGUINS).to_csv(csv, index=False)
+    raw = small_raw(name="peng", data={"path": str(csv), "target": "species"})
+    raw["data"].pop("source")
+    study.create_or_resume(spec.parse(raw, origin="p.toml"), url)
+    df = pd.read_csv(csv)
+    df.loc[5, "bill_length_mm"] = 99.0
+    df.to_csv(csv, index=False)
+    with pytest.raises(StudyError, match="the data differ"):
+        study.create_or_resume(spec.parse(raw, origin="p.toml"), url)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[list[data.FoldData]]:
+    seen: list[list[data.FoldData]] = []
+    real = engine.cross_validate
+
+    def spy(config: Any, folds: Any, **kw: Any) -> engine.CVResult:
+        seen.append(list(folds))
+        return real(config, folds, **kw)
+
+    monkeypatch.setattr(objective.engine, "cross_validate", spy)
+    return seen
+
+
+def test_test_rows_never_reach_the_engine(
+    tmp_path: Path, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant 1: poison the test rows with a canary value; no fold array may contain it."""
+    raw = small_raw(name="canary")
+    prep = data.prepare(spec.parse(raw, origin="t.toml"))
+    frame = prep.table.X.copy()
+    frame["target"] = prep.table.y
+    frame.iloc[prep.test, 0] = 1e9  # the split depends on the rows and labels only, not on X
+    csv = tmp_path / "canary.csv"
+    frame.to_csv(csv, index=False)
+    raw["data"] = {"path": str(csv), "target": "target", "test_size": 0.2}
+    s = spec.parse(raw, origin="t.toml")
+    assert np.array_equal(data.prepare(s).test, prep.test)
+    monkeypatch.setattr(data, "test_set", lambda *_: pytest.fail("test rows read during search"))
+    seen = _spy(monkeypatch)
+    study.run(s, url)
+    assert seen
+    for folds in seen:
+        assert sum(len(f.y_val) for f in folds) == len(prep.dev)
+        for f in folds:  # scaled with training statistics, a 1e9 canary would be enormous
+            assert np.abs(f.X_train).max() < 50 and np.abs(f.X_val).max() < 50
+
+
+def test_every_trial_sees_the_same_folds(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant 3, within a study and across runs."""
+    seen = _spy(monkeypatch)
+    s = _spec(n_trials=4)
+    study.run(s, url, n_trials=2)
+    study.run(s, url)
+
+    def digest(folds: list[data.FoldData]) -> str:
+        h = hashlib.sha256()
+        for f in folds:
+            for a in (f.X_train, f.y_train, f.X_val, f.y_val):
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()
+
+    assert len(seen) == 4 and len({digest(f) for f in seen}) == 1
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant 6: an exception ends one trial (reason and traceback kept), not the study."""
+    real, calls = engine.cross_validate, []
+
+    def flaky(*a: Any, **kw: Any) -> engine.CVResult:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom in trial two")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(objective.engine, "cross_validate", flaky)
+    assert study.run(_spec(), url).finished == 3
+    states = [t.state for t in _trials(url)]
+    assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3
+    failed = next(t for t in _trials(url) if t.state == TrialState.FAIL)
+    assert failed.user_attrs["fail_reason"] == "exception"
+    assert "boom in trial two" in failed.user_attrs["error"]
+    assert "Traceback" in failed.user_attrs["error"]
+
+
+def test_a_streak_of_failures_stops_the_study_with_the_last_error(url: str) -> None:
+    s = _spec(
+        space={"optimizer": "sgd", "lr": 1e12, "width": 64, "depth": 3}, search={"max_failures": 3}
+    )
+    with pytest.raises(study.FailureStreakError, match=r"3 consecutive failed trials.*diverged"):
+        study.run(s, url)
+    trials = _trials(url)
+    assert len(trials) == 3
+    assert all(t.user_attrs["fail_reason"] == "diverged" for t in trials)
+
+
+def test_pruned_trials_count_towards_the_budget(url: str) -> None:
+    s = _spec(
+        n_trials=8,
+        search={"pruner": "median", "sampler": "random"},
+        training={"max_epochs": 12, "patience": 12},
+        space={**small_raw()["space"], "lr": {"low": 1e-5, "high": 1e-1, "log": True}},
+    )
+    assert study.run(s, url).finished == 8
+    states = {t.state for t in _trials(url)}
+    assert states <= {TrialState.COMPLETE, TrialState.PRUNED}
+
+
+def test_same_file_and_seed_give_identical_trials(tmp_path: Path) -> None:
+    runs = []
+    for i in range(2):
+        u = f"sqlite:///{tmp_path / f'r{i}.db'}"
+        study.run(_spec(search={"sampler": "tpe", "pruner": "none"}), u)
+        runs.append([(t.params, t.value) for t in _trials(u)])
+    assert runs[0] == runs[1]
+
+
+def test_leak_detector_shuffled_labels_stay_at_chance(tmp_path: Path, url: str) -> None:
+    """With labels shuffled, nothing can be learned: a CV score well above chance means a leak."""
+    X, y = load_digits(return_X_y=True, as_frame=True)
+    frame = X.assign(target=np.random.default_rng(0).permutation(y.to_numpy()))
+    csv = tmp_path / "shuffled.csv"
+    frame.to_csv(csv, index=False)
+    raw = small_raw(
+        name="leak",
+        n_trials=3,
+        data={"path": str(csv), "target": "target"},
+        training={"max_epochs": 8, "patience": 8},
+        space={"width": 128, "depth": 2, "lr": 0.003, "batch_size": 64},
+    )
+    raw["data"].pop("source")
+    s = spec.parse(raw, origin="leak.toml")
+    assert study.run(s, url).best_value < 0.2  # type: ignore[operator]
