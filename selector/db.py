@@ -46,6 +46,18 @@ final = sa.Table(
 )
 
 
+# Every worker that joins a study gets an id here: it seeds the worker's sampler.
+workers = sa.Table(
+    "selector_workers",
+    metadata,
+    sa.Column("worker_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study_name", sa.String(512), nullable=False),
+    sa.Column("host", sa.String(256), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 @contextmanager
 def transaction(url: str) -> Iterator[sa.Connection]:
     """One transaction on selector's tables: commit on success, roll back on error; database

@@ -18,7 +18,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from selector import storage
 from selector.errors import RefusedError
-from selector.study import Record, value_of
+from selector.study import Record
+from selector.worker import value_of
 
 Rule = Literal["best", "one-se"]
 Format = Literal["json", "yaml", "toml"]

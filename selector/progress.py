@@ -9,14 +9,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from selector.study import FINISHED, describe_failure
+from selector.worker import FINISHED, describe_failure
 
 
 class Bar:
     """Counts finished trials towards the study's budget; failures are reported, not counted."""
 
-    def __init__(self, total: int) -> None:
-        self.total = total
+    def __init__(self, total: int | None) -> None:
+        self.total = total  # None: the study's n_trials, read at the first trial
         self.tty = sys.stderr.isatty()
         self.bar: tqdm | None = None
 
@@ -29,6 +29,8 @@ class Bar:
 
     def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        if self.total is None:
+            self.total = int(study.user_attrs.get("selector:n_trials", 0)) or None
         line = self._line(trial)
         if not self.tty:
             print(f"[{done}/{self.total}] {line}", file=sys.stderr, flush=True)

@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,17 @@ from selector.errors import StorageError
 
 DEFAULT_URL = "sqlite:///selector.db"
 SQLITE_TIMEOUT_S = 60
-SCHEMES = ("sqlite", "postgresql")
+SCHEMES = ("sqlite", "postgresql", "grpc")
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Seconds between a running trial's heartbeats, and the silence after which it is stale
+    (failed, then retried once with the same params). The grace period must be far above the
+    longest epoch; the heartbeat comes from its own thread."""
+
+    interval: int = 10
+    grace: int = 120
 
 
 def resolve_url(cli: str | None = None, spec_storage: str | None = None) -> str:
@@ -97,6 +108,8 @@ def check(url: str, *, must_exist: bool) -> None:
         _check_sqlite(path, must_exist=must_exist)
     elif backend == "postgresql":
         _check_server(url)
+    elif backend == "grpc":
+        _check_grpc(url)
 
 
 def _check_sqlite(path: Path, *, must_exist: bool) -> None:
@@ -130,6 +143,18 @@ def _check_server(url: str) -> None:
         raise StorageError(f"storage {mask(url)}: cannot connect ({first})") from None
 
 
+def _heartbeat_kwargs(heartbeat: Heartbeat | None) -> dict[str, Any]:
+    if heartbeat is None:
+        return {}
+    return {
+        "heartbeat_interval": heartbeat.interval,
+        "grace_period": heartbeat.grace,
+        "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+            max_retry=1
+        ),
+    }
+
+
 def _engine_kwargs(url: str) -> dict[str, Any]:
     if sqlite_path(url) is not None:
         return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
@@ -152,9 +177,46 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def open_storage(url: str, *, must_exist: bool) -> optuna.storages.RDBStorage:
-    """Check `url`, then open it as an Optuna storage (creating Optuna's tables when new)."""
+def is_postgres(url: str) -> bool:
+    return _parse(url).get_backend_name() == "postgresql"
+
+
+def is_grpc(url: str) -> bool:
+    return _parse(url).get_backend_name() == "grpc"
+
+
+def _grpc_proxy(url: str) -> optuna.storages.BaseStorage:
+    u = _parse(url)
+    if not u.host or not u.port:
+        raise StorageError(f"storage {mask(url)}: a gRPC proxy URL is grpc://host:port")
+    try:
+        return optuna.storages.GrpcStorageProxy(host=u.host, port=u.port)
+    except ImportError:
+        raise StorageError(
+            f"storage {mask(url)}: the gRPC client is not installed; pip install 'selector[grpc]'"
+        ) from None
+
+
+def _check_grpc(url: str) -> None:
+    proxy = _grpc_proxy(url)
+    try:
+        proxy.get_all_studies()
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise StorageError(
+            f"storage {mask(url)}: no gRPC storage proxy answers ({first})"
+        ) from None
+
+
+def open_storage(
+    url: str, *, must_exist: bool, heartbeat: Heartbeat | None = None
+) -> optuna.storages.BaseStorage:
+    """Check `url`, then open it as an Optuna storage (creating Optuna's tables when new).
+
+    With `heartbeat`, running trials beat and stale ones are failed and retried once."""
     check(url, must_exist=must_exist)
+    if is_grpc(url):
+        return _grpc_proxy(url)
     if sqlite_path(url) is not None:
         try:
             with engine(url).connect():
@@ -163,7 +225,9 @@ def open_storage(url: str, *, must_exist: bool) -> optuna.storages.RDBStorage:
             first = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
             raise StorageError(f"storage {mask(url)}: cannot open ({first})") from None
     try:
-        return optuna.storages.RDBStorage(_with_driver(url), engine_kwargs=_engine_kwargs(url))
+        return optuna.storages.RDBStorage(
+            _with_driver(url), engine_kwargs=_engine_kwargs(url), **_heartbeat_kwargs(heartbeat)
+        )
     except Exception as e:
         first = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
         raise StorageError(

@@ -9,30 +9,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
-from collections.abc import Callable
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
 import sklearn
 import sqlalchemy as sa
 import torch
-from optuna.trial import FrozenTrial, TrialState
 
-from selector import __version__, data, db, storage
-from selector.engine import derive_seed
-from selector.errors import RefusedError, SelectorError, StudyError
+from selector import __version__, data, db, storage, worker
+from selector.errors import RefusedError, StudyError
 from selector.objective import Objective
 from selector.spec import StudySpec, canonical_json, from_record, hashed_part
+from selector.storage import Heartbeat
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-class FailureStreakError(SelectorError):
-    """Too many consecutive trials failed; the study stops with the last error."""
-
-    exit_code = 1
+ATTR_SPEC, ATTR_BASE_DIR = "selector:spec", "selector:base_dir"
+ATTR_FINGERPRINTS, ATTR_BUDGET = "selector:fingerprints", "selector:n_trials"
 
 
 def versions() -> dict[str, str]:
@@ -122,14 +118,9 @@ def create_or_resume(spec: StudySpec, url: str) -> tuple[optuna.Study, data.Prep
     rec = find_record(url, spec.name)
     if rec is not None:
         _check_same(rec, spec, prep)
-        if rec.n_trials != spec.n_trials:
-            with db.transaction(url) as conn:
-                conn.execute(
-                    db.studies.update()
-                    .where(db.studies.c.study_name == spec.name)
-                    .values(n_trials=spec.n_trials)
-                )
         study = optuna.load_study(study_name=spec.name, storage=optuna_storage)
+        if rec.n_trials != spec.n_trials:
+            _set_budget(url, study, spec.n_trials)
         return study, prep, load_record(url, spec.name)
     return _create(spec, url, optuna_storage, prep)
 
@@ -176,83 +167,38 @@ def _describe(study: optuna.Study, spec: StudySpec, prep: data.Prepared) -> None
     study.set_user_attr("folds", spec.cv.folds * spec.cv.repeats)
     study.set_user_attr("dev_rows", len(prep.dev))
     study.set_user_attr("test_rows_held_out", len(prep.test))
+    # what a worker on any machine (even through a gRPC proxy) needs to join
+    study.set_user_attr(ATTR_SPEC, spec.raw)
+    study.set_user_attr(ATTR_BASE_DIR, spec.base_dir)
+    study.set_user_attr(ATTR_FINGERPRINTS, prep.fingerprints.as_dict())
+    study.set_user_attr(ATTR_BUDGET, spec.n_trials)
 
 
-def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
-    seed = derive_seed(spec.seed, 1_000_003, worker)
-    name = spec.search.sampler
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed)
+def _set_budget(url: str, study: optuna.Study, n_trials: int) -> None:
+    with db.transaction(url) as conn:
+        conn.execute(
+            db.studies.update()
+            .where(db.studies.c.study_name == study.study_name)
+            .values(n_trials=n_trials)
+        )
+    study.set_user_attr(ATTR_BUDGET, n_trials)
 
 
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    if spec.search.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.training.max_epochs)
-    if spec.search.pruner == "none":
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
-
-
-def value_of(trial: FrozenTrial) -> float:
-    """A complete trial's value (−inf for a trial without one, so it sorts last)."""
-    return float(trial.value) if trial.value is not None else float("-inf")
-
-
-def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
-
-
-@dataclass
-class RunSummary:
-    study: str
-    finished: int
-    budget: int
-    ran: int
-    best_value: float | None
-    best_trial: int | None
-
-
-class _Budget:
-    """Stops the worker once the study holds `total` finished trials, or this run finished `cap`."""
-
-    def __init__(self, total: int, cap: int | None) -> None:
-        self.total, self.cap, self.ran = total, cap, 0
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state in FINISHED:
-            self.ran += 1
-        if count_finished(study) >= self.total or (self.cap is not None and self.ran >= self.cap):
-            study.stop()
-
-
-class _FailureStreak:
-    """Stops the worker after `limit` consecutive failed trials, keeping the last error."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.streak, self.last_error = limit, 0, ""
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state != TrialState.FAIL:
-            self.streak = 0
-            return
-        self.streak += 1
-        self.last_error = describe_failure(trial)
-        if self.streak >= self.limit:
-            study.stop()
-
-
-def describe_failure(trial: FrozenTrial) -> str:
-    reason = trial.user_attrs.get("fail_reason", "exception")
-    error = str(trial.user_attrs.get("error", "")).strip().splitlines()
-    return f"{reason}: {error[-1] if error else 'no detail'}"
-
-
-Progress = Callable[[optuna.Study, FrozenTrial], None]
+def register_worker(url: str, name: str) -> int:
+    """A worker id unique in the study (it seeds the worker's sampler): from the database's
+    counter, or random where the storage is a gRPC proxy."""
+    if storage.is_grpc(url):
+        return int.from_bytes(os.urandom(4), "big") >> 1
+    with db.transaction(url) as conn:
+        result = conn.execute(
+            db.workers.insert().values(
+                study_name=name,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=dt.datetime.now(dt.UTC),
+            )
+        )
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
 
 
 def run(
@@ -261,52 +207,113 @@ def run(
     *,
     n_trials: int | None = None,
     timeout: float | None = None,
-    worker: int = 0,
-    progress: Progress | None = None,
-) -> RunSummary:
-    """Run trials until the study holds `spec.n_trials` finished ones (or this run's cap/timeout)."""
+    heartbeat: Heartbeat = Heartbeat(),
+    progress: worker.Progress | None = None,
+) -> worker.RunSummary:
+    """Create or resume the study, then work on it in this process."""
     study, prep, _ = create_or_resume(spec, url)
-    done = count_finished(study)
-    if done >= spec.n_trials:
-        raise RefusedError(
-            f"study {spec.name!r} already has {done} of its n_trials = {spec.n_trials} finished "
-            "trials; raise n_trials in the study file to run more"
-        )
+    limit = budget_limit(study, spec.name, spec.n_trials, n_trials)
     objective = Objective(spec, data.dev_set(prep))
-    study = optuna.load_study(
-        study_name=spec.name,
-        storage=study._storage,
-        sampler=make_sampler(spec, worker),
-        pruner=make_pruner(spec),
+    return worker.work(
+        spec,
+        url,
+        objective,
+        worker=register_worker(url, spec.name),
+        limit=limit,
+        timeout=timeout,
+        heartbeat=heartbeat,
+        progress=progress,
     )
-    budget, streak = _Budget(spec.n_trials, n_trials), _FailureStreak(spec.search.max_failures)
-    callbacks: list[Progress] = [budget, streak, *([progress] if progress else [])]
-    study.optimize(
-        objective, catch=(Exception,), callbacks=callbacks, timeout=timeout, gc_after_trial=False
-    )
-    if streak.streak >= streak.limit:
-        raise FailureStreakError(
-            f"study {spec.name!r} stopped after {streak.streak} consecutive failed trials; "
-            f"last error: {streak.last_error}"
+
+
+def budget_limit(study: optuna.Study, name: str, n_trials: int, cap: int | None) -> int:
+    """How many finished trials this run aims for: the study's n_trials, or `cap` more than now."""
+    done = worker.count(study)
+    if done >= n_trials:
+        raise RefusedError(
+            f"study {name!r} already has {done} of its n_trials = {n_trials} finished trials; "
+            "raise n_trials in the study file to run more"
         )
-    return summarize(study, spec.n_trials, ran=budget.ran)
+    return n_trials if cap is None else min(n_trials, done + cap)
 
 
-def summarize(study: optuna.Study, budget: int, *, ran: int = 0) -> RunSummary:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = max(complete, key=lambda t: t.value or float("-inf")) if complete else None
-    return RunSummary(
-        study=study.study_name,
-        finished=count_finished(study),
-        budget=budget,
-        ran=ran,
-        best_value=best.value if best else None,
-        best_trial=best.number if best else None,
+@dataclass(frozen=True)
+class Joined:
+    spec: StudySpec
+    prep: data.Prepared
+    n_trials: int
+
+
+def join(url: str, name: str, *, data_path: str | None = None) -> Joined:
+    """What a worker on any machine needs, from the study itself: the recorded study file, and
+    data whose fingerprints match the study's (checked here)."""
+    study = _load(storage.open_storage(url, must_exist=True), url, name)
+    attrs = study.user_attrs
+    if ATTR_SPEC not in attrs:
+        raise StudyError(f"study {name!r} in {storage.mask(url)} was not created by selector")
+    raw = dict(attrs[ATTR_SPEC])
+    if data_path is not None:
+        if "path" not in raw["data"]:
+            raise StudyError(
+                f"study {name!r} uses {raw['data'].get('source')}; --data is for "
+                "studies whose data is a file"
+            )
+        raw["data"] = {**raw["data"], "path": str(Path(data_path).resolve())}
+    spec = from_record(raw, attrs[ATTR_BASE_DIR], origin=f"study {name!r} (recorded spec)")
+    prep = data.prepare(spec)
+    changed = [
+        k for k, v in attrs[ATTR_FINGERPRINTS].items() if prep.fingerprints.as_dict()[k] != v
+    ]
+    if changed:
+        raise StudyError(
+            f"study {name!r}: this worker's {'/'.join(changed)} differ from the study's "
+            f"({prep.table.origin}); a worker must see the same data and folds as every other"
+        )
+    return Joined(spec, prep, int(attrs[ATTR_BUDGET]))
+
+
+def work(
+    url: str,
+    name: str,
+    *,
+    data_path: str | None = None,
+    n_trials: int | None = None,
+    limit: int | None = None,
+    timeout: float | None = None,
+    heartbeat: Heartbeat = Heartbeat(),
+    progress: worker.Progress | None = None,
+) -> worker.RunSummary:
+    """`selector worker`: join an existing study and run trials until its budget is spent
+    (or `n_trials` more are finished, or the study holds `limit` finished trials)."""
+    joined = join(url, name, data_path=data_path)
+    study = _load(storage.open_storage(url, must_exist=True, heartbeat=heartbeat), url, name)
+    worker.reap_stale(study)
+    if limit is None:
+        limit = budget_limit(study, name, joined.n_trials, n_trials)
+    objective = Objective(joined.spec, data.dev_set(joined.prep))
+    return worker.work(
+        joined.spec,
+        url,
+        objective,
+        worker=register_worker(url, name),
+        limit=limit,
+        timeout=timeout,
+        heartbeat=heartbeat,
+        progress=progress,
     )
+
+
+def _load(store: optuna.storages.BaseStorage, url: str, name: str) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(store, False)]
+        known = f"; studies here: {', '.join(names)}" if names else "; this storage has no studies"
+        raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}") from None
 
 
 def open_study(url: str, name: str) -> tuple[optuna.Study, Record]:
     """An existing study for reading (status, export, final); never creates a database."""
     optuna_storage = storage.open_storage(url, must_exist=True)
-    rec = load_record(url, name)
-    return optuna.load_study(study_name=name, storage=optuna_storage), rec
+    study = _load(optuna_storage, url, name)
+    return study, load_record(url, name)

@@ -7,7 +7,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from selector import final, storage, study
+from selector import final, storage, study, worker
 
 
 def _lockbox(url: str, name: str) -> dict[str, Any]:
@@ -41,12 +41,12 @@ def status(url: str, name: str, *, top: int = 5) -> dict[str, Any]:
     for t in trials:
         counts[t.state.name.lower()] += 1
     complete = sorted(
-        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -study.value_of(t)
+        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -worker.value_of(t)
     )  # type: ignore[arg-type]
     failures: dict[str, int] = {}
     for t in trials:
         if t.state == TrialState.FAIL:
-            reason = str(t.user_attrs.get("fail_reason", "exception"))
+            reason = worker.failure_reason(t)
             failures[reason] = failures.get(reason, 0) + 1
     return {
         "study": name,

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import random
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 import pytest
+import sqlalchemy as sa
 import torch
 
-from selector import spec
+from selector import spec, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 PENGUINS = ROOT / "data" / "penguins.csv"
@@ -78,3 +81,37 @@ def small_spec() -> spec.StudySpec:
 @pytest.fixture
 def url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'selector.db'}"
+
+
+PG_ADMIN = os.environ.get(
+    "SELECTOR_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _pg_available() -> bool:
+    try:
+        with sa.create_engine(PG_ADMIN).connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    if not _pg_available():
+        if os.environ.get("SELECTOR_REQUIRE_POSTGRES") == "1":
+            pytest.fail(
+                f"PostgreSQL required (SELECTOR_REQUIRE_POSTGRES=1) but {PG_ADMIN} is unreachable"
+            )
+        pytest.skip(f"no PostgreSQL server at {PG_ADMIN}")
+    name = f"selector_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
+    yield url
+    storage.engine.cache_clear()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()

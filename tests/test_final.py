@@ -81,3 +81,22 @@ def test_final_on_a_regression_study(url: str) -> None:
     study.run(spec.parse(raw, origin="d.toml"), url)
     result = final.evaluate(url, "diabetes")
     assert 0.0 < result.test_score < 1.0  # type: ignore[operator]
+
+
+def test_concurrent_finals_evaluate_exactly_once(ran: str) -> None:
+    """Invariant 4 under a race: six processes, one evaluation, five refusals, one row."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "selector", "final", "iris-small", "--storage", ran]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(6)
+    ]
+    outs = [(p.wait(timeout=180), p.stderr.read() if p.stderr else "") for p in procs]
+    codes = sorted(code for code, _ in outs)
+    assert codes == [0, 1, 1, 1, 1, 1], outs
+    assert all("Traceback" not in err for _, err in outs)
+    assert len(_rows(ran)) == 1 and _rows(ran)[0].state == "finished"

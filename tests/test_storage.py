@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy as sa
 
 from selector import final, spec, storage, study
 from tests.conftest import small_raw
-
-PG_ADMIN = os.environ.get(
-    "SELECTOR_TEST_POSTGRES", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-)
 
 
 def test_resolution_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -38,35 +30,6 @@ def test_sqlite_runs_in_wal_mode(url: str, tmp_path: Path) -> None:
     study.create_or_resume(spec.parse(small_raw(), origin="t.toml"), url)
     with sqlite3.connect(tmp_path / "selector.db") as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-
-
-def _pg_available() -> bool:
-    try:
-        with sa.create_engine(PG_ADMIN).connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-        return True
-    except Exception:
-        return False
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    if not _pg_available():
-        if os.environ.get("SELECTOR_REQUIRE_POSTGRES") == "1":
-            pytest.fail(
-                f"PostgreSQL required (SELECTOR_REQUIRE_POSTGRES=1) but {PG_ADMIN} is unreachable"
-            )
-        pytest.skip(f"no PostgreSQL server at {PG_ADMIN}")
-    name = f"selector_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
-    yield url
-    storage.engine.cache_clear()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.mark.postgres

@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 from sklearn.datasets import load_digits
 
-from selector import data, engine, objective, spec, study
+from selector import data, engine, objective, spec, study, worker
 from selector.errors import RefusedError, StudyError
 from tests.conftest import PENGUINS, small_raw
 
@@ -161,7 +161,7 @@ def test_a_streak_of_failures_stops_the_study_with_the_last_error(url: str) -> N
     s = _spec(
         space={"optimizer": "sgd", "lr": 1e12, "width": 64, "depth": 3}, search={"max_failures": 3}
     )
-    with pytest.raises(study.FailureStreakError, match=r"3 consecutive failed trials.*diverged"):
+    with pytest.raises(worker.FailureStreakError, match=r"3 consecutive failed trials.*diverged"):
         study.run(s, url)
     trials = _trials(url)
     assert len(trials) == 3
