@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -96,20 +96,57 @@ def create(
     guarded(body)
 
 
+NTrialsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--n-trials", min=1, help="Run at most N trials now (never past the study's n_trials)"
+    ),
+]
+TimeoutOpt = Annotated[
+    float | None, typer.Option("--timeout", min=0.0, help="Stop starting trials after S seconds")
+]
+HeartbeatOpt = Annotated[
+    int, typer.Option("--heartbeat", min=1, help="Seconds between a running trial's heartbeats")
+]
+GraceOpt = Annotated[
+    int,
+    typer.Option(
+        "--grace",
+        min=1,
+        help="Seconds of silence after which a running trial is "
+        "stale: failed and retried once (keep it far above the longest epoch)",
+    ),
+]
+
+
+def _heartbeat(interval: int, grace: int) -> Any:
+    from selector.storage import Heartbeat
+
+    if grace <= interval:
+        raise SelectorError(f"--grace ({grace}) must be longer than --heartbeat ({interval})")
+    return Heartbeat(interval=interval, grace=grace)
+
+
+def _report_run(name: str, metric: str, summary: Any) -> None:
+    best = (
+        "no complete trial"
+        if summary.best_value is None
+        else f"best {metric} = {summary.best_value:.4f} (trial {summary.best_trial})"
+    )
+    typer.echo(f"study {name!r}: {summary.finished}/{summary.budget} trials finished; {best}")
+
+
 @app.command()
 def run(
     study_file: Annotated[Path, typer.Argument(help="Study file (.toml)")],
     storage: StorageOpt = None,
-    n_trials: Annotated[
-        int | None,
-        typer.Option(
-            "--n-trials", min=1, help="Run at most N trials now (never past the study's n_trials)"
-        ),
-    ] = None,
-    timeout: Annotated[
-        float | None,
-        typer.Option("--timeout", min=0.0, help="Stop starting trials after S seconds"),
-    ] = None,
+    n_trials: NTrialsOpt = None,
+    timeout: TimeoutOpt = None,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="Local worker processes (cores shared out)")
+    ] = 1,
+    heartbeat: HeartbeatOpt = 10,
+    grace: GraceOpt = 120,
 ) -> None:
     """Create or resume the study and run trials until its n_trials are finished."""
 
@@ -118,18 +155,99 @@ def run(
         from selector import storage as st
 
         s = spec.load(study_file)
-        from selector import progress, study
+        from selector import launch, progress, study
 
         _quiet_optuna()
         url = st.resolve_url(storage, s.storage)
+        hb = _heartbeat(heartbeat, grace)
         with progress.Bar(s.n_trials) as bar:
-            summary = study.run(s, url, n_trials=n_trials, timeout=timeout, progress=bar.update)
-        best = (
-            "no complete trial"
-            if summary.best_value is None
-            else f"best {s.metric} = {summary.best_value:.4f} (trial {summary.best_trial})"
-        )
-        typer.echo(f"study {s.name!r}: {summary.finished}/{summary.budget} trials finished; {best}")
+            if workers == 1:
+                summary = study.run(
+                    s, url, n_trials=n_trials, timeout=timeout, heartbeat=hb, progress=bar.update
+                )
+            else:
+                summary = launch.run(
+                    s,
+                    url,
+                    workers=workers,
+                    n_trials=n_trials,
+                    timeout=timeout,
+                    heartbeat=hb,
+                    progress=bar.update,
+                )
+        _report_run(s.name, s.metric, summary)
+
+    guarded(body)
+
+
+@app.command()
+def worker(
+    study: Annotated[str, typer.Argument(help="Name of an existing study")],
+    storage: StorageOpt = None,
+    n_trials: NTrialsOpt = None,
+    timeout: TimeoutOpt = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Where the study's data file is on this machine"),
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="Torch threads (default: all cores)")
+    ] = None,
+    heartbeat: HeartbeatOpt = 10,
+    grace: GraceOpt = 120,
+) -> None:
+    """Join an existing study from any machine and run trials until its budget is spent."""
+
+    def body() -> None:
+        from selector import progress
+        from selector import storage as st
+        from selector import study as st_study
+        from selector import worker as wk
+
+        _quiet_optuna()
+        url = st.resolve_url(storage)
+        hb = _heartbeat(heartbeat, grace)
+        if threads is not None:
+            wk.use_threads(threads)
+        with progress.Bar(None) as bar:
+            summary = st_study.work(
+                url,
+                study,
+                data_path=str(data) if data else None,
+                n_trials=n_trials,
+                timeout=timeout,
+                heartbeat=hb,
+                progress=bar.update,
+            )
+        _report_run(study, "score", summary)
+
+    guarded(body)
+
+
+@app.command()
+def proxy(
+    storage: Annotated[str, typer.Option("--storage", help="The database the proxy serves")],
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 13000,
+) -> None:
+    """Serve a PostgreSQL or SQLite storage to many workers over gRPC (grpc://HOST:PORT)."""
+
+    def body() -> None:
+        import optuna
+
+        from selector import storage as st
+
+        url = st.resolve_url(storage)
+        if st.is_grpc(url):
+            raise SelectorError("--storage: the proxy serves a database, not another proxy")
+        store = st.open_storage(url, must_exist=True)
+        typer.echo(f"serving {st.mask(url)} at grpc://{host}:{port} (Ctrl-C stops)")
+        try:
+            optuna.storages.run_grpc_proxy_server(store, host=host, port=port)
+        except ImportError:
+            raise SelectorError(
+                "the gRPC server is not installed; pip install 'selector[grpc]'"
+            ) from None
 
     guarded(body)
 
@@ -245,6 +363,85 @@ def final_cmd(
             f"test {result.metric} = {result.test_score:.4f} on {result.test_rows} held-out "
             f"rows (evaluated once; model saved in {result.artifact})"
         )
+
+    guarded(body)
+
+
+@app.command()
+def report(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write")] = Path(
+        "report.html"
+    ),
+) -> None:
+    """Write a self-contained HTML report: summary, top trials, diagnosis, figures, config."""
+
+    def body() -> None:
+        from selector import report as rp
+
+        _quiet_optuna()
+        name, url = _study_target(study, storage)
+        w = rp.write(url, name, output)
+        typer.echo(
+            f"wrote {w.path}: {w.bytes / 1e6:.1f} MB, {w.trials} trials, {w.figures} figures "
+            f"({w.seconds:.1f} s)"
+        )
+
+    guarded(body)
+
+
+@app.command()
+def dashboard(
+    study: Annotated[
+        str | None,
+        typer.Argument(help="Study name or study file: its storage, and the page to open"),
+    ] = None,
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind (127.0.0.1: this machine only)")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on")] = 8080,
+    refresh: Annotated[
+        float,
+        typer.Option(min=0.0, help="Seconds between refreshes of selector's figures (0: never)"),
+    ] = 30.0,
+) -> None:
+    """Start optuna-dashboard on the study's storage, with selector's figures and notes."""
+
+    def body() -> None:
+        from selector import dashboard as dash
+        from selector import storage as st
+
+        _quiet_optuna()
+        name, url = (
+            (None, st.resolve_url(storage)) if study is None else _study_target(study, storage)
+        )
+        dash.serve(url, host=host, port=port, only=name, refresh=refresh, echo=typer.echo)
+
+    guarded(body)
+
+
+@app.command()
+def predict(
+    study: StudyArg,
+    data_file: Annotated[Path, typer.Argument(help="CSV or Parquet file with the feature columns")],
+    storage: StorageOpt = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="CSV file to write")] = Path(
+        "predictions.csv"
+    ),
+) -> None:
+    """Apply the final model (saved by `selector final`) to new rows."""
+
+    def body() -> None:
+        from selector import predict as pr
+
+        _quiet_optuna()
+        name, url = _study_target(study, storage)
+        result = pr.predict_file(url, name, data_file)
+        pr.write(result, output)
+        for line in pr.describe(result, output):
+            typer.echo(line)
 
     guarded(body)
 

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 import torch
 
-from selector import data, db, engine, export, metrics, storage
+from selector import artifact, data, db, engine, export, metrics, storage
 from selector.errors import LockboxError, StudyError
 from selector.space import TrialConfig
 from selector.study import Record, open_study
@@ -117,8 +117,9 @@ def evaluate(url: str, name: str, rule: export.Rule = "best") -> FinalResult:
             f"({prep.table.origin}); the test set cannot be evaluated on other data"
         )
     _claim(url, name, rule, trial.number, rec.spec.metric, float(trial.value))  # type: ignore[arg-type]
-    score, n_test, model = _refit_and_score(rec, prep, trial.user_attrs)
-    artifact = _save(url, name, model, export.document(study, rec, rule, url))
+    refit = _refit_and_score(rec, prep, trial.user_attrs)
+    meta = _meta(rec, prep, refit, trial.number, trial.user_attrs)
+    out = _save(url, name, refit, meta, export.document(study, rec, rule, url))
     with db.transaction(url) as conn:
         conn.execute(
             db.final.update()
@@ -126,9 +127,9 @@ def evaluate(url: str, name: str, rule: export.Rule = "best") -> FinalResult:
             .values(
                 state="finished",
                 finished_at=dt.datetime.now(dt.UTC),
-                test_score=score,
-                test_rows=n_test,
-                artifact=str(artifact),
+                test_score=refit.score,
+                test_rows=refit.test_rows,
+                artifact=str(out),
             )
         )
     result = stored(url, name)
@@ -136,12 +137,20 @@ def evaluate(url: str, name: str, rule: export.Rule = "best") -> FinalResult:
     return result
 
 
-def _refit_and_score(
-    rec: Record, prep: data.Prepared, attrs: dict[str, Any]
-) -> tuple[float, int, torch.nn.Module]:
+@dataclass
+class Refit:
+    score: float
+    test_rows: int
+    model: torch.nn.Module
+    pre: artifact.Preprocess
+    y_mean: float
+    y_std: float
+
+
+def _refit_and_score(rec: Record, prep: data.Prepared, attrs: dict[str, Any]) -> Refit:
     dev, test = data.dev_set(prep), data.test_set(prep)
     config = TrialConfig(**attrs["config"])
-    _, (x_dev, x_test) = data.fit_transform(dev.X, test.X)
+    pre, (x_dev, x_test) = data.fit_transform(dev.X, test.X)
     y_dev = dev.y.astype("float32") if dev.task == "regression" else dev.y
     mean, std = (
         (float(dev.y.mean()), float(dev.y.std()) or 1.0) if dev.task == "regression" else (0.0, 1.0)
@@ -167,12 +176,33 @@ def _refit_and_score(
     x = torch.as_tensor(x_test, device=next(model.parameters()).device)
     pred = engine.predict(model, x, task=dev.task, y_mean=mean, y_std=std)
     metric = metrics.get(rec.spec.metric)
-    return engine.score(metric, test.y, pred, dev.n_classes), len(test.y), model
+    score = engine.score(metric, test.y, pred, dev.n_classes)
+    columns = [str(c) for c in dev.X.columns]
+    return Refit(score, len(test.y), model, artifact.from_sklearn(pre, columns), mean, std)
 
 
-def _save(url: str, name: str, model: torch.nn.Module, doc: dict[str, Any]) -> Path:
+def _meta(
+    rec: Record, prep: data.Prepared, refit: Refit, trial: int, attrs: dict[str, Any]
+) -> artifact.Meta:
+    table, ds = prep.table, rec.spec.data
+    return artifact.Meta(
+        task=table.task,
+        metric=rec.spec.metric,
+        target=ds.target if ds.path is not None else "target",
+        classes=list(table.classes),
+        n_in=refit.pre.n_features,
+        n_out=len(table.classes) if table.task == "classification" else 1,
+        y_mean=refit.y_mean,
+        y_std=refit.y_std,
+        config=dict(attrs["config"]),
+        study=rec.name,
+        trial=trial,
+    )
+
+
+def _save(url: str, name: str, refit: Refit, meta: artifact.Meta, doc: dict[str, Any]) -> Path:
+    """The refit model (weights, preprocessing, metadata: no pickled code) and its config."""
     out = artifact_dir(url, name)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out / "model.pt")
+    artifact.save(out, refit.model, refit.pre, meta)
     (out / "config.json").write_text(json.dumps(doc, indent=2, default=str))
     return out

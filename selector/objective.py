@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 import torch
 
-from selector import diagnose, engine, metrics
+from selector import diagnose, engine, metrics, notes
 from selector.data import DevSet, FoldData, iter_folds
 from selector.errors import FailReason, TrialDiverged
 from selector.model import count_params
@@ -109,6 +109,7 @@ class Objective:
         }
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        notes.annotate_trial(trial, attrs)  # the dashboard note; never raises
 
 
 def _study_best(study: optuna.Study, current: float) -> float:

@@ -1,0 +1,216 @@
+"""What optuna-dashboard shows for each trial: a note and a learning-curve figure.
+
+`annotate_trial` runs at the end of each complete trial, inside the objective. It never raises (a
+note that cannot be written is logged; the trial goes on) and it is cheap: the figure is a small
+hand-written SVG, no plotting library. The note (markdown) holds fold scores, train vs. validation
+score, the generalization gap, the diagnosis and gradient health. The SVG goes to Optuna's artifact
+store beside a SQLite database (`selector-artifacts/_trials/`) and is shown inside the note; other
+storages get the note only (a file beside one worker is not seen by the dashboard elsewhere).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial
+
+from selector import storage
+
+log = logging.getLogger(__name__)
+
+FOOTER = "_Written by selector._"
+ARTIFACTS = Path("selector-artifacts") / "_trials"
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def _f(x: Any, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _grad_line(norms: list[list[float]], best_epoch: int) -> str:
+    if not norms:
+        return "no gradient statistics"
+    at = norms[min(max(best_epoch, 1), len(norms)) - 1]
+    first, last = norms[0], norms[-1]
+    ratio = f"{last[0] / last[-1]:.2g}" if last and last[-1] > 0 else "-"
+    return (
+        f"per layer, input → output: epoch 1 [{', '.join(_f(x, '.3g') for x in first)}], "
+        f"best epoch [{', '.join(_f(x, '.3g') for x in at)}]; first/last layer ratio at the "
+        f"end {ratio}"
+    )
+
+
+def trial_note(number: int, attrs: dict[str, Any], image: str | None = None) -> str:
+    """The note of a complete trial, from the user attrs the objective records."""
+    folds = attrs.get("fold_scores") or []
+    train = attrs.get("train_fold_scores") or [None] * len(folds)
+    value = float(np.mean(folds)) if folds else None
+    rows = [
+        f"| fold {k + 1} | {_f(v)} | {_f(t)} |"
+        for k, (v, t) in enumerate(zip(folds, train, strict=False))
+    ]
+    lines = [
+        f"### Trial {number}: {attrs.get('diagnosis', '-')}, gradients "
+        f"{attrs.get('gradient_health', '-')}",
+        "",
+        "| | validation | train |",
+        "|---|---|---|",
+        f"| **mean** | **{_f(value)}** ± {_f(attrs.get('cv_std'))} | "
+        f"**{_f(attrs.get('train_score'))}** |",
+        *rows,
+        "",
+        f"**Generalization gap** (train − validation): {_f(attrs.get('gap'), '+.4f')} at the "
+        f"best epoch {attrs.get('best_epoch', '-')} of {attrs.get('epochs_run', '-')} run.",
+        "",
+        f"**Gradients** {attrs.get('gradient_health', '-')}: "
+        + _grad_line(attrs.get("grad_norms") or [], int(attrs.get("best_epoch") or 1)),
+        "",
+        f"**Model** {_f(attrs.get('n_params'), ',')} parameters; "
+        f"{_f(attrs.get('seconds'), '.1f')} s of training.",
+    ]
+    if image:
+        lines += ["", f"![learning curves of every fold]({image})"]
+    return "\n".join([*lines, "", FOOTER])
+
+
+# --- the learning-curve figure ----------------------------------------------------------------
+
+
+def _points(
+    values: list[float], x0: float, y0: float, w: float, h: float, lo: float, hi: float
+) -> str:
+    n = max(len(values) - 1, 1)
+    span = (hi - lo) or 1.0
+    return " ".join(
+        f"{x0 + w * i / n:.1f},{y0 + h - h * (v - lo) / span:.1f}"
+        for i, v in enumerate(values)
+        if math.isfinite(v)
+    )
+
+
+def _range(curves: list[list[float]]) -> tuple[float, float]:
+    values = [v for c in curves for v in c if math.isfinite(v)] or [0.0, 1.0]
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.05 or 0.05
+    return lo - pad, hi + pad
+
+
+def _panel(
+    curves: list[tuple[list[float], str, float]], y0: float, h: float, label: str
+) -> list[str]:
+    x0, w = 52.0, 410.0
+    lo, hi = _range([c for c, _, _ in curves])
+    out = [
+        f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="#ccc"/>',
+        f'<text x="{x0 - 4}" y="{y0 + 10}" text-anchor="end">{hi:.3g}</text>',
+        f'<text x="{x0 - 4}" y="{y0 + h}" text-anchor="end">{lo:.3g}</text>',
+        f'<text x="{x0}" y="{y0 - 4}" fill="#555">{label}</text>',
+    ]
+    for values, color, width in curves:
+        pts = _points(values, x0, y0, w, h, lo, hi)
+        out.append(
+            f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="{width}"/>'
+        )
+    return out
+
+
+def curves_svg(attrs: dict[str, Any], title: str) -> str:
+    """Validation score of every fold and their mean, and the training loss, per epoch."""
+    folds: list[list[float]] = attrs.get("fold_curves") or []
+    mean: list[float] = attrs.get("val_curve") or []
+    loss: list[float] = attrs.get("train_loss_curve") or []
+    n = max(len(mean), 1)
+    best = int(attrs.get("best_epoch") or 0)
+    curves = [(c, PALETTE[k % len(PALETTE)], 1.0) for k, c in enumerate(folds)]
+    x_best = 52 + 410 * (best - 1) / max(n - 1, 1)
+    body = [
+        f'<text x="52" y="14" font-weight="bold">{title}</text>',
+        *_panel(
+            [*curves, (mean, "#000", 2.2)], 38, 140, "validation score of each fold; mean in black"
+        ),
+        *_panel([(loss, "#444", 1.5)], 200, 60, "training loss (mean over folds)"),
+        f'<line x1="{x_best:.1f}" y1="38" x2="{x_best:.1f}" y2="260" stroke="#888" '
+        'stroke-dasharray="4 3"/>',
+        f'<text x="52" y="276">epoch 1</text><text x="462" y="276" text-anchor="end">'
+        f"epoch {n} (best {best}, dashed)</text>",
+    ]
+    return (
+        '<svg xmlns="http://www.w3.org/2000/svg" width="480" height="284" '
+        'font-family="sans-serif" font-size="11"><rect width="480" height="284" fill="#fff"/>'
+        + "".join(body)
+        + "</svg>"
+    )
+
+
+# --- writing them ----------------------------------------------------------------------------
+
+
+def artifact_root(url: str) -> Path | None:
+    """Optuna's artifact store for trial figures: beside a SQLite database, else none."""
+    path = storage.sqlite_path(url)
+    return None if path is None else path.parent / ARTIFACTS
+
+
+def _storage_url(st: Any) -> str | None:
+    backend = getattr(st, "_backend", st)  # Optuna wraps an RDBStorage in a cache
+    url = getattr(backend, "url", None)
+    return url if isinstance(url, str) else None
+
+
+def _upload_curves(trial: optuna.Trial, attrs: dict[str, Any]) -> str | None:
+    """Upload the SVG to the artifact store; the URL the dashboard serves it at, or None."""
+    url = _storage_url(trial.storage)
+    root = artifact_root(url) if url else None
+    if root is None:
+        return None
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"trial-{trial.number}-curves.svg"
+        path.write_text(curves_svg(attrs, f"Trial {trial.number}: learning curves"))
+        artifact_id = upload_artifact(
+            artifact_store=FileSystemArtifactStore(str(root)),
+            file_path=str(path),
+            study_or_trial=trial,
+            mimetype="image/svg+xml",
+        )
+    return f"/artifacts/{trial.study._study_id}/{trial._trial_id}/{artifact_id}"
+
+
+def _try_upload(trial: optuna.Trial, attrs: dict[str, Any]) -> str | None:
+    try:
+        return _upload_curves(trial, attrs)
+    except Exception as e:
+        log.warning("trial %s: learning-curve figure not stored (%s)", trial.number, e)
+        return None
+
+
+def annotate_trial(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    """The running trial's dashboard note and figure. Never raises: a failure is logged."""
+    try:
+        from optuna_dashboard import save_note
+
+        full = {"n_params": trial.user_attrs.get("n_params"), **attrs}
+        save_note(trial, trial_note(trial.number, full, _try_upload(trial, full)))
+    except Exception as e:  # a note must never fail a trial
+        log.warning("trial %s: dashboard note not written (%s)", trial.number, e)
+
+
+def annotate_finished(study: optuna.Study, trial: FrozenTrial) -> None:
+    """The note of a trial that finished without one (a finished trial takes no new figure).
+    `study` should be loaded with a sampler that has no `before_trial` side effect."""
+    from optuna_dashboard import save_note
+
+    handle = optuna.Trial(study, trial._trial_id)
+    save_note(handle, trial_note(trial.number, trial.user_attrs))
+
+
+def has_note(system_attrs: dict[str, Any], trial_id: int) -> bool:
+    return f"dashboard:{trial_id}:note_ver" in system_attrs

@@ -1,0 +1,137 @@
+"""The final model on new rows: `selector predict STUDY DATA_FILE -o predictions.csv`.
+
+Reads only the files `selector final` saved (located through the study's row in `selector_final`);
+no trial is replayed and no training data is read. Rows need the study's feature columns; the target
+column may be missing (when present, the predictions are scored with the study's metric).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from selector import artifact, data, engine, final, metrics, storage, study
+from selector.errors import DataError, RefusedError, SelectorError
+
+
+@dataclass
+class Predictions:
+    table: pd.DataFrame  # one row per input row: the prediction (and class probabilities)
+    meta: artifact.Meta
+    score: float | None = None  # when the target column is present
+    scored_rows: int = 0
+    unknown: dict[str, list[Any]] = field(default_factory=dict)  # unseen categories per column
+
+
+def model_dir(url: str, name: str) -> Path:
+    """Where `selector final` saved the study's model; a clear refusal before it ran."""
+    storage.check(url, must_exist=True)
+    study.load_record(url, name)
+    prev = final.stored(url, name)
+    if prev is None:
+        raise RefusedError(
+            f"study {name!r} has no final model yet; `selector final {name}` refits the chosen "
+            "config and saves it (evaluating the test set, once)"
+        )
+    if prev.state != "finished" or prev.artifact is None:
+        raise RefusedError(final.refusal(prev))
+    return Path(prev.artifact)
+
+
+def read_rows(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise DataError(f"{path}: no such data file")
+    frame = data._read_file(path, "DATA_FILE")
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
+
+
+def _encode_target(values: pd.Series, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Class codes of the rows whose target is a known class, and which rows those are."""
+    index = {c: i for i, c in enumerate(classes)}
+
+    def code(v: Any) -> int:
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # a class 2 read back as 2.0
+        return index.get(str(v), -1)
+
+    codes = np.array([code(v) if pd.notna(v) else -1 for v in values], dtype=np.int64)
+    keep = codes >= 0
+    return codes[keep], keep
+
+
+def _score(meta: artifact.Meta, rows: pd.DataFrame, pred: np.ndarray) -> tuple[float | None, int]:
+    if meta.target is None or meta.target not in rows.columns:
+        return None, 0
+    metric = metrics.get(meta.metric)
+    if meta.task == "regression":
+        y = pd.to_numeric(rows[meta.target], errors="coerce").to_numpy(dtype=float)
+        keep = np.isfinite(y)
+        y_true = y[keep]
+    else:
+        y_true, keep = _encode_target(rows[meta.target], meta.classes)
+    if keep.sum() == 0:
+        return None, 0
+    return engine.score(metric, y_true, pred[keep], len(meta.classes)), int(keep.sum())
+
+
+def _table(meta: artifact.Meta, pred: np.ndarray) -> pd.DataFrame:
+    if meta.task == "regression":
+        return pd.DataFrame({"prediction": pred})
+    out = pd.DataFrame({"prediction": np.asarray(meta.classes, dtype=object)[pred.argmax(axis=1)]})
+    for k, c in enumerate(meta.classes):
+        out[f"proba_{c}"] = pred[:, k]
+    return out
+
+
+def apply(bundle: artifact.Bundle, rows: pd.DataFrame) -> Predictions:
+    """Predictions of the final model for `rows` (any extra columns are ignored)."""
+    x, unknown = artifact.transform(bundle.pre, rows)
+    m = bundle.meta
+    pred = engine.predict(
+        bundle.model, torch.as_tensor(x), task=m.task, y_mean=m.y_mean, y_std=m.y_std
+    )
+    score, n = _score(m, rows, pred)
+    return Predictions(_table(m, pred), m, score, n, unknown)
+
+
+def predict_file(url: str, name: str, path: Path) -> Predictions:
+    bundle = artifact.load(model_dir(url, name))
+    rows = read_rows(path)
+    try:
+        return apply(bundle, rows)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
+
+
+def write(result: Predictions, path: Path) -> None:
+    try:
+        result.table.to_csv(path, index=False)
+    except OSError as e:
+        raise SelectorError(f"{path}: cannot write the predictions ({e.strerror or e})") from None
+
+
+def describe(result: Predictions, path: Path) -> list[str]:
+    """What `selector predict` prints."""
+    m = result.meta
+    lines = [
+        f"wrote {path}: {len(result.table)} predictions of the final model "
+        f"(study {m.study!r}, trial {m.trial})"
+    ]
+    if result.score is not None:
+        lines.append(
+            f"{m.metric} = {result.score:.4f} on {result.scored_rows} rows with a known "
+            f"{m.target!r}"
+        )
+    for col, values in result.unknown.items():
+        shown = ", ".join(repr(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        lines.append(
+            f"note: column {col!r} has categories unseen in training ({shown}); "
+            "they are encoded as none of the known ones"
+        )
+    return lines

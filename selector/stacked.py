@@ -1,0 +1,662 @@
+"""Training engine with the K fold models of a trial stacked into one batched model.
+
+`cross_validate` here has the signature and the meaning of `selector.engine.cross_validate`: the same
+initial weights (each fold's reference model is built under its own seed and copied in), the same
+shuffled mini-batches (each fold keeps its own generator and `batch_bounds`), the same losses,
+optimizer updates, early stopping, best-epoch snapshots, train scores, gradient statistics and
+`TrialDiverged`. What changes is the arithmetic layout: every weight carries a leading fold axis
+(K, out, in), activations are kept feature-major (K, features, rows) and each layer is one
+`torch.baddbmm` for all K folds, so a step costs a handful of large kernels instead of K times as many
+small ones.
+
+Exactness, point by point:
+
+* The loss of a step is the sum over folds of each fold's mean loss over its own rows, so each fold's
+  gradient is exactly the gradient of its own mean loss. Folds whose batch at this step is shorter
+  are padded with one of their own rows and the padding is masked out of the loss and of the batch
+  norm statistics; a fold that has no batch at this step (it has fewer batches per epoch) is not
+  stepped at all.
+* torch.optim's optimizers are element-wise, so stepping the stacked tensors updates each fold's
+  slice exactly as the fold's own optimizer would (weight decay is element-wise too). Where folds
+  take different numbers of steps per epoch, Adam's bias correction needs a step count per fold: the
+  optimizer then holds per-fold views of the stacked tensors, each with its own state.
+* Gradient clipping uses each fold's own global norm (over all of that fold's parameters).
+* Batch norm keeps running statistics per fold and per channel; evaluation uses them.
+* Dropout draws an independent mask per fold and element. These masks cannot equal the reference
+  engine's (which draws them fold after fold from one stream), so with dropout only the score
+  distribution matches; with dropout 0 the weights match to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from selector import engine
+from selector.data import FoldData
+from selector.engine import (
+    CVResult,
+    EpochCallback,
+    batch_bounds,
+    derive_seed,
+    make_optimizer,
+    make_schedule,
+    resolve_device,
+    score,
+)
+from selector.errors import TrialDiverged
+from selector.metrics import Metric, Task
+from selector.model import ACTIVATIONS, MLP, Block, build_mlp
+from selector.space import TrialConfig
+from selector.spec import TrainingSpec
+
+CrossValidate = Callable[..., CVResult]
+
+# Evaluation runs in chunks of rows so that K x rows x width activations stay small (in cache).
+EVAL_CHUNK_ELEMENTS = 1 << 20
+# Share of the free memory the stacked engine may plan to use before `fits` says no.
+MEMORY_SHARE = 0.5
+
+
+def torch_threads(workers: int) -> int:
+    """Torch intra-op threads for one of `workers` local worker processes: the cores shared out."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, workers))
+
+
+def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """A float mask of independent draws: 1 / (1 - p) with probability 1 - p, else 0.
+
+    One uniform float32 per element from the global generator (what `torch.rand` draws); an element
+    is kept when its draw is >= p, which has probability 1 - p up to float32 resolution (2^-24).
+    The comparison writes 1.0 / 0.0 in place, so the mask costs the draw and two cheap passes.
+    """
+    return torch.rand(shape, device=device).ge_(p).mul_(1.0 / (1.0 - p))
+
+
+def stacked_optimizer(config: TrialConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    """`engine.make_optimizer`'s optimizer with its exact hyperparameters, in torch's fused
+    implementation where it has one (SGD, Adagrad, Adam, AdamW): one kernel per tensor instead of
+    a dozen. The arithmetic per element is the same; RMSprop and Adadelta stay as they are."""
+    opt = make_optimizer(config, params)
+    accepted = inspect.signature(type(opt).__init__).parameters
+    if "fused" not in accepted or params[0].device.type not in ("cpu", "cuda"):
+        return opt
+    kwargs = {k: v for k, v in opt.defaults.items() if k in accepted}
+    kwargs.update(fused=True, foreach=None)
+    return type(opt)(params, **kwargs)
+
+
+@dataclass
+class _BlockRefs:
+    """The stacked tensors of one block, looked up once (names follow `selector.model.Block`)."""
+
+    weight: torch.Tensor  # (K, out, in)
+    bias: torch.Tensor  # (K, out)
+    norm_weight: torch.Tensor | None  # (K, out)
+    norm_bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    batches_tracked: torch.Tensor | None  # (K,)
+    skip: str  # "none", "identity" or "projection"
+    skip_weight: torch.Tensor | None  # (K, out, in), no bias
+
+
+class StackedMLP:
+    """K copies of one `selector.model.MLP` architecture with their tensors stacked on axis 0.
+
+    `params` and `buffers` are keyed like the reference model's `state_dict`, each tensor with a
+    leading fold axis; `forward` takes feature-major input (K, in, rows) and returns
+    (K, out, rows).
+    """
+
+    def __init__(
+        self, config: TrialConfig, n_in: int, n_out: int, seeds: Sequence[int], device: torch.device
+    ) -> None:
+        states = []
+        for s in seeds:  # exactly what the reference engine does for each fold
+            torch.manual_seed(s)
+            states.append(build_mlp(config, n_in, n_out).state_dict())
+        with torch.device("meta"):  # the architecture only; no draws from the generator
+            template = build_mlp(config, n_in, n_out)
+        param_names = {name for name, _ in template.named_parameters()}
+        self.config = config
+        self.n_folds = len(seeds)
+        self.keys = list(states[0])
+        self.params: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        for key in self.keys:
+            stacked = torch.stack([st[key] for st in states]).to(device)
+            if key in param_names:
+                self.params[key] = stacked.requires_grad_(True)
+            else:
+                self.buffers[key] = stacked
+        self.act = ACTIVATIONS[config.activation]()
+        bn = next((m for m in template.modules() if isinstance(m, nn.BatchNorm1d)), None)
+        self.bn_eps = float(bn.eps) if bn is not None else 1e-5
+        self.bn_momentum = float(bn.momentum or 0.1) if bn is not None else 0.1
+        self.blocks = [self._refs(i, template) for i in range(len(template.blocks))]
+        self.head_weight = self.params["head.weight"]
+        self.head_bias = self.params["head.bias"]
+        self.layer_weights = [b.weight for b in self.blocks] + [self.head_weight]
+
+    def _refs(self, i: int, template: MLP) -> _BlockRefs:
+        pre = f"blocks.{i}."
+        block = template.blocks[i]
+        assert isinstance(block, Block)
+        skip = "none"
+        if block.skip is not None:
+            skip = "identity" if isinstance(block.skip, nn.Identity) else "projection"
+        bn = self.config.batch_norm
+        return _BlockRefs(
+            weight=self.params[pre + "linear.weight"],
+            bias=self.params[pre + "linear.bias"],
+            norm_weight=self.params[pre + "norm.weight"] if bn else None,
+            norm_bias=self.params[pre + "norm.bias"] if bn else None,
+            running_mean=self.buffers[pre + "norm.running_mean"] if bn else None,
+            running_var=self.buffers[pre + "norm.running_var"] if bn else None,
+            batches_tracked=self.buffers[pre + "norm.num_batches_tracked"] if bn else None,
+            skip=skip,
+            skip_weight=self.params[pre + "skip.weight"] if skip == "projection" else None,
+        )
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        train: bool,
+        row_mask: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+        active: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`x` is (K, in, rows). In training, `row_mask` (K, 1, rows; 1 for a real row, 0 for
+        padding), `counts` (K, 1, 1; real rows per fold) and `active` (K; bool) are given when the
+        folds' batches differ in size; batch norm then uses only the real rows."""
+        p = self.config.dropout
+        for blk in self.blocks:
+            h = torch.baddbmm(blk.bias.unsqueeze(-1), blk.weight, x)
+            if blk.norm_weight is not None:
+                h = self._batch_norm(h, blk, train, row_mask, counts, active)
+            h = self.act(h)
+            if train and p > 0:
+                h = h * dropout_mask(tuple(h.shape), p, h.device)
+            if blk.skip == "identity":
+                h = h + x
+            elif blk.skip_weight is not None:
+                h = h + torch.bmm(blk.skip_weight, x)
+            x = h
+        return torch.baddbmm(self.head_bias.unsqueeze(-1), self.head_weight, x)
+
+    def _batch_norm(
+        self,
+        h: torch.Tensor,
+        blk: _BlockRefs,
+        train: bool,
+        row_mask: torch.Tensor | None,
+        counts: torch.Tensor | None,
+        active: torch.Tensor | None,
+    ) -> torch.Tensor:
+        assert blk.norm_weight is not None and blk.norm_bias is not None
+        assert blk.running_mean is not None and blk.running_var is not None
+        K, C, B = h.shape
+        if row_mask is None or not train:
+            # (K, C, rows) viewed as (1, K*C, rows): per-fold, per-channel statistics over rows.
+            if train and blk.batches_tracked is not None:
+                blk.batches_tracked.add_(1)
+            out = F.batch_norm(
+                h.reshape(1, K * C, B),
+                blk.running_mean.view(-1),
+                blk.running_var.view(-1),
+                blk.norm_weight.reshape(-1),
+                blk.norm_bias.reshape(-1),
+                training=train,
+                momentum=self.bn_momentum,
+                eps=self.bn_eps,
+            )
+            return out.view(K, C, B)
+        assert counts is not None and active is not None
+        n = counts.clamp(min=1.0)
+        mean = (h * row_mask).sum(-1, keepdim=True) / n
+        centered = h - mean
+        var = (centered * row_mask).square().sum(-1, keepdim=True) / n
+        out = centered * torch.rsqrt(var + self.bn_eps)
+        out = out * blk.norm_weight.unsqueeze(-1) + blk.norm_bias.unsqueeze(-1)
+        with torch.no_grad():
+            m = self.bn_momentum
+            unbiased = var * (n / (counts - 1).clamp(min=1.0))
+            new_mean = (1 - m) * blk.running_mean + m * mean.squeeze(-1)
+            new_var = (1 - m) * blk.running_var + m * unbiased.squeeze(-1)
+            on = active.view(K, 1)
+            blk.running_mean.copy_(torch.where(on, new_mean, blk.running_mean))
+            blk.running_var.copy_(torch.where(on, new_var, blk.running_var))
+            assert blk.batches_tracked is not None
+            blk.batches_tracked.add_(active.to(blk.batches_tracked.dtype))
+        return out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: t.detach().clone() for k, t in {**self.params, **self.buffers}.items()}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, t in {**self.params, **self.buffers}.items():
+                t.copy_(state[k])
+
+    def fold_state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Each fold's tensors in the reference model's `state_dict` layout (same keys, order)."""
+        merged = {**self.params, **self.buffers}
+        return [
+            {key: merged[key][k].detach().clone() for key in self.keys} for k in range(self.n_folds)
+        ]
+
+
+def _pad_rows(arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+    """Stack per-fold arrays of unequal row counts into (K, max rows, ...), zero-padded."""
+    n_max = max(a.shape[0] for a in arrays)
+    first = arrays[0]
+    out = np.zeros((len(arrays), n_max, *first.shape[1:]), dtype=first.dtype)
+    for k, a in enumerate(arrays):
+        out[k, : a.shape[0]] = a
+    return torch.as_tensor(out, device=device)
+
+
+@dataclass
+class _Step:
+    """One optimizer step of the stacked model: which rows each fold trains on."""
+
+    position: int  # batch number within the epoch
+    sizes: list[int]  # rows per fold (0: this fold has no batch at this position)
+    rows: torch.Tensor  # the same, as floats on the device
+    span: tuple[int, int]  # where every fold's batch lies in its permutation, if `uniform`
+
+    @property
+    def uniform(self) -> bool:
+        return len(set(self.sizes)) == 1
+
+
+class StackedRun:
+    """The K fold models of a trial, their optimizer and their data, stacked on one device."""
+
+    def __init__(
+        self,
+        config: TrialConfig,
+        folds: Sequence[FoldData],
+        *,
+        task: Task,
+        n_out: int,
+        max_epochs: int,
+        seeds: Sequence[int],
+        device: torch.device,
+    ) -> None:
+        if len(folds) != len(seeds):
+            raise ValueError("one seed per fold")
+        self.config, self.folds, self.task, self.device = config, list(folds), task, device
+        self.K = len(folds)
+        n_in = folds[0].X_train.shape[1]
+        self.model = StackedMLP(config, n_in, n_out, seeds, device)
+        self.gens = [torch.Generator().manual_seed(s) for s in seeds]
+        self.n_train = [f.X_train.shape[0] for f in folds]
+        self.n_val = [f.X_val.shape[0] for f in folds]
+        self.X = _pad_rows([f.X_train for f in folds], device)  # (K, n_max, in)
+        self.y = _pad_rows([f.y_train for f in folds], device)  # (K, n_max)
+        self.X_val = _pad_rows([f.X_val for f in folds], device)
+        self.n_max = int(self.X.shape[1])
+        self.X_flat = self.X.reshape(self.K * self.n_max, n_in)
+        self.y_flat = self.y.reshape(self.K * self.n_max)
+        self.offsets = torch.arange(self.K, device=device) * self.n_max
+        self.bounds = [batch_bounds(n, config.batch_size) for n in self.n_train]
+        self.steps = []
+        for j in range(max(len(b) for b in self.bounds)):
+            sizes = [b[j][1] - b[j][0] if j < len(b) else 0 for b in self.bounds]
+            rows = torch.tensor(sizes, dtype=self.X.dtype, device=device)
+            self.steps.append(_Step(j, sizes, rows, self.bounds[0][j]))
+        # Batches of equal size come first and lie at the same place in every fold's permutation.
+        self.uniform_rows = max([s.span[1] for s in self.steps if s.uniform], default=0)
+        # Equal step counts: every fold steps every time, one optimizer over the stacked tensors.
+        # Otherwise per-fold views, so a fold with fewer batches keeps its own step count.
+        self.lockstep = len({len(b) for b in self.bounds}) == 1
+        params = self.model.parameters()
+        self.views: list[list[torch.Tensor]] = []
+        if self.lockstep:
+            self.opt = stacked_optimizer(config, params)
+        else:
+            self.views = [[p.detach()[k] for p in params] for k in range(self.K)]
+            self.opt = stacked_optimizer(config, [v for fold in self.views for v in fold])
+        self.schedule = make_schedule(config, self.opt, max_epochs)
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    # --- training ------------------------------------------------------------------------------
+
+    def _loss_rows(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-row losses (K, rows) from outputs (K, n_out, rows)."""
+        if self.task == "regression":
+            return (out.squeeze(1) - y).square()
+        return F.cross_entropy(out, y, reduction="none")
+
+    def train_epoch(self) -> tuple[list[float], list[list[float]]]:
+        """One pass over every fold's training rows; returns each fold's mean loss and each fold's
+        first-batch per-layer gradient norms (before clipping)."""
+        K, dev = self.K, self.device
+        perms = [
+            torch.randperm(n, generator=g).to(dev)
+            for n, g in zip(self.n_train, self.gens, strict=True)
+        ]
+        m = self.uniform_rows
+        head = torch.stack([p[:m] for p in perms]) + self.offsets.unsqueeze(1)
+        totals = torch.zeros(K, device=dev)
+        norms: list[list[float]] = []
+        for step in self.steps:
+            idx, row_mask, counts, active = self._batch(step, perms, head)
+            flat = idx.reshape(-1)
+            x = self.X_flat.index_select(0, flat).view(K, -1, self.X.shape[2])
+            y = self.y_flat.index_select(0, flat).view(K, -1)
+            out = self.model.forward(
+                x.transpose(1, 2), train=True, row_mask=row_mask, counts=counts, active=active
+            )
+            rows = self._loss_rows(out, y)
+            if row_mask is None:
+                per_fold = rows.mean(1)
+            else:
+                assert counts is not None
+                per_fold = (rows * row_mask.squeeze(1)).sum(1) / counts.view(K).clamp(min=1.0)
+            for p in self.model.params.values():
+                p.grad = None
+            per_fold.sum().backward()  # type: ignore[no-untyped-call]
+            if not norms:
+                with torch.no_grad():
+                    stacked = torch.stack(
+                        [
+                            torch.linalg.vector_norm(w.grad, dim=(1, 2))
+                            for w in self.model.layer_weights
+                        ]  # type: ignore[arg-type]
+                    )
+                norms = stacked.T.tolist()
+            if self.config.grad_clip > 0:
+                self._clip(self.config.grad_clip)
+            self._step(active)
+            totals += per_fold.detach() * step.rows
+        if self.schedule is not None:
+            self.schedule.step()
+        n = torch.tensor(self.n_train, dtype=totals.dtype, device=dev)
+        return [float(t) / float(m) for t, m in zip(totals.cpu(), n.cpu(), strict=True)], norms
+
+    def _batch(
+        self, step: _Step, perms: list[torch.Tensor], head: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Row indices into the flattened training rows (K, rows), plus the padding mask, row
+        counts and active folds when the folds' batches differ in size. `head` holds the
+        permutations' common prefix, already offset into the flattened rows."""
+        j = step.position
+        if step.uniform:
+            a, b = step.span
+            return head[:, a:b], None, None, None
+        width = max(step.sizes)
+        idx = torch.zeros(self.K, width, dtype=torch.int64, device=self.device)
+        for k, (perm, size) in enumerate(zip(perms, step.sizes, strict=True)):
+            if size:
+                a, b = self.bounds[k][j]
+                idx[k, :size] = perm[a:b]
+                idx[k, size:] = perm[a]  # padding: a real row of this fold, masked out
+        sizes = torch.tensor(step.sizes, device=self.device)
+        row_mask = (torch.arange(width, device=self.device) < sizes.unsqueeze(1)).to(self.X.dtype)
+        counts = sizes.to(self.X.dtype).view(self.K, 1, 1)
+        return idx + self.offsets.unsqueeze(1), row_mask.unsqueeze(1), counts, sizes > 0
+
+    def _clip(self, max_norm: float) -> None:
+        """Scale each fold's gradients by its own global norm, as `clip_grad_norm_` would."""
+        grads = [p.grad for p in self.model.params.values() if p.grad is not None]
+        with torch.no_grad():
+            sq = torch.stack([g.reshape(self.K, -1).square().sum(1) for g in grads]).sum(0)
+            total = sq.sqrt()
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.view(self.K, *([1] * (g.dim() - 1))))
+
+    def _step(self, active: torch.Tensor | None) -> None:
+        if self.lockstep:
+            self.opt.step()
+            return
+        on = [True] * self.K if active is None else active.tolist()
+        params = list(self.model.params.values())
+        for k, fold in enumerate(self.views):
+            for view, p in zip(fold, params, strict=True):
+                view.grad = p.grad[k] if on[k] and p.grad is not None else None
+        self.opt.step()
+        for fold in self.views:
+            for view in fold:
+                view.grad = None
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    def outputs(self, which: str = "val") -> list[torch.Tensor]:
+        """Each fold's raw outputs (rows, n_out) in eval mode, on its validation or training rows."""
+        X, n = (self.X_val, self.n_val) if which == "val" else (self.X, self.n_train)
+        widest = max([*self.config.widths(), X.shape[2]])
+        chunk = max(64, EVAL_CHUNK_ELEMENTS // (self.K * widest))
+        parts = []
+        with torch.no_grad():
+            for a in range(0, int(X.shape[1]), chunk):
+                xb = X[:, a : a + chunk].transpose(1, 2)
+                parts.append(self.model.forward(xb, train=False))
+        out = torch.cat(parts, dim=2)
+        return [out[k, :, : n[k]].T for k in range(self.K)]
+
+    def predictions(self, which: str = "val") -> list[np.ndarray]:
+        """`engine.predict`'s output for each fold: probabilities or values on the original scale."""
+        preds = []
+        for out, f in zip(self.outputs(which), self.folds, strict=True):
+            if self.task == "regression":
+                preds.append(out.squeeze(-1).double().cpu().numpy() * f.y_std + f.y_mean)
+            else:
+                proba = torch.softmax(out.double(), dim=-1).cpu().numpy()
+                preds.append(proba / proba.sum(axis=1, keepdims=True))
+        return preds
+
+    def snapshot(self) -> None:
+        self.best_state = self.model.state()
+
+    def restore_best(self) -> None:
+        if self.best_state is not None:
+            self.model.load(self.best_state)
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Each fold's current weights, keyed and shaped like the reference model's state dict."""
+        return self.model.fold_state_dicts()
+
+
+def cross_validate(
+    config: TrialConfig,
+    folds: Sequence[FoldData],
+    *,
+    task: Task,
+    n_classes: int,
+    metric: Metric,
+    training: TrainingSpec,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+) -> CVResult:
+    """`engine.cross_validate` with the K folds stacked; `on_epoch(epoch, mean_val_score)` may raise
+    to prune."""
+    device = resolve_device(training.device)
+    n_out = n_classes if task == "classification" else 1
+    seeds = [derive_seed(seed, k) for k in range(len(folds))]
+    run = StackedRun(
+        config,
+        folds,
+        task=task,
+        n_out=n_out,
+        max_epochs=training.max_epochs,
+        seeds=seeds,
+        device=device,
+    )
+    torch.manual_seed(derive_seed(seed, len(folds)))  # dropout masks
+    val_curve: list[float] = []
+    loss_curve: list[float] = []
+    fold_rows: list[list[float]] = []
+    grad_rows: list[list[float]] = []
+    best, best_epoch, best_scores = -math.inf, 0, [0.0] * len(folds)
+    for epoch in range(1, training.max_epochs + 1):
+        losses, norms = run.train_epoch()
+        for k, loss in enumerate(losses):
+            if not math.isfinite(loss):
+                raise TrialDiverged(epoch, k)
+        scores = [
+            score(metric, f.y_val, pred, n_classes)
+            for f, pred in zip(folds, run.predictions("val"), strict=True)
+        ]
+        mean = float(np.mean(scores))
+        val_curve.append(mean)
+        loss_curve.append(float(np.mean(losses)))
+        fold_rows.append(scores)
+        grad_rows.append(np.mean(np.asarray(norms), axis=0).tolist())
+        if mean > best:
+            best, best_epoch, best_scores = mean, epoch, scores
+            run.snapshot()
+        if on_epoch is not None:
+            on_epoch(epoch, mean)
+        if epoch - best_epoch >= training.patience:
+            break
+    run.restore_best()
+    train_scores = []
+    for f, pred in zip(folds, run.predictions("train"), strict=True):
+        y = f.y_train * f.y_std + f.y_mean if task == "regression" else f.y_train
+        train_scores.append(score(metric, y, pred, n_classes))
+    return CVResult(
+        value=best,
+        best_epoch=best_epoch,
+        epochs_run=len(val_curve),
+        fold_scores=best_scores,
+        train_scores=train_scores,
+        val_curve=val_curve,
+        train_loss_curve=loss_curve,
+        fold_curves=[list(c) for c in zip(*fold_rows, strict=True)],
+        grad_norms=grad_rows,
+        seeds=seeds,
+        stopped_early=len(val_curve) < training.max_epochs,
+    )
+
+
+# --- choosing the engine -------------------------------------------------------------------------
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return int(pages * size)
+
+
+def memory_estimate(folds: Sequence[FoldData], config: TrialConfig, n_out: int = 1) -> int:
+    """Bytes the stacked engine needs at its peak, roughly: the K stacked copies of the data, the
+    weights with their gradients, optimizer state and best-epoch snapshot, and the activations
+    of one training step and of one evaluation chunk."""
+    K = len(folds)
+    n_in = folds[0].X_train.shape[1]
+    n_tr = max(f.X_train.shape[0] for f in folds)
+    n_va = max(f.X_val.shape[0] for f in folds)
+    widths = config.widths()
+    ins = [n_in, *widths]
+    outs = [*widths, n_out]
+    weights = sum(i * o + o for i, o in zip(ins, outs, strict=True))
+    if config.residual:
+        weights += sum(i * o for i, o in zip(ins[1:-1], widths[1:], strict=True) if i != o)
+    data = K * (n_tr + n_va) * (n_in + 1) * 4
+    params = K * weights * 4 * 6  # weights, grads, up to 3 optimizer states, snapshot
+    per_row = n_in + 6 * sum(widths) + 2 * n_out  # pre-norm, normed, activated, mask, dropped, skip
+    step = K * config.batch_size * per_row * 4 * 2  # forward activations and their gradients
+    chunk = max(64, EVAL_CHUNK_ELEMENTS // (K * max(n_in, *widths)))
+    evaluation = K * min(chunk, max(n_tr, n_va)) * (n_in + 3 * max(widths) + n_out) * 4
+    evaluation += K * max(n_tr, n_va) * n_out * 4 * 2  # outputs of all rows, float64 probabilities
+    return int(data + params + step + evaluation)
+
+
+def fits(
+    folds: Sequence[FoldData],
+    config: TrialConfig,
+    *,
+    device: str = "auto",
+    n_out: int | None = None,
+    budget: int | None = None,
+) -> bool:
+    """Whether the stacked engine's memory estimate fits in `budget` bytes (default: a share of the
+    device's free memory)."""
+    if n_out is None:
+        y = folds[0].y_train
+        n_out = int(y.max()) + 1 if np.issubdtype(y.dtype, np.integer) and len(y) else 1
+    need = memory_estimate(folds, config, n_out)
+    if budget is None:
+        budget = int(_free_bytes(resolve_device(device)) * MEMORY_SHARE)
+    return need <= budget
+
+
+def choose_engine(
+    config: TrialConfig,
+    folds: Sequence[FoldData],
+    training: TrainingSpec | None = None,
+    *,
+    budget: int | None = None,
+) -> CrossValidate:
+    """The stacked `cross_validate` where its memory estimate fits, else the reference engine's."""
+    device = training.device if training is not None else "auto"
+    if len(folds) > 1 and fits(folds, config, device=device, budget=budget):
+        return cross_validate
+    return engine.cross_validate
+
+
+def auto_cross_validate(
+    config: TrialConfig,
+    folds: Sequence[FoldData],
+    *,
+    task: Task,
+    n_classes: int,
+    metric: Metric,
+    training: TrainingSpec,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+) -> CVResult:
+    """`engine.cross_validate`'s signature; runs whichever engine `choose_engine` picks."""
+    fn = choose_engine(config, folds, training)
+    return fn(
+        config,
+        folds,
+        task=task,
+        n_classes=n_classes,
+        metric=metric,
+        training=training,
+        seed=seed,
+        on_epoch=on_epoch,
+    )
+
+
+__all__ = [
+    "StackedMLP",
+    "StackedRun",
+    "auto_cross_validate",
+    "choose_engine",
+    "cross_validate",
+    "dropout_mask",
+    "fits",
+    "memory_estimate",
+    "torch_threads",
+]

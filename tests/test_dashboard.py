@@ -1,0 +1,238 @@
+"""`selector dashboard`: pre-checks, the notes and figures selector writes for optuna-dashboard, and
+the command itself in a real process. What a browser shows is in test_browser.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from optuna_dashboard import get_note, save_note
+from typer.testing import CliRunner
+
+from selector import dashboard, final, notes, spec, storage, study
+from selector.cli import app
+from tests.conftest import small_raw
+
+runner = CliRunner()
+
+
+def _sel(*args: str) -> tuple[int, str]:
+    r = runner.invoke(app, list(args))
+    return r.exit_code, r.output
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def ran(url: str) -> str:
+    study.run(spec.parse(small_raw(n_trials=3), origin="t.toml"), url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """One study for the tests that only read it."""
+    tmp = tmp_path_factory.mktemp("shared")
+    url = f"sqlite:///{tmp / 'selector.db'}"
+    study.run(spec.parse(small_raw(n_trials=3), origin="t.toml"), url)
+    return url, tmp
+
+
+def _trial_notes(url: str, name: str = "iris-small") -> dict[int, str]:
+    st = storage.open_storage(url, must_exist=True)  # psycopg2 for a bare postgresql:// URL
+    s = optuna.load_study(study_name=name, storage=st, sampler=optuna.samplers.RandomSampler())
+    return {
+        t.number: get_note(optuna.Trial(s, t._trial_id))
+        for t in s.get_trials(states=(TrialState.COMPLETE,))
+    }
+
+
+# --- pre-checks ------------------------------------------------------------------------------
+
+
+def test_a_missing_sqlite_file_is_refused_and_not_created(tmp_path: Path) -> None:
+    db = tmp_path / "nope.db"
+    code, out = _sel("dashboard", "--storage", f"sqlite:///{db}")
+    assert code == 2 and "no such database" in out and not db.exists()
+
+
+def test_a_database_without_a_study_says_so(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.storages.RDBStorage(url)  # Optuna's tables, no study
+    code, out = _sel("dashboard", "--storage", url)
+    assert code == 2 and "holds no study yet; run `selector run STUDY_FILE" in out
+
+
+def test_an_unknown_study_is_named(shared: tuple[str, Path]) -> None:
+    code, out = _sel("dashboard", "wine", "--storage", shared[0])
+    assert code == 2 and "no study 'wine'" in out and "iris-small" in out
+
+
+def test_a_missing_driver_gives_the_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage, "_installed", lambda module: False)  # neither psycopg installed
+    code, out = _sel("dashboard", "--storage", "postgresql://me:secret@127.0.0.1:5432/db")
+    assert code == 2
+    assert "is not installed; pip install 'selector[postgres]'" in out and "secret" not in out
+
+
+def test_a_taken_port_is_refused(shared: tuple[str, Path]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out = _sel("dashboard", "--storage", shared[0], "--port", str(port))
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in out
+
+
+# --- notes and figures -----------------------------------------------------------------------
+
+
+def test_each_trial_writes_its_note_and_learning_curve_figure(shared: tuple[str, Path]) -> None:
+    ran, tmp_path = shared
+    written = _trial_notes(ran)
+    assert len(written) == 3
+    t = optuna.load_study(study_name="iris-small", storage=ran).trials[0]
+    note = written[t.number]
+    assert f"### Trial {t.number}: {t.user_attrs['diagnosis']}" in note
+    assert f"**{t.value:.4f}** ± {t.user_attrs['cv_std']:.4f}" in note
+    assert f"{t.user_attrs['gap']:+.4f}" in note and "Gradients" in note
+    artifact = next(k for k in t.system_attrs if k.startswith("artifacts:"))
+    artifact_id = artifact.removeprefix("artifacts:")
+    assert f"/artifacts/1/{t._trial_id}/{artifact_id})" in note
+    svg = (tmp_path / "selector-artifacts" / "_trials" / artifact_id).read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 3 + 1 + 1  # folds, mean, loss
+
+
+def test_a_failing_note_never_fails_a_trial(
+    url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("optuna_dashboard.save_note", broken)
+    with caplog.at_level(logging.WARNING, logger="selector.notes"):
+        study.run(spec.parse(small_raw(n_trials=2), origin="t.toml"), url)
+    trials = optuna.load_study(study_name="iris-small", storage=url).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert "dashboard note not written (disk full)" in caplog.text
+
+
+def test_publish_writes_figures_the_study_note_and_missing_trial_notes(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(notes, "annotate_trial", lambda *_: None)  # trials from before notes
+    study.run(spec.parse(small_raw(n_trials=2), origin="t.toml"), url)
+    monkeypatch.undo()
+    st, _ = dashboard.studies(url)
+    published = dashboard.publish(url, st, "iris-small")
+    assert published == dashboard.Published("iris-small", 3, 2, True)
+    attrs = st.get_study_system_attrs(st.get_study_id_from_name("iris-small"))
+    for key in ("cv-scores", "gap-vs-size", "top-curves"):
+        figure = "".join(v for k, v in sorted(attrs.items()) if f":selector-{key}:" in k)
+        assert json.loads(figure)["data"], key  # figure chunks concatenate to plotly JSON
+    assert all(note.startswith("### Trial") for note in _trial_notes(url).values())
+    s = optuna.load_study(study_name="iris-small", storage=url)
+    assert "**Test set** sealed" in get_note(s)
+    assert dashboard.publish(url, st, "iris-small").study_note is False  # nothing changed
+    result = final.evaluate(url, "iris-small")
+    dashboard.publish(url, st, "iris-small")
+    assert f"accuracy = {result.test_score:.4f} on 30 rows" in get_note(s)
+
+
+def test_a_study_note_edited_by_someone_is_left_alone(ran: str) -> None:
+    st, _ = dashboard.studies(ran)
+    s = optuna.load_study(study_name="iris-small", storage=ran)
+    save_note(s, "my own notes")
+    dashboard.publish(ran, st, "iris-small")
+    assert get_note(s) == "my own notes"
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def test_dashboard_command_serves_the_study_until_ctrl_c(shared: tuple[str, Path]) -> None:
+    ran, port = shared[0], free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "selector",
+            "dashboard",
+            "iris-small",
+            "--storage",
+            ran,
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert "study 'iris-small': 3 figures, 0 trial notes added" in lines[0], lines
+        assert f"at http://127.0.0.1:{port}/dashboard/studies/1 (Ctrl-C stops)" in lines[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as r:
+            summaries = json.load(r)["study_summaries"]
+        assert [s["study_name"] for s in summaries] == ["iris-small"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "dashboard stopped" in out and "Traceback" not in out
+
+
+def test_refresher_publishes_only_what_changed(ran: str) -> None:
+    st, names = dashboard.studies(ran)
+    refresher = dashboard.Refresher(ran, st, names, every=0.05)
+    assert [p.study for p in refresher.publish_changed()] == ["iris-small"]
+    assert refresher.publish_changed() == []
+    final.evaluate(ran, "iris-small")
+    refresher.start()
+    deadline = time.monotonic() + 10
+    s = optuna.load_study(study_name="iris-small", storage=ran)
+    while "evaluated at" not in get_note(s) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    refresher.stopped.set()
+    assert "evaluated at" in get_note(s)
+
+
+@pytest.mark.postgres
+def test_notes_figures_report_and_predict_on_postgresql_with_a_bare_url(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare postgresql:// URL goes through selector.storage (psycopg2), for every new command."""
+    bare = pg_url.replace("postgresql+psycopg2://", "postgresql://")
+    monkeypatch.chdir(tmp_path)  # the final model goes to ./selector-artifacts without a file db
+    study.run(spec.parse(small_raw(n_trials=2), origin="t.toml"), bare)
+    assert all(
+        n.startswith("### Trial") and "/artifacts/" not in n for n in _trial_notes(bare).values()
+    )
+    st, _ = dashboard.studies(bare)
+    assert dashboard.publish(bare, st, "iris-small") == dashboard.Published(
+        "iris-small", 3, 0, True
+    )
+    assert _sel("report", "iris-small", "--storage", bare, "-o", "r.html")[0] == 0
+    code, out = _sel("final", "iris-small", "--storage", bare)
+    assert code == 0, out
+    from sklearn.datasets import load_iris
+
+    load_iris(as_frame=True).frame.to_csv("rows.csv", index=False)
+    code, out = _sel("predict", "iris-small", "rows.csv", "--storage", bare, "-o", "p.csv")
+    assert code == 0 and "accuracy = " in out and "on 150 rows" in out, out

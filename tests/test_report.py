@@ -1,0 +1,190 @@
+"""`selector report`: one self-contained HTML file with real values; fast and small at 200 trials."""
+
+from __future__ import annotations
+
+import copy
+import html
+import math
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
+from typer.testing import CliRunner
+
+from selector import final, report, spec, study
+from selector.cli import app
+from selector.model import count_params
+from selector.space import TrialConfig
+from tests.conftest import small_raw, write_study
+
+runner = CliRunner()
+
+
+def _sel(*args: str) -> tuple[int, str]:
+    r = runner.invoke(app, list(args))
+    return r.exit_code, r.output
+
+
+@pytest.fixture
+def ran(tmp_path: Path, url: str) -> tuple[Path, str]:
+    study_file = write_study(tmp_path / "iris.toml", small_raw(n_trials=3))
+    study.run(spec.load(study_file), url)
+    return study_file, url
+
+
+def _figures(page: str) -> list[str]:
+    return re.findall(r'<div class="figure" id="fig-\d+" data-name="([a-z-]+)">', page)
+
+
+def test_report_is_one_self_contained_file(ran: tuple[Path, str], tmp_path: Path) -> None:
+    study_file, url = ran
+    code, out = _sel("report", str(study_file), "--storage", url, "-o", str(tmp_path / "r.html"))
+    assert code == 0, out
+    assert re.match(r"wrote .*r\.html: \d\.\d MB, 3 trials, 6 figures", out)
+    page = html.unescape((tmp_path / "r.html").read_text())
+    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)=", page)  # no network
+    assert 'id="plotly-js"' in page and "DecompressionStream" in page
+    assert _figures(page) == [
+        "cv-scores",
+        "gap-vs-size",
+        "top-curves",
+        "history",
+        "importances",
+        "parallel",
+    ]
+    for text in (
+        "Top 3 trials",
+        "Diagnosis of the complete trials",
+        "fold scores",
+        "Exported config",
+        '"rule": "best"',
+        "sealed",
+    ):
+        assert text in page, text
+
+
+def test_report_shows_the_test_score_and_the_optimism_once_final_ran(
+    ran: tuple[Path, str], tmp_path: Path
+) -> None:
+    _, url = ran
+    result = final.evaluate(url, "iris-small")
+    report.write(url, "iris-small", tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert f"accuracy = {result.test_score:.4f} on 30 rows" in page
+    optimism = result.cv_score - result.test_score  # type: ignore[operator]
+    assert f"<th>optimism (CV − test)</th><td>{optimism:+.4f}</td>" in page
+
+
+def test_figures_hold_the_trials_real_values(ran: tuple[Path, str]) -> None:
+    _, url = ran
+    s = optuna.load_study(study_name="iris-small", storage=url)
+    trials = report.complete_trials(s)
+    figs = report.study_figures(trials, "accuracy")
+    points = {
+        (x, y, e)
+        for tr in figs["cv-scores"].data
+        for x, y, e in zip(tr.x, tr.y, tr.error_y.array, strict=True)
+    }
+    expected = {
+        (t.number, round(float(t.value), 5), round(t.user_attrs["cv_std"], 5))  # type: ignore[arg-type]
+        for t in trials
+    }
+    assert points == expected
+    best = trials[0]
+    curve = figs["top-curves"].data[0]
+    assert list(curve.y) == [round(v, 5) for v in best.user_attrs["val_curve"]]
+
+
+def test_report_of_a_study_without_a_complete_trial(tmp_path: Path, url: str) -> None:
+    study_file = write_study(tmp_path / "iris.toml", small_raw())
+    assert _sel("create", str(study_file), "--storage", url)[0] == 0
+    code, out = _sel("report", "iris-small", "--storage", url, "-o", str(tmp_path / "r.html"))
+    assert code == 0, out
+    page = (tmp_path / "r.html").read_text()
+    assert "No complete trial yet." in page and "has no complete trial yet" in page
+
+
+def test_report_bad_input_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "none.db"
+    code, out = _sel("report", "x", "--storage", f"sqlite:///{missing}")
+    assert code == 2 and "no such database" in out and not missing.exists()
+
+
+# --- 200 trials ------------------------------------------------------------------------------
+
+
+def _sample(dist: Any, rng: random.Random) -> Any:
+    if isinstance(dist, CategoricalDistribution):
+        return rng.choice(dist.choices)
+    lo, hi = dist.low, dist.high
+    x = math.exp(rng.uniform(math.log(lo), math.log(hi))) if dist.log else rng.uniform(lo, hi)
+    return round(x) if isinstance(dist, IntDistribution) else float(x)
+
+
+def _clone(src: FrozenTrial, rng: random.Random) -> FrozenTrial:
+    """A trial like `src` (the attrs our objective records) with other params and scores."""
+    params = {k: _sample(d, rng) for k, d in src.distributions.items()}
+    attrs = copy.deepcopy(src.user_attrs)
+    attrs["config"] = {**attrs["config"], **params}
+    attrs["n_params"] = count_params(TrialConfig(**attrs["config"]), 4, 3)
+    state = rng.choices([TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL], [80, 17, 3])[0]
+    if state != TrialState.COMPLETE:
+        keep = {"config", "seed", "n_params", "seconds"}
+        attrs = {k: v for k, v in attrs.items() if k in keep}
+        attrs |= (
+            {"pruned_at_epoch": 4} if state == TrialState.PRUNED else {"fail_reason": "diverged"}
+        )
+        return create_trial(
+            state=state, params=params, distributions=src.distributions, user_attrs=attrs
+        )
+    shift = rng.uniform(-0.3, 0.0)
+    for key in ("fold_scores", "val_curve"):
+        attrs[key] = [min(1.0, max(0.0, v + shift)) for v in attrs[key]]
+    attrs["fold_curves"] = [
+        [min(1.0, max(0.0, v + shift)) for v in c] for c in attrs["fold_curves"]
+    ]
+    attrs["gap"] = attrs["train_score"] - sum(attrs["fold_scores"]) / len(attrs["fold_scores"])
+    attrs["diagnosis"] = rng.choice(["good fit", "overfit", "underfit"])
+    value = sum(attrs["fold_scores"]) / len(attrs["fold_scores"])
+    return create_trial(
+        value=value, params=params, distributions=src.distributions, user_attrs=attrs
+    )
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """200 trials: 3 real ones (30 epochs of curves, gradient norms, fold scores), and 197 made
+    from them through Optuna's API with other params and scores (complete, pruned, failed).
+    Only the real ones carry intermediate values: the report does not read them, and they are
+    most of the cost of adding a trial."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('big') / 'selector.db'}"
+    raw = small_raw(
+        name="big",
+        training={"max_epochs": 30, "patience": 30},
+        space={
+            "optimizer": ["adam", "sgd", "adamw"],
+            "dropout": {"low": 0.0, "high": 0.4},
+            "activation": ["relu", "tanh", "gelu"],
+        },
+    )
+    study.run(spec.parse(raw, origin="big.toml"), url)
+    s = optuna.load_study(study_name="big", storage=url)
+    real = s.get_trials(states=(TrialState.COMPLETE,))
+    rng = random.Random(0)
+    s.add_trials([_clone(real[k % len(real)], rng) for k in range(197)])
+    return url
+
+
+def test_report_of_200_trials_takes_under_10_s_and_5_mb(big: str, tmp_path: Path) -> None:
+    start = time.perf_counter()
+    written = report.write(big, "big", tmp_path / "r.html")
+    seconds = time.perf_counter() - start
+    assert written.trials == 200 and written.figures == 6
+    assert seconds < 10, seconds
+    assert (tmp_path / "r.html").stat().st_size < 5_000_000
