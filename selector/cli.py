@@ -119,6 +119,12 @@ GraceOpt = Annotated[
 ]
 
 
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", min=1, help="Torch threads per worker (default: cores / workers)"),
+]
+
+
 def _heartbeat(interval: int, grace: int) -> Any:
     from selector.storage import Heartbeat
 
@@ -127,13 +133,15 @@ def _heartbeat(interval: int, grace: int) -> Any:
     return Heartbeat(interval=interval, grace=grace)
 
 
-def _report_run(name: str, metric: str, summary: Any) -> None:
+def _report_run(summary: Any) -> None:
     best = (
         "no complete trial"
         if summary.best_value is None
-        else f"best {metric} = {summary.best_value:.4f} (trial {summary.best_trial})"
+        else f"best {summary.metric} = {summary.best_value:.4f} (trial {summary.best_trial})"
     )
-    typer.echo(f"study {name!r}: {summary.finished}/{summary.budget} trials finished; {best}")
+    typer.echo(
+        f"study {summary.study!r}: {summary.finished}/{summary.budget} trials finished; {best}"
+    )
 
 
 @app.command()
@@ -145,6 +153,7 @@ def run(
     workers: Annotated[
         int, typer.Option("--workers", min=1, help="Local worker processes (cores shared out)")
     ] = 1,
+    threads: ThreadsOpt = None,
     heartbeat: HeartbeatOpt = 10,
     grace: GraceOpt = 120,
 ) -> None:
@@ -155,13 +164,15 @@ def run(
         from selector import storage as st
 
         s = spec.load(study_file)
-        from selector import launch, progress, study
+        from selector import launch, progress, study, worker
 
         _quiet_optuna()
         url = st.resolve_url(storage, s.storage)
         hb = _heartbeat(heartbeat, grace)
+        n_threads = threads or worker.torch_threads(workers)
         with progress.Bar(s.n_trials) as bar:
             if workers == 1:
+                worker.use_threads(n_threads)
                 summary = study.run(
                     s, url, n_trials=n_trials, timeout=timeout, heartbeat=hb, progress=bar.update
                 )
@@ -173,9 +184,10 @@ def run(
                     n_trials=n_trials,
                     timeout=timeout,
                     heartbeat=hb,
+                    threads=n_threads,
                     progress=bar.update,
                 )
-        _report_run(s.name, s.metric, summary)
+        _report_run(summary)
 
     guarded(body)
 
@@ -190,9 +202,7 @@ def worker(
         Path | None,
         typer.Option("--data", help="Where the study's data file is on this machine"),
     ] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", min=1, help="Torch threads (default: all cores)")
-    ] = None,
+    threads: ThreadsOpt = None,
     heartbeat: HeartbeatOpt = 10,
     grace: GraceOpt = 120,
 ) -> None:
@@ -219,7 +229,7 @@ def worker(
                 heartbeat=hb,
                 progress=bar.update,
             )
-        _report_run(study, "score", summary)
+        _report_run(summary)
 
     guarded(body)
 

@@ -65,6 +65,7 @@ def run(
     n_trials: int | None = None,
     timeout: float | None = None,
     heartbeat: Heartbeat = Heartbeat(),
+    threads: int | None = None,
     progress: worker.Progress | None = None,
 ) -> worker.RunSummary:
     """Create or resume the study and run `workers` processes on it until its budget is spent."""
@@ -73,7 +74,7 @@ def run(
     start = worker.count(s)
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
-    threads = worker.torch_threads(workers)
+    threads = threads or worker.torch_threads(workers)
     procs = [
         ctx.Process(
             target=_child,

@@ -32,7 +32,7 @@ from plotly.subplots import make_subplots
 
 from selector import __version__, export, final, summary
 from selector.errors import SelectorError
-from selector.study import open_study
+from selector.study import Record, open_study
 
 TOP_CURVES = 5
 TOP_ROWS = 10
@@ -388,6 +388,40 @@ h1{margin-bottom:.2rem} .sub{color:#666;margin-top:0}
 """
 
 
+def _figures_section(figs: dict[str, go.Figure], missing: list[str]) -> str:
+    notes = "".join(f"<li>{_e(m)}</li>" for m in missing)
+    return (
+        "<h2>Figures</h2>"
+        + (_figure_divs(figs) if figs else "<p>No complete trial yet.</p>")
+        + (f"<ul>{notes}</ul>" if notes else "")
+    )
+
+
+def _config(url: str, study: optuna.Study, rec: Record) -> str:
+    prev = final.stored(url, study.study_name)
+    try:
+        doc = export.document(study, rec, "best", url, prev.as_dict() if prev else None)
+        text = export.dump(doc, "json")
+    except SelectorError as e:
+        text = str(e)
+    return f"<h2>Exported config (rule <code>best</code>)</h2><pre>{_e(text)}</pre>"
+
+
+def _page(name: str, sections: list[str]) -> str:
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    head = (
+        f"<h1>Study {_e(name)}</h1><p class=sub>selector {__version__} report, {when}</p>"
+        '<p id="load-error"></p>'
+    )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_e(name)}: '
+        f"selector report</title><style>{CSS}</style></head><body>{head}"
+        + "\n".join(sections)
+        + f'<script id="plotly-js" type="application/octet-stream">{_plotly_js_packed()}</script>'
+        f"<script>{LOADER}</script></body></html>"
+    )
+
+
 def render(url: str, name: str) -> tuple[str, int, int]:
     """The report's HTML, the number of trials and of figures."""
     study, rec = open_study(url, name)
@@ -395,38 +429,15 @@ def render(url: str, name: str) -> tuple[str, int, int]:
     trials = complete_trials(study)
     more, missing = optuna_figures(study) if trials else ({}, [])
     figs = {**study_figures(trials, rec.spec.metric), **more}
-    prev = final.stored(url, name)
-    try:
-        doc = export.dump(
-            export.document(study, rec, "best", url, prev.as_dict() if prev else None), "json"
-        )
-    except SelectorError as e:
-        doc = str(e)
-    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    notes = "".join(f"<li>{_e(m)}</li>" for m in missing)
-    body = "\n".join(
-        [
-            f"<h1>Study {_e(name)}</h1>",
-            f"<p class=sub>selector {__version__} report, {when}</p>",
-            '<p id="load-error"></p>',
-            _summary(info, study),
-            _test_set(info["test_set"]),
-            _diagnosis(trials, info),
-            _top(trials),
-            "<h2>Figures</h2>",
-            _figure_divs(figs) if figs else "<p>No complete trial yet.</p>",
-            f"<ul>{notes}</ul>" if notes else "",
-            "<h2>Exported config (rule <code>best</code>)</h2>",
-            f"<pre>{_e(doc)}</pre>",
-        ]
-    )
-    page = (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{_e(name)}: '
-        f"selector report</title><style>{CSS}</style></head><body>{body}"
-        f'<script id="plotly-js" type="application/octet-stream">{_plotly_js_packed()}</script>'
-        f"<script>{LOADER}</script></body></html>"
-    )
-    return page, len(study.get_trials(deepcopy=False)), len(figs)
+    sections = [
+        _summary(info, study),
+        _test_set(info["test_set"]),
+        _diagnosis(trials, info),
+        _top(trials),
+        _figures_section(figs, missing),
+        _config(url, study, rec),
+    ]
+    return _page(name, sections), len(study.get_trials(deepcopy=False)), len(figs)
 
 
 def write(url: str, name: str, path: Path) -> Written:

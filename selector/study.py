@@ -312,8 +312,13 @@ def _load(store: optuna.storages.BaseStorage, url: str, name: str) -> optuna.Stu
         raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}") from None
 
 
-def open_study(url: str, name: str) -> tuple[optuna.Study, Record]:
-    """An existing study for reading (status, export, final); never creates a database."""
-    optuna_storage = storage.open_storage(url, must_exist=True)
+def open_study(url: str, name: str, *, reap: bool = False) -> tuple[optuna.Study, Record]:
+    """An existing study for reading (status, export, final); never creates a database.
+    With `reap`, trials whose worker went silent are failed as stale (and queued for a retry)."""
+    optuna_storage = storage.open_storage(
+        url, must_exist=True, heartbeat=Heartbeat() if reap else None
+    )
     study = _load(optuna_storage, url, name)
+    if reap:
+        worker.reap_stale(study)
     return study, load_record(url, name)

@@ -35,7 +35,7 @@ def _trial_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
 
 
 def status(url: str, name: str, *, top: int = 5) -> dict[str, Any]:
-    s, rec = study.open_study(url, name)
+    s, rec = study.open_study(url, name, reap=True)
     trials = s.get_trials(deepcopy=False)
     counts = {state.name.lower(): 0 for state in TrialState}
     for t in trials:

@@ -241,3 +241,19 @@ def _proxy_up(url: str) -> bool:
         return True
     except storage.StorageError:
         return False
+
+
+def test_status_reaps_a_trial_whose_worker_died(url: str) -> None:
+    from selector import summary
+
+    _create(url)
+    store = storage.open_storage(url, must_exist=True, heartbeat=storage.Heartbeat(1, 2))
+    s = optuna.load_study(study_name="iris-small", storage=store)
+    trial = s.ask()
+    store.record_heartbeat(trial._trial_id)
+    sa_engine = storage.engine(url)
+    with sa_engine.begin() as conn:  # the heartbeat is old: its worker died long ago
+        conn.execute(sa.text("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'"))
+    info = summary.status(url, "iris-small")
+    assert info["states"]["running"] == 0 and info["failures"] == {"stale": 1}
+    assert info["states"]["waiting"] == 1  # queued for its retry
