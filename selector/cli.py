@@ -276,7 +276,7 @@ def status(
 
         _quiet_optuna()
         name, url = _study_target(study, storage)
-        info = summary.status(url, name, top=top)
+        info = summary.status(url, name, top=top, reap=True)
         typer.echo(
             json.dumps(info, indent=2, default=str) if as_json else summary.status_text(info)
         )

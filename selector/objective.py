@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 import torch
 
-from selector import diagnose, engine, metrics, notes
+from selector import diagnose, engine, metrics, notes, storage
 from selector.data import DevSet, FoldData, iter_folds
 from selector.errors import FailReason, TrialDiverged
 from selector.model import count_params
@@ -20,9 +20,14 @@ from selector.spec import StudySpec
 MAX_TRACEBACK_CHARS = 4000
 
 
+def _set(trial: optuna.Trial, key: str, value: Any) -> None:
+    """A user attr, written through transient database errors."""
+    storage.retrying(lambda: trial.set_user_attr(key, value))
+
+
 def _fail(trial: optuna.Trial, reason: FailReason, error: str) -> None:
-    trial.set_user_attr("fail_reason", reason)
-    trial.set_user_attr("error", error[-MAX_TRACEBACK_CHARS:])
+    _set(trial, "fail_reason", reason)
+    _set(trial, "error", error[-MAX_TRACEBACK_CHARS:])
 
 
 class Objective:
@@ -38,16 +43,16 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         config = sample_config(trial, self.spec.space)
         seed = engine.derive_seed(self.spec.seed, trial.number)
-        trial.set_user_attr("config", config.as_dict())
-        trial.set_user_attr("seed", seed)
+        _set(trial, "config", config.as_dict())
+        _set(trial, "seed", seed)
         n_in = self.folds[0].X_train.shape[1]
         n_out = self.dev.n_classes if self.dev.task == "classification" else 1
-        trial.set_user_attr("n_params", count_params(config, n_in, n_out))
+        _set(trial, "n_params", count_params(config, n_in, n_out))
         start = time.perf_counter()
         try:
             result = self._train(trial, config, seed)
         except optuna.TrialPruned:
-            trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
+            _set(trial, "seconds", round(time.perf_counter() - start, 3))
             raise
         except TrialDiverged as e:
             _fail(trial, "diverged", str(e))
@@ -66,9 +71,9 @@ class Objective:
 
     def _train(self, trial: optuna.Trial, config: TrialConfig, seed: int) -> engine.CVResult:
         def on_epoch(epoch: int, value: float) -> None:
-            trial.report(value, epoch)
-            if trial.should_prune():
-                trial.set_user_attr("pruned_at_epoch", epoch)
+            storage.retrying(lambda: trial.report(value, epoch))
+            if storage.retrying(trial.should_prune):
+                _set(trial, "pruned_at_epoch", epoch)
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (mean CV score {value:.4f})")
 
         return engine.cross_validate(
@@ -108,7 +113,7 @@ class Objective:
             "seconds": round(seconds, 3),
         }
         for key, value in attrs.items():
-            trial.set_user_attr(key, value)
+            _set(trial, key, value)
         notes.annotate_trial(trial, attrs)  # the dashboard note; never raises
 
 

@@ -354,8 +354,7 @@ class StackedRun:
             torch.randperm(n, generator=g).to(dev)
             for n, g in zip(self.n_train, self.gens, strict=True)
         ]
-        m = self.uniform_rows
-        head = torch.stack([p[:m] for p in perms]) + self.offsets.unsqueeze(1)
+        head = torch.stack([p[: self.uniform_rows] for p in perms]) + self.offsets.unsqueeze(1)
         totals = torch.zeros(K, device=dev)
         norms: list[list[float]] = []
         for step in self.steps:
@@ -390,8 +389,8 @@ class StackedRun:
             totals += per_fold.detach() * step.rows
         if self.schedule is not None:
             self.schedule.step()
-        n = torch.tensor(self.n_train, dtype=totals.dtype, device=dev)
-        return [float(t) / float(m) for t, m in zip(totals.cpu(), n.cpu(), strict=True)], norms
+        # float32 sums, then divided in double, as the reference engine does
+        return [t / n for t, n in zip(totals.tolist(), self.n_train, strict=True)], norms
 
     def _batch(
         self, step: _Step, perms: list[torch.Tensor], head: torch.Tensor

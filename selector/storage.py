@@ -10,9 +10,12 @@ import functools
 import importlib.util
 import os
 import re
+import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy as sa
@@ -208,6 +211,22 @@ def _check_grpc(url: str) -> None:
         ) from None
 
 
+@functools.cache
+def _rdb_storage(url: str, heartbeat: Heartbeat | None) -> optuna.storages.RDBStorage:
+    """One Optuna storage (one connection pool) per URL and heartbeat setting in a process."""
+    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            _with_driver(url), engine_kwargs=_engine_kwargs(url), **_heartbeat_kwargs(heartbeat)
+        )
+
+
+def clear_caches() -> None:
+    """Forget pooled connections (after a database was dropped, in tests)."""
+    _rdb_storage.cache_clear()
+    engine.cache_clear()
+
+
 def open_storage(
     url: str, *, must_exist: bool, heartbeat: Heartbeat | None = None
 ) -> optuna.storages.BaseStorage:
@@ -225,11 +244,31 @@ def open_storage(
             first = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
             raise StorageError(f"storage {mask(url)}: cannot open ({first})") from None
     try:
-        return optuna.storages.RDBStorage(
-            _with_driver(url), engine_kwargs=_engine_kwargs(url), **_heartbeat_kwargs(heartbeat)
-        )
+        return _rdb_storage(url, heartbeat)
     except Exception as e:
         first = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
         raise StorageError(
             f"storage {mask(url)}: cannot open as an Optuna storage ({first})"
         ) from None
+
+
+T = TypeVar("T")
+TRANSIENT = (
+    optuna.exceptions.StorageInternalError,
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+)
+RETRIES = 6
+
+
+def retrying(fn: Callable[[], T]) -> T:
+    """Call `fn`, retrying transient database errors (a dropped connection, a restarted server)
+    with exponential backoff; the pool's pre-ping then hands out a fresh connection."""
+    for attempt in range(RETRIES):
+        try:
+            return fn()
+        except TRANSIENT:
+            if attempt == RETRIES - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")  # pragma: no cover

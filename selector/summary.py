@@ -34,8 +34,9 @@ def _trial_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
     }
 
 
-def status(url: str, name: str, *, top: int = 5) -> dict[str, Any]:
-    s, rec = study.open_study(url, name, reap=True)
+def status(url: str, name: str, *, top: int = 5, reap: bool = False) -> dict[str, Any]:
+    """The study's state; with `reap`, trials whose worker went silent are failed first."""
+    s, rec = study.open_study(url, name, reap=reap)
     trials = s.get_trials(deepcopy=False)
     counts = {state.name.lower(): 0 for state in TrialState}
     for t in trials:

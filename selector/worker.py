@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import math
 import os
 import threading
@@ -19,7 +20,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
 import sqlalchemy as sa
@@ -39,7 +40,6 @@ ACTIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 POLL_S = 1.0
 
 Progress = Callable[[optuna.Study, FrozenTrial], None]
-T = TypeVar("T")
 
 
 class FailureStreakError(SelectorError):
@@ -195,7 +195,7 @@ def run_trial(
             raise
         except Exception:  # recorded by the objective with its reason; the study goes on
             state = TrialState.FAIL
-    return retrying(lambda: _tell(study, trial, value, state))
+    return storage.retrying(lambda: _tell(study, trial, value, state))
 
 
 def _tell(
@@ -224,23 +224,6 @@ def _tell(
             },
         )
     return frozen
-
-
-TRANSIENT = (optuna.exceptions.StorageInternalError, sa.exc.OperationalError, sa.exc.InterfaceError)
-RETRIES = 6
-
-
-def retrying(fn: Callable[[], T]) -> T:
-    """Call `fn`, retrying transient database errors (a dropped connection, a restarted server)
-    with exponential backoff; the pool's pre-ping then hands out a fresh connection."""
-    for attempt in range(RETRIES):
-        try:
-            return fn()
-        except TRANSIENT:
-            if attempt == RETRIES - 1:
-                raise
-            time.sleep(0.2 * 2**attempt)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -280,23 +263,23 @@ def work(
     deadline = time.monotonic() + timeout if timeout is not None else math.inf
     streak, ran = _Streak(spec.search.max_failures), 0
     while time.monotonic() < deadline:
-        retrying(lambda: reap_stale(study))
-        trial = retrying(lambda: claim(study, url, limit))
+        storage.retrying(lambda: reap_stale(study))
+        trial = storage.retrying(lambda: claim(study, url, limit))
         if trial is None:
-            if retrying(lambda: count(study)) >= limit:
+            if storage.retrying(lambda: count(study)) >= limit:
                 break
             time.sleep(POLL_S)  # trials elsewhere are running; one may fail and free a place
             continue
         frozen = run_trial(study, trial, objective, heartbeat, worker)
         ran += frozen.state in FINISHED
         if progress is not None:
-            progress(study, frozen)
+            storage.retrying(functools.partial(progress, study, frozen))
         if streak.add(frozen):
             raise FailureStreakError(
                 f"study {spec.name!r} stopped after {streak.n} consecutive failed trials; "
                 f"last error: {streak.last}"
             )
-    return summarize(study, limit, ran=ran)
+    return storage.retrying(lambda: summarize(study, limit, ran=ran))
 
 
 def reap_stale(study: optuna.Study) -> None:

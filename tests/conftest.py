@@ -111,7 +111,7 @@ def pg_url() -> Iterator[str]:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = sa.make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
     yield url
-    storage.engine.cache_clear()
+    storage.clear_caches()
     with admin.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()

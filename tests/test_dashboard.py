@@ -165,8 +165,11 @@ def test_a_study_note_edited_by_someone_is_left_alone(ran: str) -> None:
 # --- the command -----------------------------------------------------------------------------
 
 
-def test_dashboard_command_serves_the_study_until_ctrl_c(shared: tuple[str, Path]) -> None:
+def test_dashboard_command_serves_the_study_until_ctrl_c(
+    shared: tuple[str, Path], tmp_path: Path
+) -> None:
     ran, port = shared[0], free_port()
+    errors = (tmp_path / "stderr").open("w+")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -180,7 +183,7 @@ def test_dashboard_command_serves_the_study_until_ctrl_c(shared: tuple[str, Path
             str(port),
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=errors,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -195,7 +198,9 @@ def test_dashboard_command_serves_the_study_until_ctrl_c(shared: tuple[str, Path
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "dashboard stopped" in out and "Traceback" not in out
+    assert proc.returncode == 0 and "dashboard stopped" in out
+    errors.seek(0)
+    assert "Traceback" not in errors.read()
 
 
 def test_refresher_publishes_only_what_changed(ran: str) -> None:

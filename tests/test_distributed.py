@@ -254,6 +254,6 @@ def test_status_reaps_a_trial_whose_worker_died(url: str) -> None:
     sa_engine = storage.engine(url)
     with sa_engine.begin() as conn:  # the heartbeat is old: its worker died long ago
         conn.execute(sa.text("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'"))
-    info = summary.status(url, "iris-small")
+    info = summary.status(url, "iris-small", reap=True)
     assert info["states"]["running"] == 0 and info["failures"] == {"stale": 1}
     assert info["states"]["waiting"] == 1  # queued for its retry

@@ -205,3 +205,31 @@ def test_leak_detector_shuffled_labels_stay_at_chance(tmp_path: Path, url: str) 
     raw["data"].pop("source")
     s = spec.parse(raw, origin="leak.toml")
     assert study.run(s, url).best_value < 0.2  # type: ignore[operator]
+
+
+def test_out_of_memory_is_recorded_as_oom(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    def oom(*_: Any, **__: Any) -> engine.CVResult:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(objective.engine, "cross_validate", oom)
+    with pytest.raises(worker.FailureStreakError, match="oom: CUDA out of memory"):
+        study.run(_spec(search={"max_failures": 2}), url)
+    assert {t.user_attrs["fail_reason"] for t in _trials(url)} == {"oom"}
+
+
+def test_an_error_in_one_of_several_workers_is_reported(tmp_path: Path) -> None:
+    from selector import launch
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    s = _spec(
+        space={"optimizer": "sgd", "lr": 1e12, "width": 64, "depth": 3},
+        search={"max_failures": 2},
+        training={"max_epochs": 3, "patience": 3, "device": "cpu"},
+    )
+    with pytest.raises(
+        launch.WorkerError, match="consecutive failed trials; last error: diverged"
+    ) as e:
+        launch.run(s, url, workers=2, threads=1)
+    assert e.value.exit_code == 1
