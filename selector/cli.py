@@ -346,6 +346,13 @@ def final_cmd(
     storage: StorageOpt = None,
     rule: Annotated[str, typer.Option(help="best | one-se")] = "best",
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    resume_crashed: Annotated[
+        bool,
+        typer.Option(
+            "--resume-crashed",
+            help="Finish an evaluation whose process died after claiming the test set (recorded)",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate the held-out test set, once per study: refit on all dev rows, score, record."""
 
@@ -356,7 +363,7 @@ def final_cmd(
         _quiet_optuna()
         name, url = _study_target(study, storage)
         try:
-            result = final.evaluate(url, name, rule)  # type: ignore[arg-type]
+            result = final.evaluate(url, name, rule, resume_crashed=resume_crashed)  # type: ignore[arg-type]
         except SelectorError as e:
             prev = final.stored(url, name) if e.exit_code == 1 else None
             if prev is not None and as_json:
@@ -452,6 +459,35 @@ def predict(
         pr.write(result, output)
         for line in pr.describe(result, output):
             typer.echo(line)
+
+    guarded(body)
+
+
+@app.command()
+def replay(
+    study: StudyArg,
+    trial: Annotated[int, typer.Argument(help="Trial number", min=0)],
+    storage: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Re-run one trial from its stored params and seed; exit 1 if its fold scores differ."""
+
+    def body() -> None:
+        from selector import replay as rp
+
+        _quiet_optuna()
+        name, url = _study_target(study, storage)
+        r = rp.replay(url, name, trial)
+        if as_json:
+            typer.echo(json.dumps(r.as_dict(), indent=2))
+        else:
+            typer.echo(f"trial {r.trial} ({r.state}) of {r.study!r}")
+            typer.echo("  stored    " + " ".join(f"{x:.4f}" for x in r.stored))
+            typer.echo("  replayed  " + " ".join(f"{x:.4f}" for x in r.replayed))
+            verdict = "identical" if r.identical else f"DIFFERENT (max {r.max_difference:.2e})"
+            typer.echo(f"  {verdict}; config {'identical' if r.config_identical else 'DIFFERENT'}")
+        if not (r.identical and r.config_identical):
+            raise typer.Exit(1)
 
     guarded(body)
 

@@ -36,6 +36,7 @@ final = sa.Table(
     sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("claimed_by", sa.String(256), nullable=False),
     sa.Column("finished_at", sa.DateTime(timezone=True)),
+    sa.Column("resumed_at", sa.DateTime(timezone=True)),  # set by `final --resume-crashed`
     sa.Column("rule", sa.String(16), nullable=False),
     sa.Column("trial_number", sa.Integer, nullable=False),
     sa.Column("metric", sa.String(64), nullable=False),

@@ -39,6 +39,7 @@ class FinalResult:
     claimed_at: str
     finished_at: str | None
     artifact: str | None
+    resumed_at: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +58,7 @@ def _result(row: Any) -> FinalResult:
         claimed_at=row.claimed_at.isoformat(),
         finished_at=row.finished_at.isoformat() if row.finished_at else None,
         artifact=row.artifact,
+        resumed_at=row.resumed_at.isoformat() if row.resumed_at else None,
     )
 
 
@@ -85,6 +87,36 @@ def _claim(url: str, name: str, rule: str, trial: int, metric: str, cv: float) -
         raise LockboxError(refusal(stored(url, name))) from None
 
 
+def _take_over(url: str, name: str) -> tuple[export.Rule, int]:
+    """Take over a claim whose evaluation never finished; only one process can."""
+    prev = stored(url, name)
+    if prev is None:
+        raise LockboxError(
+            f"study {name!r}: no evaluation was started; run `selector final` "
+            "without --resume-crashed"
+        )
+    with db.transaction(url) as conn:
+        taken = conn.execute(
+            db.final.update()
+            .where(
+                db.final.c.study_name == name,
+                db.final.c.state == "claimed",
+                db.final.c.resumed_at.is_(None),
+            )
+            .values(
+                resumed_at=dt.datetime.now(dt.UTC),
+                claimed_by=f"{socket.gethostname()}:{os.getpid()} (resumed)",
+            )
+        ).rowcount
+    if taken != 1:
+        raise LockboxError(
+            refusal(stored(url, name))
+            if prev.state == "finished"
+            else f"study {name!r}: the crashed evaluation was already resumed once"
+        )
+    return prev.rule, prev.trial  # type: ignore[return-value]
+
+
 def refusal(prev: FinalResult | None) -> str:
     if prev is None:  # pragma: no cover - the row that blocked the claim cannot vanish
         return "the test set was already claimed"
@@ -96,7 +128,8 @@ def refusal(prev: FinalResult | None) -> str:
         )
     return (
         f"the test set of study {prev.study!r} was claimed at {prev.claimed_at} but the "
-        "evaluation did not finish; it will not be evaluated silently a second time"
+        "evaluation did not finish (evaluation started, not finished); it will not be evaluated "
+        "silently a second time: `selector final --resume-crashed` finishes it, on the record"
     )
 
 
@@ -106,17 +139,27 @@ def artifact_dir(url: str, name: str) -> Path:
     return base / "selector-artifacts" / name
 
 
-def evaluate(url: str, name: str, rule: export.Rule = "best") -> FinalResult:
-    """Claim the lockbox, refit the chosen config on all dev rows, score the test rows once."""
+def evaluate(
+    url: str, name: str, rule: export.Rule = "best", *, resume_crashed: bool = False
+) -> FinalResult:
+    """Claim the lockbox, refit the chosen config on all dev rows, score the test rows once.
+
+    `resume_crashed` finishes an evaluation whose process died after its claim (explicitly, once,
+    recorded in `resumed_at`); it never re-opens a finished one."""
     study, rec = open_study(url, name)
-    trial = export.choose(study, rule)
+    if resume_crashed:
+        rule, number = _take_over(url, name)
+        trial = study.trials[number]
+    else:
+        trial = export.choose(study, rule)
     prep = data.prepare(rec.spec)
     if prep.fingerprints.as_dict() != rec.fingerprints:
         raise StudyError(
             f"study {name!r}: the data differ from when the study was created "
             f"({prep.table.origin}); the test set cannot be evaluated on other data"
         )
-    _claim(url, name, rule, trial.number, rec.spec.metric, float(trial.value))  # type: ignore[arg-type]
+    if not resume_crashed:
+        _claim(url, name, rule, trial.number, rec.spec.metric, float(trial.value))  # type: ignore[arg-type]
     refit = _refit_and_score(rec, prep, trial.user_attrs)
     meta = _meta(rec, prep, refit, trial.number, trial.user_attrs)
     out = _save(url, name, refit, meta, export.document(study, rec, rule, url))

@@ -76,16 +76,7 @@ class Objective:
                 _set(trial, "pruned_at_epoch", epoch)
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (mean CV score {value:.4f})")
 
-        return engine.cross_validate(
-            config,
-            self.folds,
-            task=self.dev.task,
-            n_classes=self.dev.n_classes,
-            metric=self.metric,
-            training=self.spec.training,
-            seed=seed,
-            on_epoch=on_epoch,
-        )
+        return train(self.spec, self.dev, self.folds, config, seed, on_epoch=on_epoch)
 
     def _record(self, trial: optuna.Trial, r: engine.CVResult, seconds: float) -> None:
         best = _study_best(trial.study, r.value)
@@ -115,6 +106,28 @@ class Objective:
         for key, value in attrs.items():
             _set(trial, key, value)
         notes.annotate_trial(trial, attrs)  # the dashboard note; never raises
+
+
+def train(
+    spec: StudySpec,
+    dev: DevSet,
+    folds: list[FoldData],
+    config: TrialConfig,
+    seed: int,
+    *,
+    on_epoch: engine.EpochCallback | None = None,
+) -> engine.CVResult:
+    """Cross-validate one config: the one call a trial, and a replay of it, make."""
+    return engine.cross_validate(
+        config,
+        folds,
+        task=dev.task,
+        n_classes=dev.n_classes,
+        metric=metrics.get(spec.metric),
+        training=spec.training,
+        seed=seed,
+        on_epoch=on_epoch,
+    )
 
 
 def _study_best(study: optuna.Study, current: float) -> float:

@@ -100,3 +100,38 @@ def test_concurrent_finals_evaluate_exactly_once(ran: str) -> None:
     assert codes == [0, 1, 1, 1, 1, 1], outs
     assert all("Traceback" not in err for _, err in outs)
     assert len(_rows(ran)) == 1 and _rows(ran)[0].state == "finished"
+
+
+def test_resume_crashed_finishes_once_on_the_record(
+    ran: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*_: Any, **__: Any) -> None:
+        raise RuntimeError("power cut")
+
+    with pytest.raises(LockboxError, match="no evaluation was started"):
+        final.evaluate(ran, "iris-small", resume_crashed=True)
+    monkeypatch.setattr(engine, "fit", crash)
+    with pytest.raises(RuntimeError):
+        final.evaluate(ran, "iris-small", "one-se")
+    with pytest.raises(RuntimeError):  # the one resume is used up even if it crashes too
+        final.evaluate(ran, "iris-small", resume_crashed=True)
+    monkeypatch.undo()
+    with pytest.raises(LockboxError, match="already resumed once"):
+        final.evaluate(ran, "iris-small", resume_crashed=True)
+
+
+def test_resume_crashed_records_the_resumed_evaluation(
+    ran: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*_: Any, **__: Any) -> None:
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(engine, "fit", crash)
+    with pytest.raises(RuntimeError):
+        final.evaluate(ran, "iris-small", "one-se")
+    monkeypatch.undo()
+    result = final.evaluate(ran, "iris-small", resume_crashed=True)
+    assert result.state == "finished" and result.resumed_at is not None
+    assert result.rule == "one-se"  # the claimed rule and trial, not the command line's
+    with pytest.raises(LockboxError, match="already evaluated"):
+        final.evaluate(ran, "iris-small", resume_crashed=True)

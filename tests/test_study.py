@@ -233,3 +233,22 @@ def test_an_error_in_one_of_several_workers_is_reported(tmp_path: Path) -> None:
     ) as e:
         launch.run(s, url, workers=2, threads=1)
     assert e.value.exit_code == 1
+
+
+def test_replay_reproduces_complete_and_pruned_trials(url: str) -> None:
+    from selector import replay
+
+    s = _spec(
+        n_trials=8,
+        search={"pruner": "median", "sampler": "random"},
+        training={"max_epochs": 10, "patience": 10, "device": "cpu"},
+        space={
+            **small_raw()["space"],
+            "dropout": {"low": 0.0, "high": 0.3},
+            "lr": {"low": 1e-5, "high": 1e-1, "log": True},
+        },
+    )
+    study.run(s, url)
+    for t in _trials(url):
+        r = replay.replay(url, "iris-small", t.number)
+        assert r.identical and r.config_identical, r
