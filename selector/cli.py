@@ -434,6 +434,9 @@ def dashboard(
         name, url = (
             (None, st.resolve_url(storage)) if study is None else _study_target(study, storage)
         )
+        warning = dash.exposure_warning(host)
+        if warning:
+            _err(f"selector: {warning}")
         dash.serve(url, host=host, port=port, only=name, refresh=refresh, echo=typer.echo)
 
     guarded(body)

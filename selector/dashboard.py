@@ -239,3 +239,16 @@ def serve(
     finally:
         refresher.stopped.set()
         server.server_close()
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def exposure_warning(host: str) -> str | None:
+    """A warning when the dashboard would be reachable from other machines: it has no login."""
+    if host in LOOPBACK or host.startswith("127."):
+        return None
+    return (
+        f"warning: --host {host} makes the dashboard reachable from other machines; it has no "
+        "authentication, and anyone who reaches it can read and edit the studies"
+    )

@@ -142,7 +142,7 @@ def _create(
             conn.execute(
                 db.studies.insert().values(
                     study_name=spec.name,
-                    spec_json=canonical_json(spec.raw),
+                    spec_json=canonical_json(recorded(spec)),
                     spec_hash=spec.spec_hash(),
                     base_dir=spec.base_dir,
                     data_fp=prep.fingerprints.data,
@@ -159,6 +159,12 @@ def _create(
     return study, prep, load_record(url, spec.name)
 
 
+def recorded(spec: StudySpec) -> dict[str, Any]:
+    """The study file as recorded in the database: without `storage`, which may hold a password
+    and says where the study lives, not what it is."""
+    return {k: v for k, v in spec.raw.items() if k != "storage"}
+
+
 def _describe(study: optuna.Study, spec: StudySpec, prep: data.Prepared) -> None:
     """Study user attrs that optuna-dashboard and Optuna scripts show."""
     study.set_user_attr("metric", spec.metric)
@@ -168,7 +174,7 @@ def _describe(study: optuna.Study, spec: StudySpec, prep: data.Prepared) -> None
     study.set_user_attr("dev_rows", len(prep.dev))
     study.set_user_attr("test_rows_held_out", len(prep.test))
     # what a worker on any machine (even through a gRPC proxy) needs to join
-    study.set_user_attr(ATTR_SPEC, spec.raw)
+    study.set_user_attr(ATTR_SPEC, recorded(spec))
     study.set_user_attr(ATTR_BASE_DIR, spec.base_dir)
     study.set_user_attr(ATTR_FINGERPRINTS, prep.fingerprints.as_dict())
     study.set_user_attr(ATTR_BUDGET, spec.n_trials)
