@@ -15,6 +15,7 @@ import sys
 import time
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from bench import contenders as c
 from selector import stacked
@@ -108,9 +109,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-large", action="store_true", help="skip the 50000 x 100 set")
     ap.add_argument("--no-cores", action="store_true", help="skip the workers x threads table")
     args = ap.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 3)
     threads = args.threads or stacked.torch_threads(1)
     torch.set_num_threads(threads)
+    # scikit-learn's BLAS (OpenBLAS) and OpenMP pools get the same number of threads as torch
+    with threadpool_limits(limits=threads):
+        _run(args, threads)
+
+
+def _run(args: argparse.Namespace, threads: int) -> None:
+    repeats = args.repeats or (1 if args.quick else 3)
     print(
         f"bench: torch {torch.__version__}, {threads} threads, {os.cpu_count()} cpus, "
         f"{platform.processor() or platform.machine()}, load {_load()}, {repeats} repeat(s)"

@@ -161,7 +161,7 @@ def _heartbeat_kwargs(heartbeat: Heartbeat | None) -> dict[str, Any]:
 def _engine_kwargs(url: str) -> dict[str, Any]:
     if sqlite_path(url) is not None:
         return {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-    return {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 300}
+    return {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 2, "pool_recycle": 300}
 
 
 @functools.cache

@@ -250,10 +250,12 @@ class Joined:
     n_trials: int
 
 
-def join(url: str, name: str, *, data_path: str | None = None) -> Joined:
+def join(
+    url: str, name: str, *, data_path: str | None = None, heartbeat: Heartbeat | None = None
+) -> Joined:
     """What a worker on any machine needs, from the study itself: the recorded study file, and
     data whose fingerprints match the study's (checked here)."""
-    study = _load(storage.open_storage(url, must_exist=True), url, name)
+    study = _load(storage.open_storage(url, must_exist=True, heartbeat=heartbeat), url, name)
     attrs = study.user_attrs
     if ATTR_SPEC not in attrs:
         raise StudyError(f"study {name!r} in {storage.mask(url)} was not created by selector")
@@ -291,7 +293,7 @@ def work(
 ) -> worker.RunSummary:
     """`selector worker`: join an existing study and run trials until its budget is spent
     (or `n_trials` more are finished, or the study holds `limit` finished trials)."""
-    joined = join(url, name, data_path=data_path)
+    joined = join(url, name, data_path=data_path, heartbeat=heartbeat)
     study = _load(storage.open_storage(url, must_exist=True, heartbeat=heartbeat), url, name)
     worker.reap_stale(study)
     if limit is None:
