@@ -7,7 +7,7 @@ DEMO   := demo
 # torch first, pinned to the local CPU wheel; without it pip would pull the multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-slow test-all lint bench clean
 
 install: $(VENV)/.installed
 
@@ -19,13 +19,16 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(SEL) run studies/digits.toml --storage sqlite:///$(DEMO)/selector.db
+	$(SEL) run studies/digits.toml --storage sqlite:///$(DEMO)/selector.db --workers 2
 	$(SEL) status digits-mlp --storage sqlite:///$(DEMO)/selector.db
 	$(SEL) export digits-mlp --storage sqlite:///$(DEMO)/selector.db -o $(DEMO)/best.json
 	$(SEL) final digits-mlp --storage sqlite:///$(DEMO)/selector.db
 
 test: install
 	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow --durations=10
 
 test-all: install
 	$(PY) -m pytest -q -m ''

@@ -18,7 +18,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from bench import contenders as c
-from selector import stacked
+from selector import worker
 
 
 def _load() -> str:
@@ -76,7 +76,7 @@ def print_table(
 def cores_table(epochs: int) -> None:
     """Trials per minute of the stacked engine on digits: one worker with all cores' threads,
     one worker with one thread, and one single-threaded worker per core at once."""
-    cores = stacked.torch_threads(1)
+    cores = worker.torch_threads(1)
     ctx = mp.get_context("spawn")
     layouts = sorted({(1, cores), (1, 1), (cores, 1)})
     print(f"\ncores: the stacked engine on digits ({epochs} epochs), {cores} cores")
@@ -97,7 +97,7 @@ def cores_table(epochs: int) -> None:
             f"{workers} x {threads:<14d} {statistics.mean(times):12.2f} {60 * workers / wall:11.1f}"
         )
     print(
-        f"default: torch_threads(workers) = cores // workers; with {cores} workers, {stacked.torch_threads(cores)} thread each"
+        f"default: torch_threads(workers) = cores // workers; with {cores} workers, {worker.torch_threads(cores)} thread each"
     )
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-large", action="store_true", help="skip the 50000 x 100 set")
     ap.add_argument("--no-cores", action="store_true", help="skip the workers x threads table")
     args = ap.parse_args(argv)
-    threads = args.threads or stacked.torch_threads(1)
+    threads = args.threads or worker.torch_threads(1)
     torch.set_num_threads(threads)
     # scikit-learn's BLAS (OpenBLAS) and OpenMP pools get the same number of threads as torch
     with threadpool_limits(limits=threads):
@@ -122,6 +122,12 @@ def _run(args: argparse.Namespace, threads: int) -> None:
         f"bench: torch {torch.__version__}, {threads} threads, {os.cpu_count()} cpus, "
         f"{platform.processor() or platform.machine()}, load {_load()}, {repeats} repeat(s)"
     )
+    busy = _load()
+    if busy != "?" and float(busy) > 0.5 * (os.cpu_count() or 1):
+        print(
+            f"warning: load average {busy} on {os.cpu_count()} cpus: other processes share the "
+            "cores, and multi-threaded contenders suffer most; rerun on an idle machine"
+        )
     ceiling = c.matmul_gflops()
     print(f"float32 matmul ceiling (2048^3): {ceiling:.1f} GFLOP/s")
 

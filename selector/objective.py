@@ -10,7 +10,7 @@ import numpy as np
 import optuna
 import torch
 
-from selector import diagnose, engine, metrics, notes, storage
+from selector import diagnose, engine, metrics, notes, stacked, storage
 from selector.data import DevSet, FoldData, iter_folds
 from selector.errors import FailReason, TrialDiverged
 from selector.model import count_params
@@ -118,7 +118,7 @@ def train(
     on_epoch: engine.EpochCallback | None = None,
 ) -> engine.CVResult:
     """Cross-validate one config: the one call a trial, and a replay of it, make."""
-    return engine.cross_validate(
+    return stacked.auto_cross_validate(
         config,
         folds,
         task=dev.task,

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from selector import data, engine, metrics, spec, stacked
+from selector import data, engine, metrics, spec, stacked, worker
 from selector.data import FoldData
 from selector.errors import TrialDiverged
 from selector.model import ACTIVATIONS, build_mlp
@@ -413,11 +413,11 @@ def test_fits_and_choose_engine(iris: list[FoldData]) -> None:
 
 
 def test_torch_threads() -> None:
-    cores = stacked.torch_threads(1)
+    cores = worker.torch_threads(1)
     assert cores >= 1
-    assert stacked.torch_threads(cores) == 1
-    assert stacked.torch_threads(10 * cores) == 1
-    assert stacked.torch_threads(2) == max(1, cores // 2)
+    assert worker.torch_threads(cores) == 1
+    assert worker.torch_threads(10 * cores) == 1
+    assert worker.torch_threads(2) == max(1, cores // 2)
 
 
 def test_auto_cross_validate_runs_the_chosen_engine(iris: list[FoldData]) -> None:
