@@ -13,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 from sklearn.datasets import load_digits
 
-from selector import data, engine, objective, spec, study, worker
+from selector import data, engine, objective, spec, stacked, study, worker
 from selector.errors import RefusedError, StudyError
 from tests.conftest import PENGUINS, small_raw
 
@@ -84,13 +84,13 @@ def test_changed_data_is_refused(tmp_path: Path, url: str) -> None:
 
 def _spy(monkeypatch: pytest.MonkeyPatch) -> list[list[data.FoldData]]:
     seen: list[list[data.FoldData]] = []
-    real = engine.cross_validate
+    real = stacked.auto_cross_validate
 
     def spy(config: Any, folds: Any, **kw: Any) -> engine.CVResult:
         seen.append(list(folds))
         return real(config, folds, **kw)
 
-    monkeypatch.setattr(objective.engine, "cross_validate", spy)
+    monkeypatch.setattr(objective.stacked, "auto_cross_validate", spy)
     return seen
 
 
@@ -139,7 +139,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Invariant 6: an exception ends one trial (reason and traceback kept), not the study."""
-    real, calls = engine.cross_validate, []
+    real, calls = stacked.auto_cross_validate, []
 
     def flaky(*a: Any, **kw: Any) -> engine.CVResult:
         calls.append(1)
@@ -147,7 +147,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(
             raise RuntimeError("boom in trial two")
         return real(*a, **kw)
 
-    monkeypatch.setattr(objective.engine, "cross_validate", flaky)
+    monkeypatch.setattr(objective.stacked, "auto_cross_validate", flaky)
     assert study.run(_spec(), url).finished == 3
     states = [t.state for t in _trials(url)]
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.COMPLETE) == 3
@@ -213,7 +213,7 @@ def test_out_of_memory_is_recorded_as_oom(url: str, monkeypatch: pytest.MonkeyPa
     def oom(*_: Any, **__: Any) -> engine.CVResult:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(objective.engine, "cross_validate", oom)
+    monkeypatch.setattr(objective.stacked, "auto_cross_validate", oom)
     with pytest.raises(worker.FailureStreakError, match="oom: CUDA out of memory"):
         study.run(_spec(search={"max_failures": 2}), url)
     assert {t.user_attrs["fail_reason"] for t in _trials(url)} == {"oom"}
