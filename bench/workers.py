@@ -38,10 +38,11 @@ STUDY = {
 }
 
 
-def throughput(workers: int, threads: int, n_trials: int) -> float:
+def throughput(workers: int, threads: int, n_trials: int, epochs: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         study_file = Path(tmp) / "s.toml"
-        study_file.write_text(tomli_w.dumps({**STUDY, "n_trials": n_trials}))
+        training = {"max_epochs": epochs, "patience": epochs, "device": "cpu"}
+        study_file.write_text(tomli_w.dumps({**STUDY, "n_trials": n_trials, "training": training}))
         url = f"sqlite:///{tmp}/s.db"
         cmd = [
             sys.executable,
@@ -68,17 +69,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=20)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     rates: dict[tuple[int, int], list[float]] = {c: [] for c in CONTENDERS}
     for r in range(args.repeats):
         order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
         for workers, threads in order:
-            rates[workers, threads].append(throughput(workers, threads, args.trials))
+            rates[workers, threads].append(throughput(workers, threads, args.trials, args.epochs))
         line = ", ".join(f"{w}w x {t}t {rates[w, t][-1]:.2f}" for w, t in CONTENDERS)
         print(f"  repeat {r + 1}/{args.repeats}: {line} trials/s", file=sys.stderr, flush=True)
     base = statistics.median(rates[CONTENDERS[0]])
-    print(f"\nstudy throughput on {os.cpu_count()} cores ({args.trials} digits trials, 5 folds):")
+    print(
+        f"\nstudy throughput on {os.cpu_count()} cores ({args.trials} digits trials, 5 folds, "
+        f"{args.epochs} epochs):"
+    )
     print(f"{'workers':>8} {'torch threads':>14} {'trials/s':>9} {'vs 1 worker':>12}")
     for (workers, threads), values in rates.items():
         rate = statistics.median(values)
