@@ -41,6 +41,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -622,28 +623,10 @@ def choose_engine(
 
 
 def auto_cross_validate(
-    config: TrialConfig,
-    folds: Sequence[FoldData],
-    *,
-    task: Task,
-    n_classes: int,
-    metric: Metric,
-    training: TrainingSpec,
-    seed: int,
-    on_epoch: EpochCallback | None = None,
+    config: TrialConfig, folds: Sequence[FoldData], *, training: TrainingSpec, **kwargs: Any
 ) -> CVResult:
     """`engine.cross_validate`'s signature; runs whichever engine `choose_engine` picks."""
-    fn = choose_engine(config, folds, training)
-    return fn(
-        config,
-        folds,
-        task=task,
-        n_classes=n_classes,
-        metric=metric,
-        training=training,
-        seed=seed,
-        on_epoch=on_epoch,
-    )
+    return choose_engine(config, folds, training)(config, folds, training=training, **kwargs)
 
 
 __all__ = [

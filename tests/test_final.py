@@ -18,6 +18,11 @@ def ran(url: str) -> str:
     return url
 
 
+def crash(*_: Any, **__: Any) -> None:
+    """Stands in for the refit: the process dies between the claim and the result."""
+    raise RuntimeError("power cut")
+
+
 def _rows(url: str) -> list[Any]:
     with db.transaction(url) as conn:
         return list(conn.execute(sa.select(db.final)))
@@ -57,9 +62,6 @@ def test_claim_happens_before_any_test_row_is_read(
 def test_crash_after_claim_never_allows_a_silent_second_evaluation(
     ran: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crash(*_: Any, **__: Any) -> None:
-        raise RuntimeError("power cut")
-
     monkeypatch.setattr(engine, "fit", crash)
     with pytest.raises(RuntimeError):
         final.evaluate(ran, "iris-small")
@@ -105,9 +107,6 @@ def test_concurrent_finals_evaluate_exactly_once(ran: str) -> None:
 def test_resume_crashed_finishes_once_on_the_record(
     ran: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crash(*_: Any, **__: Any) -> None:
-        raise RuntimeError("power cut")
-
     with pytest.raises(LockboxError, match="no evaluation was started"):
         final.evaluate(ran, "iris-small", resume_crashed=True)
     monkeypatch.setattr(engine, "fit", crash)
@@ -123,9 +122,6 @@ def test_resume_crashed_finishes_once_on_the_record(
 def test_resume_crashed_records_the_resumed_evaluation(
     ran: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def crash(*_: Any, **__: Any) -> None:
-        raise RuntimeError("power cut")
-
     monkeypatch.setattr(engine, "fit", crash)
     with pytest.raises(RuntimeError):
         final.evaluate(ran, "iris-small", "one-se")
