@@ -101,6 +101,30 @@ def cores_table(epochs: int) -> None:
     )
 
 
+def memory_table(workloads: list[str], device: str, threads: int) -> None:
+    """Peak memory of one run (1 epoch) of each contender, each in a fresh process."""
+    ctx = mp.get_context("spawn")
+    gpu = device == "cuda"
+    print("\npeak memory of one trial (1 epoch), each contender in a fresh process, MiB")
+    cols = "".join(f" {w:>16s}" for w in workloads)
+    print(
+        f"{'contender':44s}{cols}"
+        + (" (host RSS / GPU allocator)" if gpu else " (RSS over the loaded data)")
+    )
+    for name in c.CONTENDERS:
+        cells = []
+        for w in workloads:
+            queue = ctx.Queue()
+            p = ctx.Process(target=c.peak_memory, args=(w, name, device, threads, queue))
+            p.start()
+            host, dev = queue.get(timeout=900)
+            p.join()
+            mib = 1 << 20
+            cell = f"{host / mib:.0f} / {dev / mib:.0f}" if gpu else f"{host / mib:.0f}"
+            cells.append(f" {cell:>16s}")
+        print(f"{name:44s}{''.join(cells)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="one repeat, fewer epochs (a smoke run)")
@@ -108,7 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--no-large", action="store_true", help="skip the 50000 x 100 set")
     ap.add_argument("--no-cores", action="store_true", help="skip the workers x threads table")
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak memory table")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the torch contenders train (scikit-learn always runs on the CPU)",
+    )
     args = ap.parse_args(argv)
+    c.DEVICE = args.device
     threads = args.threads or worker.torch_threads(1)
     torch.set_num_threads(threads)
     # scikit-learn's BLAS (OpenBLAS) and OpenMP pools get the same number of threads as torch
@@ -128,16 +160,20 @@ def _run(args: argparse.Namespace, threads: int) -> None:
             f"warning: load average {busy} on {os.cpu_count()} cpus: other processes share the "
             "cores, and multi-threaded contenders suffer most; rerun on an idle machine"
         )
+    cuda = args.device == "cuda"
+    if cuda:
+        print(f"device: {torch.cuda.get_device_name()}; (b) runs on the CPU")
     ceiling = c.matmul_gflops()
-    print(f"float32 matmul ceiling (2048^3): {ceiling:.1f} GFLOP/s")
+    print(f"float32 matmul ceiling ({8192 if cuda else 2048}^3): {ceiling:.1f} GFLOP/s")
 
     digits = c.digits(epochs=5 if args.quick else 20)
-    t = c.step_times(digits.config, digits.X.shape[1], digits.n_classes)
-    print(
-        f"one training step of 5 stacked digits models (batch {digits.config.batch_size}): "
-        f"baddbmm {t['baddbmm']:.2f} ms, torch.func vmap + functional_call {t['vmap']:.2f} ms "
-        f"-> the engine uses {'baddbmm' if t['baddbmm'] <= t['vmap'] else 'vmap (update the engine!)'}"
-    )
+    if not cuda:
+        t = c.step_times(digits.config, digits.X.shape[1], digits.n_classes)
+        print(
+            f"one training step of 5 stacked digits models (batch {digits.config.batch_size}): "
+            f"baddbmm {t['baddbmm']:.2f} ms, torch.func vmap + functional_call {t['vmap']:.2f} ms "
+            f"-> the engine uses {'baddbmm' if t['baddbmm'] <= t['vmap'] else 'vmap (update the engine!)'}"
+        )
     tables = [(digits, time_contenders(digits, repeats, warm=True))]
     if not args.no_large:
         large = c.synthetic(epochs=1 if args.quick else 5)
@@ -145,12 +181,13 @@ def _run(args: argparse.Namespace, threads: int) -> None:
             (large, time_contenders(large, 1 if args.quick else max(1, repeats - 1), warm=False))
         )
     ceiling = max(ceiling, c.matmul_gflops())
-    print(
-        f"\nfloat32 matmul ceiling, best of before and after: {ceiling:.1f} GFLOP/s at {threads} threads"
-    )
+    where = torch.cuda.get_device_name() if cuda else f"{threads} threads"
+    print(f"\nfloat32 matmul ceiling, best of before and after: {ceiling:.1f} GFLOP/s on {where}")
     for w, results in tables:
         print_table(w, results, ceiling)
-    if not args.no_cores:
+    if not args.no_memory:
+        memory_table(["digits"] if args.no_large else ["digits", "large"], args.device, threads)
+    if not args.no_cores and not cuda:
         cores_table(epochs=5 if args.quick else 20)
     print(f"\nload average at the end: {_load()} (numbers from a busy machine are not comparable)")
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import os
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -128,9 +131,15 @@ def synthetic(rows: int = 50_000, features: int = 100, epochs: int = 5) -> Workl
 
 # --- the contenders: each returns the mean CV accuracy after the last epoch ---------------------
 
+# Where the torch contenders train: "cpu" or "cuda" (`python -m bench --device`). scikit-learn's
+# MLPClassifier has no GPU path and always runs on the CPU.
+DEVICE = "cpu"
+
 
 def typical_script(w: Workload, seed: int = 0) -> float:
     """What a practitioner writes: an Optuna objective, a DataLoader per fold, folds in turn."""
+
+    dev = torch.device(DEVICE)
 
     def objective(trial: optuna.Trial) -> float:
         width = trial.suggest_categorical("width", [w.config.width])
@@ -145,20 +154,21 @@ def typical_script(w: Workload, seed: int = 0) -> float:
             for _ in range(depth):
                 layers += [nn.Linear(n_in, width), nn.ReLU(), nn.Dropout(p)]
                 n_in = width
-            model = nn.Sequential(*layers, nn.Linear(n_in, w.n_classes))
+            model = nn.Sequential(*layers, nn.Linear(n_in, w.n_classes)).to(dev)
             opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=w.config.weight_decay)
             train = TensorDataset(torch.from_numpy(fold.X_train), torch.from_numpy(fold.y_train))
             loader = DataLoader(train, batch_size=w.config.batch_size, shuffle=True)
             for _ in range(w.epochs):
                 model.train()
                 for xb, yb in loader:
+                    xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
                     opt.zero_grad()
                     loss = F.cross_entropy(model(xb), yb)
                     loss.backward()
                     opt.step()
             model.eval()
             with torch.no_grad():
-                pred = model(torch.from_numpy(fold.X_val)).argmax(1).numpy()
+                pred = model(torch.from_numpy(fold.X_val).to(dev)).argmax(1).cpu().numpy()
             scores.append(float((pred == fold.y_val).mean()))
             trial.report(float(np.mean(scores)), k)
         return float(np.mean(scores))
@@ -200,7 +210,7 @@ def _selector(fn: stacked.CrossValidate) -> Callable[[Workload, int], float]:
             task="classification",
             n_classes=w.n_classes,
             metric=metrics.get("accuracy"),
-            training=TrainingSpec(max_epochs=w.epochs, patience=w.epochs + 1, device="cpu"),
+            training=TrainingSpec(max_epochs=w.epochs, patience=w.epochs + 1, device=DEVICE),  # type: ignore[arg-type]
             seed=seed,
         )
         return result.val_curve[-1]
@@ -232,17 +242,84 @@ def worker(threads: int, epochs: int, barrier: Any, queue: Any) -> None:
 
 
 def matmul_gflops(n: int = 2048, seconds: float = 1.0) -> float:
-    """Best float32 matmul rate of an n x n x n product at the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+    """Best float32 matmul rate of an n x n x n product at the current thread count, on `DEVICE`
+    (on a GPU: 8192^3, timed over 10 products between synchronisations)."""
+    cuda = DEVICE == "cuda"
+    if cuda:
+        n = 8192
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+    out = torch.empty(n, n, device=DEVICE)
+    reps = 10 if cuda else 1
     torch.matmul(a, b, out=out)
     best = math.inf
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
+        _sync()
         t = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        best = min(best, time.perf_counter() - t)
+        for _ in range(reps):
+            torch.matmul(a, b, out=out)
+        _sync()
+        best = min(best, (time.perf_counter() - t) / reps)
     return 2 * n**3 / best / 1e9
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- peak memory ------------------------------------------------------------------------------
+
+
+def _rss() -> int:
+    """Resident bytes of this process now."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _warm_torch(device: str) -> None:
+    """One tiny training step, so that torch's one-off costs (thread pools, kernels, the CUDA
+    context) are not charged to the contender measured next."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).to(device)
+    opt = torch.optim.AdamW(model.parameters())
+    F.cross_entropy(
+        model(torch.randn(4, 8, device=device)), torch.zeros(4, dtype=torch.int64, device=device)
+    ).backward()
+    opt.step()
+
+
+def peak_memory(workload: str, name: str, device: str, threads: int, queue: Any) -> None:
+    """Child process of the memory table: the memory one run of contender `name` (1 epoch) adds to
+    the process once the workload is loaded. On the CPU the peak resident set, sampled every
+    millisecond, over the resident set before the run; on a GPU the allocator's peak."""
+    global DEVICE
+    DEVICE = device
+    torch.set_num_threads(threads)
+    w = digits(1) if workload == "digits" else synthetic(epochs=1)
+    _warm_torch(device)
+    if device == "cuda":
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    gc.collect()
+    before = _rss()
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    CONTENDERS[name](w, 0)
+    done.set()
+    sampler.join()
+    peak = max(peak, _rss())
+    gpu = torch.cuda.max_memory_allocated() - base if device == "cuda" else 0
+    queue.put((peak - before, gpu))
 
 
 # --- baddbmm against torch.func.vmap + functional_call ----------------------------------------

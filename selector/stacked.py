@@ -84,13 +84,18 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> torc
     return torch.rand(shape, device=device).ge_(p).mul_(1.0 / (1.0 - p))
 
 
+# Devices with a fused kernel, where torch's list differs from CPU and CUDA (checked at `step`).
+FUSED_DEVICES: dict[type, tuple[str, ...]] = {torch.optim.Adagrad: ("cpu",)}
+
+
 def stacked_optimizer(config: TrialConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     """`engine.make_optimizer`'s optimizer with its exact hyperparameters, in torch's fused
     implementation where it has one (SGD, Adagrad, Adam, AdamW): one kernel per tensor instead of
     a dozen. The arithmetic per element is the same; RMSprop and Adadelta stay as they are."""
     opt = make_optimizer(config, params)
     accepted = inspect.signature(type(opt).__init__).parameters
-    if "fused" not in accepted or params[0].device.type not in ("cpu", "cuda"):
+    device = params[0].device.type
+    if "fused" not in accepted or device not in FUSED_DEVICES.get(type(opt), ("cpu", "cuda")):
         return opt
     kwargs = {k: v for k, v in opt.defaults.items() if k in accepted}
     kwargs.update(fused=True, foreach=None)

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from selector import spec, storage
+from selector import data, spec, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 PENGUINS = ROOT / "data" / "penguins.csv"
@@ -71,6 +71,30 @@ def write_study(path: Path, raw: dict[str, Any]) -> Path:
 
     path.write_text(tomli_w.dumps(raw))
     return path
+
+
+def bundled_folds(source: str, k: int = 3) -> list[data.FoldData]:
+    """The prepared folds of a scikit-learn bundled data set, as a trial sees them."""
+    s = spec.parse(
+        {
+            "name": "t",
+            "metric": "accuracy",
+            "data": {"source": f"sklearn:{source}"},
+            "cv": {"folds": k},
+        },
+        origin="t",
+    )
+    return list(data.iter_folds(data.dev_set(data.prepare(s))))
+
+
+@pytest.fixture(scope="module")
+def iris_folds() -> list[data.FoldData]:
+    return bundled_folds("iris")
+
+
+@pytest.fixture(scope="module")
+def wine_folds() -> list[data.FoldData]:
+    return bundled_folds("wine")
 
 
 @pytest.fixture

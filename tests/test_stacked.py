@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from selector import data, engine, metrics, spec, stacked, worker
+from selector import engine, metrics, stacked, worker
 from selector.data import FoldData
 from selector.errors import TrialDiverged
 from selector.model import ACTIVATIONS, build_mlp
@@ -47,29 +47,6 @@ RTOL = 1e-4
 NOISY = re.compile(r"blocks\.\d+\.(linear\.bias|norm\.running_mean)$")
 
 
-def _folds(source: str, k: int = 3) -> list[FoldData]:
-    s = spec.parse(
-        {
-            "name": "t",
-            "metric": "accuracy",
-            "data": {"source": f"sklearn:{source}"},
-            "cv": {"folds": k},
-        },
-        origin="t",
-    )
-    return list(data.iter_folds(data.dev_set(data.prepare(s))))
-
-
-@pytest.fixture(scope="module")
-def iris() -> list[FoldData]:
-    return _folds("iris")
-
-
-@pytest.fixture(scope="module")
-def wine() -> list[FoldData]:
-    return _folds("wine")
-
-
 def _cut(folds: Sequence[FoldData], sizes: Sequence[int]) -> list[FoldData]:
     return [
         FoldData(f.X_train[:n], f.y_train[:n], f.X_val, f.y_val, f.y_mean, f.y_std)
@@ -78,15 +55,15 @@ def _cut(folds: Sequence[FoldData], sizes: Sequence[int]) -> list[FoldData]:
 
 
 @pytest.fixture(scope="module")
-def uneven_views(wine: list[FoldData]) -> list[FoldData]:
+def uneven_views(wine_folds: list[FoldData]) -> list[FoldData]:
     """Batch size 16: 6, 5 (the last of 17 rows: a lone row joins its batch) and 4 batches."""
-    return _cut(wine, [94, 81, 64])
+    return _cut(wine_folds, [94, 81, 64])
 
 
 @pytest.fixture(scope="module")
-def uneven_lockstep(wine: list[FoldData]) -> list[FoldData]:
+def uneven_lockstep(wine_folds: list[FoldData]) -> list[FoldData]:
     """Batch size 16: 6 batches each, last batches of 14, 10 and 5 rows."""
-    return _cut(wine, [94, 90, 85])
+    return _cut(wine_folds, [94, 90, 85])
 
 
 def _n_out(folds: Sequence[FoldData], task: str) -> int:
@@ -116,7 +93,13 @@ def reference_states(
 
 
 def stacked_states(
-    config: TrialConfig, folds: Sequence[FoldData], *, epochs: int, seed: int, task: str
+    config: TrialConfig,
+    folds: Sequence[FoldData],
+    *,
+    epochs: int,
+    seed: int,
+    task: str,
+    device: torch.device = CPU,
 ) -> list[dict[str, torch.Tensor]]:
     run = stacked.StackedRun(
         config,
@@ -125,11 +108,11 @@ def stacked_states(
         n_out=_n_out(folds, task),
         max_epochs=epochs,
         seeds=[engine.derive_seed(seed, k) for k in range(len(folds))],
-        device=CPU,
+        device=device,
     )
     for _ in range(epochs):
         run.train_epoch()
-    return run.state_dicts()
+    return [{key: t.cpu() for key, t in state.items()} for state in run.state_dicts()]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -144,9 +127,10 @@ def assert_same_weights(
     epochs: int = 3,
     seed: int = 1,
     task: str = "classification",
+    device: torch.device = CPU,
 ) -> None:
     ref = reference_states(config, folds, epochs=epochs, seed=seed, task=task)
-    stk = stacked_states(config, folds, epochs=epochs, seed=seed, task=task)
+    stk = stacked_states(config, folds, epochs=epochs, seed=seed, task=task, device=device)
     noisy = config.batch_norm and config.optimizer in ADAPTIVE
     for k, (a, b) in enumerate(zip(ref, stk, strict=True)):
         assert list(a) == list(b)
@@ -161,7 +145,7 @@ def assert_same_weights(
 
 @pytest.mark.parametrize("knob", list(KNOBS))
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_weights_match_reference(iris: list[FoldData], optimizer: str, knob: str) -> None:
+def test_weights_match_reference(iris_folds: list[FoldData], optimizer: str, knob: str) -> None:
     config = TrialConfig(
         optimizer=optimizer,
         width=32,
@@ -170,7 +154,7 @@ def test_weights_match_reference(iris: list[FoldData], optimizer: str, knob: str
         nesterov=optimizer == "momentum",
         **KNOBS[knob],  # type: ignore[arg-type]
     )
-    assert_same_weights(config, iris)
+    assert_same_weights(config, iris_folds)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
@@ -200,29 +184,29 @@ def test_uneven_last_batches_lockstep(uneven_lockstep: list[FoldData], batch_nor
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-def test_every_activation(iris: list[FoldData], activation: str) -> None:
+def test_every_activation(iris_folds: list[FoldData], activation: str) -> None:
     config = TrialConfig(
         activation=activation, width=16, batch_size=32, optimizer="momentum", lr=0.05
     )
-    assert_same_weights(config, iris, epochs=2)
+    assert_same_weights(config, iris_folds, epochs=2)
 
 
-def test_regression_weights(iris: list[FoldData]) -> None:
+def test_regression_weights(iris_folds: list[FoldData]) -> None:
     folds = [
         FoldData(
             f.X_train[:, 1:], f.X_train[:, 0].copy(), f.X_val[:, 1:], f.X_val[:, 0].copy(), 1.5, 2.0
         )
-        for f in iris
+        for f in iris_folds
     ]
     config = TrialConfig(width=16, batch_size=16, optimizer="adam", lr=1e-2, residual=True, depth=2)
     assert_same_weights(config, folds, task="regression")
 
 
-def test_initial_weights_are_the_reference_models(iris: list[FoldData]) -> None:
+def test_initial_weights_are_the_reference_models(iris_folds: list[FoldData]) -> None:
     config = TrialConfig(depth=3, width=20, shape="funnel", residual=True, batch_norm=True)
     seeds = [11, 12, 13]
     run = stacked.StackedRun(
-        config, iris, task="classification", n_out=3, max_epochs=1, seeds=seeds, device=CPU
+        config, iris_folds, task="classification", n_out=3, max_epochs=1, seeds=seeds, device=CPU
     )
     for seed, state in zip(seeds, run.state_dicts(), strict=True):
         torch.manual_seed(seed)
@@ -321,9 +305,9 @@ def assert_same_result(a: engine.CVResult, b: engine.CVResult, *, exact: bool = 
         ),
     ],
 )
-def test_cv_result_matches_reference(wine: list[FoldData], config: TrialConfig) -> None:
-    ref = _cv(engine.cross_validate, config, wine, epochs=6, patience=2)
-    stk = _cv(stacked.cross_validate, config, wine, epochs=6, patience=2)
+def test_cv_result_matches_reference(wine_folds: list[FoldData], config: TrialConfig) -> None:
+    ref = _cv(engine.cross_validate, config, wine_folds, epochs=6, patience=2)
+    stk = _cv(stacked.cross_validate, config, wine_folds, epochs=6, patience=2)
     assert_same_result(ref, stk)
 
 
@@ -337,7 +321,7 @@ def test_cv_uneven_folds_and_proba_metric(uneven_views: list[FoldData]) -> None:
     )
 
 
-def test_on_epoch_prunes_like_reference(iris: list[FoldData]) -> None:
+def test_on_epoch_prunes_like_reference(iris_folds: list[FoldData]) -> None:
     calls: list[tuple[int, float]] = []
 
     def prune_at_2(epoch: int, value: float) -> None:
@@ -348,14 +332,15 @@ def test_on_epoch_prunes_like_reference(iris: list[FoldData]) -> None:
     config = TrialConfig(width=16, batch_size=16)
     for fn in (engine.cross_validate, stacked.cross_validate):
         with pytest.raises(RuntimeError, match="pruned"):
-            _cv(fn, config, iris, on_epoch=prune_at_2)
+            _cv(fn, config, iris_folds, on_epoch=prune_at_2)
     assert [e for e, _ in calls] == [1, 2, 1, 2]
     assert calls[:2] == calls[2:]
 
 
-def test_divergence_is_reported_like_reference(iris: list[FoldData]) -> None:
+def test_divergence_is_reported_like_reference(iris_folds: list[FoldData]) -> None:
     folds = [
-        FoldData(f.X_train, f.X_train[:, 0] * 1e6, f.X_val, f.X_val[:, 0], 0.0, 1.0) for f in iris
+        FoldData(f.X_train, f.X_train[:, 0] * 1e6, f.X_val, f.X_val[:, 0], 0.0, 1.0)
+        for f in iris_folds
     ]
     config = TrialConfig(optimizer="sgd", lr=10.0, width=16, batch_size=8)
     errors = []
@@ -383,32 +368,36 @@ def test_dropout_masks() -> None:
     assert not torch.equal(mask[0], mask[1])  # independent per fold
 
 
-def test_dropout_score_distribution_matches(wine: list[FoldData]) -> None:
+def test_dropout_score_distribution_matches(wine_folds: list[FoldData]) -> None:
     """With dropout the masks differ from the reference's; the mean CV score over seeds agrees."""
     config = TrialConfig(dropout=0.3, width=32, batch_size=16, optimizer="adam", lr=3e-3)
     ref, stk = [], []
     for seed in range(6):
         ref.append(
-            _cv(engine.cross_validate, config, wine, epochs=3, patience=5, seed=seed).val_curve[-1]
+            _cv(
+                engine.cross_validate, config, wine_folds, epochs=3, patience=5, seed=seed
+            ).val_curve[-1]
         )
         stk.append(
-            _cv(stacked.cross_validate, config, wine, epochs=3, patience=5, seed=seed).val_curve[-1]
+            _cv(
+                stacked.cross_validate, config, wine_folds, epochs=3, patience=5, seed=seed
+            ).val_curve[-1]
         )
     se = np.sqrt((np.var(ref, ddof=1) + np.var(stk, ddof=1)) / len(ref))
     assert abs(np.mean(ref) - np.mean(stk)) < 4 * se + 0.02
     assert ref != stk  # the masks are not the reference's: only the distribution is compared
 
 
-def test_fits_and_choose_engine(iris: list[FoldData]) -> None:
+def test_fits_and_choose_engine(iris_folds: list[FoldData]) -> None:
     config = TrialConfig(width=32)
-    need = stacked.memory_estimate(iris, config, 3)
-    assert need > len(iris) * sum(f.X_train.nbytes for f in iris) // len(iris)
-    assert stacked.fits(iris, config, budget=need, device="cpu")
-    assert not stacked.fits(iris, config, budget=need // 2, device="cpu")
+    need = stacked.memory_estimate(iris_folds, config, 3)
+    assert need > len(iris_folds) * sum(f.X_train.nbytes for f in iris_folds) // len(iris_folds)
+    assert stacked.fits(iris_folds, config, budget=need, device="cpu")
+    assert not stacked.fits(iris_folds, config, budget=need // 2, device="cpu")
     training = TrainingSpec(device="cpu")
-    assert stacked.choose_engine(config, iris, training) is stacked.cross_validate
-    assert stacked.choose_engine(config, iris, training, budget=1) is engine.cross_validate
-    bigger = stacked.memory_estimate(iris, TrialConfig(width=64, depth=3), 3)
+    assert stacked.choose_engine(config, iris_folds, training) is stacked.cross_validate
+    assert stacked.choose_engine(config, iris_folds, training, budget=1) is engine.cross_validate
+    bigger = stacked.memory_estimate(iris_folds, TrialConfig(width=64, depth=3), 3)
     assert bigger > need
 
 
@@ -420,20 +409,20 @@ def test_torch_threads() -> None:
     assert worker.torch_threads(2) == max(1, cores // 2)
 
 
-def test_auto_cross_validate_runs_the_chosen_engine(iris: list[FoldData]) -> None:
+def test_auto_cross_validate_runs_the_chosen_engine(iris_folds: list[FoldData]) -> None:
     config = TrialConfig(width=16, batch_size=16)
-    auto = _cv(stacked.auto_cross_validate, config, iris)
-    assert_same_result(auto, _cv(stacked.cross_validate, config, iris))
+    auto = _cv(stacked.auto_cross_validate, config, iris_folds)
+    assert_same_result(auto, _cv(stacked.cross_validate, config, iris_folds))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_reference_on_cpu(wine: list[FoldData]) -> None:
+def test_cuda_matches_reference_on_cpu(wine_folds: list[FoldData]) -> None:
     config = TrialConfig(optimizer="momentum", width=32, batch_size=16, lr=1e-2, batch_norm=True)
     kw = {"task": "classification", "n_classes": 3, "metric": metrics.get("accuracy"), "seed": 1}
     cpu = engine.cross_validate(
-        config, wine, training=TrainingSpec(max_epochs=4, device="cpu"), **kw
+        config, wine_folds, training=TrainingSpec(max_epochs=4, device="cpu"), **kw
     )  # type: ignore[arg-type]
     gpu = stacked.cross_validate(
-        config, wine, training=TrainingSpec(max_epochs=4, device="cuda"), **kw
+        config, wine_folds, training=TrainingSpec(max_epochs=4, device="cuda"), **kw
     )  # type: ignore[arg-type]
     assert_same_result(cpu, gpu, exact=False)
