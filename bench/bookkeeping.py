@@ -17,8 +17,9 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.storages._cached_storage import _CachedStorage
 
-from selector import notes, spec, study
+from selector import notes, spec, storage, study
 
 STUDY = {
     "name": "bench-bookkeeping",
@@ -45,6 +46,10 @@ class Timer:
 
     def __init__(self) -> None:
         self.seconds, self.calls, self.depth = 0.0, 0, 0
+        self.by_name: dict[str, list[float]] = {}
+
+    def reset(self) -> None:
+        self.seconds, self.calls, self.by_name = 0.0, 0, {}
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -56,9 +61,13 @@ class Timer:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds += time.perf_counter() - start
+                took = time.perf_counter() - start
+                self.seconds += took
                 self.calls += 1
                 self.depth -= 1
+                entry = self.by_name.setdefault(fn.__name__, [0, 0.0])
+                entry[0] += 1
+                entry[1] += took
 
         return timed
 
@@ -66,24 +75,38 @@ class Timer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument(
+        "--pruner",
+        choices=["none", "median"],
+        default="none",
+        help="with a pruner every epoch's score is written and checked at once",
+    )
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.set_num_threads(1)
     timer = Timer()
-    cls = optuna.storages.RDBStorage
-    for name in [n for n in vars(cls) if not n.startswith("_") and callable(getattr(cls, n))]:
-        setattr(cls, name, timer.wrap(getattr(cls, name)))
+    # the cache in front of the RDB storage (what a study calls) and the RDB storage behind it
+    for cls in (_CachedStorage, optuna.storages.RDBStorage):
+        for name in [n for n in vars(cls) if not n.startswith("_") and callable(getattr(cls, n))]:
+            setattr(cls, name, timer.wrap(getattr(cls, name)))
     notes.annotate_trial = timer.wrap(notes.annotate_trial)  # type: ignore[method-assign]
+    storage.write_trial = timer.wrap(storage.write_trial)  # type: ignore[method-assign]
     with tempfile.TemporaryDirectory() as tmp:
-        s = spec.parse({**STUDY, "n_trials": args.trials}, origin="bench.toml", base_dir=tmp)
+        raw = {
+            **STUDY,
+            "n_trials": args.trials,
+            "search": {"sampler": "tpe", "pruner": args.pruner},
+        }
+        s = spec.parse(raw, origin="bench.toml", base_dir=tmp)
         url = f"sqlite:///{tmp}/b.db"
         study.create_or_resume(s, url)
-        timer.seconds, timer.calls = 0.0, 0  # creating the study is not a trial's cost
+        timer.reset()  # creating the study is not a trial's cost
         start = time.perf_counter()
         study.run(s, url)
         wall = time.perf_counter() - start
     print(
-        f"\n{args.trials} digits trials (5 folds, 20 epochs, stacked engine, 1 thread) on SQLite:"
+        f"\n{args.trials} digits trials (5 folds, 20 epochs, stacked engine, 1 thread, pruner "
+        f"{args.pruner}) on SQLite:"
     )
     print(f"  wall time of the run        {wall:8.2f} s")
     print(
@@ -91,6 +114,11 @@ def main() -> None:
         f"({1000 * timer.seconds / args.trials:.0f} ms per trial)"
     )
     print(f"  bookkeeping share           {100 * timer.seconds / wall:8.1f} %  (target <= 2 %)")
+    print("  per trial, by call:")
+    for name, (calls, secs) in sorted(timer.by_name.items(), key=lambda kv: -kv[1][1]):
+        print(
+            f"    {name:36s} {calls / args.trials:6.1f} calls {1000 * secs / args.trials:7.1f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import time
 import traceback
 from typing import Any
 
-import numpy as np
 import optuna
 import torch
 
@@ -20,14 +19,57 @@ from selector.spec import StudySpec
 MAX_TRACEBACK_CHARS = 4000
 
 
-def _set(trial: optuna.Trial, key: str, value: Any) -> None:
-    """A user attr, written through transient database errors."""
-    storage.retrying(lambda: trial.set_user_attr(key, value))
+# Without a pruner the per-epoch scores are written in batches, at most this often (and at the end).
+FLUSH_SECONDS = 5.0
 
 
-def _fail(trial: optuna.Trial, reason: FailReason, error: str) -> None:
-    _set(trial, "fail_reason", reason)
-    _set(trial, "error", error[-MAX_TRACEBACK_CHARS:])
+# The median pruner's warm-up: it never prunes before this epoch (`worker.make_pruner`).
+MEDIAN_WARMUP = 3
+
+
+def first_prunable_epoch(pruner: str) -> int | None:
+    """The first epoch at which the study's pruner can prune a trial; None for no pruner."""
+    return {"none": None, "median": MEDIAN_WARMUP}.get(pruner, 1)
+
+
+class _Writer:
+    """What a running trial writes: its per-epoch mean CV scores (Optuna intermediate values) and
+    its user attrs, gathered into as few transactions as pruning allows.
+
+    From the first epoch its pruner can act (`prune_from`), each score is written as it comes and
+    `should_prune` asked, which reads the study's trials. Before that, and always without a
+    pruner, scores wait until `FLUSH_SECONDS` have passed or the trial ends, and go out in the
+    same transaction as the attrs written then: the dashboard's curves lag by at most that much,
+    and other trials' pruners see them at the latest then."""
+
+    def __init__(self, trial: optuna.Trial, prune_from: int | None) -> None:
+        self.trial = trial
+        self.prune_from = prune_from
+        self.scores: list[tuple[int, float]] = []
+        self.attrs: dict[str, Any] = {}
+        self.flushed = time.monotonic()
+
+    def epoch(self, epoch: int, value: float) -> None:
+        self.scores.append((epoch, value))
+        prunes = self.prune_from is not None and epoch >= self.prune_from
+        if prunes or time.monotonic() - self.flushed >= FLUSH_SECONDS:
+            self.flush()
+        if prunes and storage.retrying(self.trial.should_prune):
+            self.attrs["pruned_at_epoch"] = epoch
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} (mean CV score {value:.4f})")
+
+    def flush(self, attrs: dict[str, Any] | None = None) -> None:
+        """Write what is pending, and `attrs`, in one transaction (retried if transient)."""
+        self.attrs.update(attrs or {})
+        scores, pending = self.scores, self.attrs
+        if scores or pending:
+            storage.retrying(
+                lambda: storage.write_trial(self.trial, user_attrs=pending, intermediate=scores)
+            )
+        self.scores, self.attrs, self.flushed = [], {}, time.monotonic()
+
+    def fail(self, reason: FailReason, error: str) -> None:
+        self.flush({"fail_reason": reason, "error": error[-MAX_TRACEBACK_CHARS:]})
 
 
 class Objective:
@@ -40,45 +82,45 @@ class Objective:
         self.metric = metrics.get(spec.metric)
         self.folds: list[FoldData] = list(iter_folds(dev))
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial, attrs: dict[str, Any] | None = None) -> float:
+        """Train and score one trial; `attrs` are user attrs to record with its first ones."""
         config = sample_config(trial, self.spec.space)
         seed = engine.derive_seed(self.spec.seed, trial.number)
-        _set(trial, "config", config.as_dict())
-        _set(trial, "seed", seed)
         n_in = self.folds[0].X_train.shape[1]
         n_out = self.dev.n_classes if self.dev.task == "classification" else 1
-        _set(trial, "n_params", count_params(config, n_in, n_out))
+        out = _Writer(trial, first_prunable_epoch(self.spec.search.pruner))
+        out.flush(
+            {
+                "config": config.as_dict(),
+                "seed": seed,
+                "n_params": count_params(config, n_in, n_out),
+                **(attrs or {}),
+            }
+        )
         start = time.perf_counter()
         try:
-            result = self._train(trial, config, seed)
+            result = train(self.spec, self.dev, self.folds, config, seed, on_epoch=out.epoch)
         except optuna.TrialPruned:
-            _set(trial, "seconds", round(time.perf_counter() - start, 3))
+            out.flush({"seconds": round(time.perf_counter() - start, 3)})
             raise
         except TrialDiverged as e:
-            _fail(trial, "diverged", str(e))
+            out.fail("diverged", str(e))
             raise
         except KeyboardInterrupt:
-            _fail(trial, "interrupted", "interrupted by the user (Ctrl-C)")
+            out.fail("interrupted", "interrupted by the user (Ctrl-C)")
             raise
         except torch.OutOfMemoryError as e:
-            _fail(trial, "oom", str(e))
+            out.fail("oom", str(e))
             raise
         except Exception:
-            _fail(trial, "exception", traceback.format_exc())
+            out.fail("exception", traceback.format_exc())
             raise
-        self._record(trial, result, time.perf_counter() - start)
+        self._record(trial, out, result, time.perf_counter() - start)
         return result.value
 
-    def _train(self, trial: optuna.Trial, config: TrialConfig, seed: int) -> engine.CVResult:
-        def on_epoch(epoch: int, value: float) -> None:
-            storage.retrying(lambda: trial.report(value, epoch))
-            if storage.retrying(trial.should_prune):
-                _set(trial, "pruned_at_epoch", epoch)
-                raise optuna.TrialPruned(f"pruned at epoch {epoch} (mean CV score {value:.4f})")
-
-        return train(self.spec, self.dev, self.folds, config, seed, on_epoch=on_epoch)
-
-    def _record(self, trial: optuna.Trial, r: engine.CVResult, seconds: float) -> None:
+    def _record(
+        self, trial: optuna.Trial, out: _Writer, r: engine.CVResult, seconds: float
+    ) -> None:
         best = _study_best(trial.study, r.value)
         attrs: dict[str, Any] = {
             "fold_scores": r.fold_scores,
@@ -103,8 +145,7 @@ class Objective:
             "fold_seeds": r.seeds,
             "seconds": round(seconds, 3),
         }
-        for key, value in attrs.items():
-            _set(trial, key, value)
+        out.flush(attrs)
         notes.annotate_trial(trial, attrs)  # the dashboard note; never raises
 
 
@@ -131,8 +172,10 @@ def train(
 
 
 def _study_best(study: optuna.Study, current: float) -> float:
-    values = [
-        t.value
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    ]
-    return float(np.max([current, *[v for v in values if v is not None]]))
+    """The best value so far, this trial's included: one indexed query, not a read of every
+    trial (every metric is maximized)."""
+    try:
+        best = storage.retrying(lambda: study.best_value)
+    except ValueError:  # no complete trial yet
+        return current
+    return max(current, best)

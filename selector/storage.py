@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -279,3 +280,80 @@ def retrying(fn: Callable[[], T]) -> T:
                 raise
             time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _rdb_behind(store: Any) -> optuna.storages.RDBStorage | None:
+    """The RDB storage a study talks to, through Optuna's cache in front of it; None for others
+    (the gRPC proxy)."""
+    store = getattr(store, "_backend", store)
+    return store if isinstance(store, optuna.storages.RDBStorage) else None
+
+
+def write_trial(
+    trial: optuna.Trial,
+    *,
+    user_attrs: Mapping[str, Any] | None = None,
+    intermediate: Sequence[tuple[int, float]] = (),
+) -> None:
+    """Record a running trial's user attrs and intermediate values (step, value) together.
+
+    On SQLite and PostgreSQL this is one transaction of three statements (the trial's state
+    check, one multi-row insert of the values, one multi-row upsert of the attrs) into Optuna's
+    own tables, with the row formats `report` and `set_user_attr` write. One call per value costs
+    a commit each: 20 epochs and 20 attrs took about 65 ms on SQLite that way. The trial's own
+    cached copy is updated as theirs is. Other storages get one call per value. Steps already
+    reported are skipped, as `report` skips them."""
+    attrs = dict(user_attrs or {})
+    cached = trial._cached_frozen_trial
+    values = dict(
+        (int(s), float(v)) for s, v in intermediate if int(s) not in cached.intermediate_values
+    )
+    rdb = _rdb_behind(trial.study._storage)
+    if rdb is None or rdb.engine.name not in ("sqlite", "postgresql"):
+        for step, value in values.items():
+            trial.report(value, step)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    tid = trial._trial_id
+    with _create_scoped_session(rdb.scoped_session, True) as session:
+        row = models.TrialModel.find_or_raise_by_id(tid, session)
+        rdb.check_trial_is_updatable(tid, row.state)  # type: ignore[arg-type]
+        if values:
+            rows = []
+            for step, value in values.items():
+                stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
+                    value
+                )
+                rows.append(
+                    {
+                        "trial_id": tid,
+                        "step": step,
+                        "intermediate_value": stored,
+                        "intermediate_value_type": kind,
+                    }
+                )
+            session.execute(sa.insert(models.TrialIntermediateValueModel), rows)
+        if attrs:
+            table = models.TrialUserAttributeModel
+            if rdb.engine.name == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert
+            else:
+                from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+            stmt = insert(table)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[table.trial_id, table.key],
+                set_={"value_json": stmt.excluded.value_json},
+            )
+            session.execute(
+                stmt,
+                [
+                    {"trial_id": tid, "key": k, "value_json": json.dumps(v)}
+                    for k, v in attrs.items()
+                ],
+            )
+    cached.intermediate_values.update(values)
+    cached.user_attrs.update(attrs)

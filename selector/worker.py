@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 from selector import storage
 from selector.engine import derive_seed
 from selector.errors import SelectorError
-from selector.objective import Objective
+from selector.objective import MEDIAN_WARMUP, Objective
 from selector.spec import StudySpec
 from selector.storage import Heartbeat
 
@@ -77,7 +77,7 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.training.max_epochs)
     if spec.search.pruner == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=3)
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=MEDIAN_WARMUP)
 
 
 def value_of(trial: FrozenTrial) -> float:
@@ -186,8 +186,7 @@ def run_trial(
     state = TrialState.FAIL
     with beating(study, trial, heartbeat.interval):
         try:
-            trial.set_user_attr("worker", worker)
-            value, state = objective(trial), TrialState.COMPLETE
+            value, state = objective(trial, {"worker": worker}), TrialState.COMPLETE
         except optuna.TrialPruned:
             state = TrialState.PRUNED
         except KeyboardInterrupt:
@@ -205,14 +204,15 @@ def _tell(
     attribute (`late_result:N`) instead of crashing the worker."""
     if state == TrialState.COMPLETE and (value is None or not math.isfinite(value)):
         state, value = TrialState.FAIL, None
-    with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):  # reaped meanwhile
-        study.tell(
+    try:  # tell reads the trial back: its state is the one recorded, ours or the reaper's
+        frozen = study.tell(
             trial,
             value if state == TrialState.COMPLETE else None,
             state=state,
             skip_if_finished=True,
         )
-    frozen = study._storage.get_trial(trial._trial_id)
+    except optuna.exceptions.UpdateFinishedTrialError:  # reaped meanwhile
+        frozen = study._storage.get_trial(trial._trial_id)
     if frozen.state != state:
         study.set_user_attr(
             f"late_result:{trial.number}",

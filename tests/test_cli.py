@@ -103,8 +103,8 @@ def _running_and_training(db: Path) -> bool:
     return (
         _count(
             db,
-            "SELECT COUNT(*) FROM trials t JOIN trial_intermediate_values v "
-            "ON v.trial_id = t.trial_id WHERE t.state = 'RUNNING'",
+            "SELECT COUNT(*) FROM trials t JOIN trial_user_attributes a "
+            "ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'config'",
         )
         > 0
     )

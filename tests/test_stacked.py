@@ -368,6 +368,24 @@ def test_dropout_masks() -> None:
     assert not torch.equal(mask[0], mask[1])  # independent per fold
 
 
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.5, 0.9])
+def test_dropout_mask_rates_on_the_cpu(p: float) -> None:
+    """The CPU mask takes two elements from each 31-bit draw: both halves drop at rate p (within
+    4 standard errors and the 2^-15 rounding), do not correlate, and the mean is 1."""
+    torch.manual_seed(1)
+    n = 1_000_001  # odd: the last draw serves one element
+    mask = stacked.dropout_mask((n,), p, CPU)
+    half = (n + 1) // 2
+    se = 4 * np.sqrt(p * (1 - p) / half) + 2**-15
+    a, b = (mask[:half] == 0).double(), (mask[half:] == 0).double()
+    assert abs(float(a.mean()) - p) < se and abs(float(b.mean()) - p) < se
+    corr = float(((a[: len(b)] - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))
+    assert abs(corr) < 4 / np.sqrt(len(b))
+    assert abs(float(mask.double().mean()) - 1.0) < 4 * np.sqrt(p / (1 - p) / n)
+    torch.manual_seed(1)
+    assert torch.equal(stacked.dropout_mask((n,), p, CPU), mask)  # seeded
+
+
 def test_dropout_score_distribution_matches(wine_folds: list[FoldData]) -> None:
     """With dropout the masks differ from the reference's; the mean CV score over seeds agrees."""
     config = TrialConfig(dropout=0.3, width=32, batch_size=16, optimizer="adam", lr=3e-3)

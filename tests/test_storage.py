@@ -41,3 +41,60 @@ def test_a_study_runs_and_is_evaluated_on_postgresql(pg_url: str) -> None:
     assert result.state == "finished"
     with pytest.raises(final.LockboxError):
         final.evaluate(pg_url, "iris-small")
+
+
+def _write_both_ways(url: str) -> tuple[optuna.trial.FrozenTrial, optuna.trial.FrozenTrial]:
+    """The same attrs and scores written by `write_trial` (one transaction) and by Optuna's
+    one-call-per-value API, read back through Optuna."""
+    study_ = optuna.create_study(storage=storage.open_storage(url, must_exist=False))
+    attrs = {"config": {"width": 32, "lr": 1e-3}, "curve": [0.5, float("nan")], "label": "ok"}
+    scores = [(1, 0.25), (2, float("nan")), (3, float("inf")), (4, -float("inf"))]
+    batched, one_by_one = study_.ask(), study_.ask()
+    storage.write_trial(batched, user_attrs={"label": "first"})  # an upsert overwrites it
+    storage.write_trial(batched, user_attrs=attrs, intermediate=scores[:2])
+    storage.write_trial(batched, intermediate=[(2, 9.0), *scores[2:]])  # step 2: kept, as report
+    for key, value in attrs.items():
+        one_by_one.set_user_attr(key, value)
+    for step, value in scores:
+        one_by_one.report(value, step)
+    assert batched.user_attrs == one_by_one.user_attrs  # the trials' own cached copies
+    a, b = (
+        storage.retrying(lambda t=t: study_._storage.get_trial(t._trial_id))
+        for t in (batched, one_by_one)
+    )  # type: ignore[misc]
+    return a, b
+
+
+def _same(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> None:
+    import json
+
+    assert json.dumps(a.user_attrs) == json.dumps(b.user_attrs)
+    assert json.dumps(a.intermediate_values) == json.dumps(b.intermediate_values)
+    assert list(a.intermediate_values) == [1, 2, 3, 4]
+
+
+def test_write_trial_stores_what_report_and_set_user_attr_store(url: str) -> None:
+    _same(*_write_both_ways(url))
+
+
+@pytest.mark.postgres
+def test_write_trial_on_postgresql(pg_url: str) -> None:
+    _same(*_write_both_ways(pg_url))
+
+
+def test_write_trial_refuses_a_finished_trial_and_writes_nothing(url: str) -> None:
+    study_ = optuna.create_study(storage=storage.open_storage(url, must_exist=False))
+    trial = study_.ask()
+    study_.tell(trial, 1.0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.write_trial(trial, user_attrs={"late": 1}, intermediate=[(1, 0.5)])
+    frozen = study_.trials[0]
+    assert "late" not in frozen.user_attrs and frozen.intermediate_values == {}
+
+
+def test_write_trial_on_other_storages_calls_optuna_per_value() -> None:
+    study_ = optuna.create_study()  # in memory: no SQL database behind it
+    trial = study_.ask()
+    storage.write_trial(trial, user_attrs={"a": 1}, intermediate=[(1, 0.5), (2, 0.6)])
+    assert study_.trials[0].user_attrs == {"a": 1}
+    assert study_.trials[0].intermediate_values == {1: 0.5, 2: 0.6}

@@ -176,8 +176,14 @@ def test_pruned_trials_count_towards_the_budget(url: str) -> None:
         space={**small_raw()["space"], "lr": {"low": 1e-5, "high": 1e-1, "log": True}},
     )
     assert study.run(s, url).finished == 8
-    states = {t.state for t in _trials(url)}
-    assert states <= {TrialState.COMPLETE, TrialState.PRUNED}
+    trials = _trials(url)
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    for t in pruned:  # its scores up to the epoch it was pruned at are all recorded
+        at = t.user_attrs["pruned_at_epoch"]
+        assert at >= objective.MEDIAN_WARMUP
+        assert list(t.intermediate_values) == list(range(1, at + 1))
+        assert t.value == t.intermediate_values[at]
 
 
 def test_same_file_and_seed_give_identical_trials(tmp_path: Path) -> None:
