@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)
-	$(SEL) run studies/digits.toml --storage sqlite:///$(DEMO)/selector.db --workers 2
+	$(SEL) run studies/digits.toml --storage sqlite:///$(DEMO)/selector.db
 	$(SEL) status digits-mlp --storage sqlite:///$(DEMO)/selector.db
 	$(SEL) export digits-mlp --storage sqlite:///$(DEMO)/selector.db -o $(DEMO)/best.json
 	$(SEL) final digits-mlp --storage sqlite:///$(DEMO)/selector.db

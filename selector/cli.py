@@ -139,9 +139,9 @@ def _report_run(summary: Any) -> None:
         if summary.best_value is None
         else f"best {summary.metric} = {summary.best_value:.4f} (trial {summary.best_trial})"
     )
-    typer.echo(
-        f"study {summary.study!r}: {summary.finished}/{summary.budget} trials finished; {best}"
-    )
+    total = summary.n_trials or summary.budget
+    now = f" ({summary.ran} in this run)" if summary.ran != summary.finished else ""
+    typer.echo(f"study {summary.study!r}: {summary.finished}/{total} trials finished{now}; {best}")
 
 
 @app.command()
@@ -151,8 +151,14 @@ def run(
     n_trials: NTrialsOpt = None,
     timeout: TimeoutOpt = None,
     workers: Annotated[
-        int, typer.Option("--workers", min=1, help="Local worker processes (cores shared out)")
-    ] = 1,
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Local worker processes, the cores shared out (default: one per core, 1 thread "
+            "each, on the CPU; 1 on a GPU; --workers 1 repeats a run exactly)",
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
     heartbeat: HeartbeatOpt = 10,
     grace: GraceOpt = 120,
@@ -169,9 +175,10 @@ def run(
         _quiet_optuna()
         url = st.resolve_url(storage, s.storage)
         hb = _heartbeat(heartbeat, grace)
-        n_threads = threads or worker.torch_threads(workers)
+        n_workers = workers or worker.default_workers(s, n_trials)
+        n_threads = threads or worker.torch_threads(n_workers)
         with progress.Bar(s.n_trials) as bar:
-            if workers == 1:
+            if n_workers == 1:
                 worker.use_threads(n_threads)
                 summary = study.run(
                     s, url, n_trials=n_trials, timeout=timeout, heartbeat=hb, progress=bar.update
@@ -180,7 +187,7 @@ def run(
                 summary = launch.run(
                     s,
                     url,
-                    workers=workers,
+                    workers=n_workers,
                     n_trials=n_trials,
                     timeout=timeout,
                     heartbeat=hb,

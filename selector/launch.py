@@ -18,7 +18,6 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from selector import study, worker
 from selector.errors import SelectorError
@@ -98,14 +97,19 @@ def _watch(s: optuna.Study, procs: Sequence[BaseProcess], progress: worker.Progr
     seen = {t.number for t in s.get_trials(deepcopy=False) if t.state.is_finished()}
     while True:
         alive = any(p.is_alive() for p in procs)
-        for t in s.get_trials(deepcopy=False):
-            if t.state.is_finished() and t.number not in seen:
-                seen.add(t.number)
-                if progress is not None and t.state != TrialState.WAITING:
-                    progress(s, t)
+        new = [t for t in s.get_trials(deepcopy=False) if t.state.is_finished()]
+        new = [t for t in new if t.number not in seen]
+        for t in sorted(new, key=_completed):  # in the order the workers finished them
+            seen.add(t.number)
+            if progress is not None:
+                progress(s, t)
         if not alive:
             return
         time.sleep(POLL_S)
+
+
+def _completed(t: optuna.trial.FrozenTrial) -> tuple[float, int]:
+    return (t.datetime_complete.timestamp() if t.datetime_complete else 0.0, t.number)
 
 
 def _stop(procs: Sequence[BaseProcess]) -> None:

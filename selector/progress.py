@@ -28,7 +28,12 @@ class Bar:
             self.bar.close()
 
     def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        done = len(study.get_trials(deepcopy=False, states=FINISHED))
+        finished = study.get_trials(deepcopy=False, states=FINISHED)
+        done = len(finished)
+        if trial.state in FINISHED and trial.datetime_complete is not None:
+            # several workers: trials are reported after they finish, so count those before it
+            at = trial.datetime_complete
+            done = sum(1 for t in finished if t.datetime_complete and t.datetime_complete <= at)
         if self.total is None:
             self.total = int(study.user_attrs.get("selector:n_trials", 0)) or None
         line = self._line(trial)

@@ -146,12 +146,12 @@ def test_four_workers_finish_exactly_the_budget(pg_url: str) -> None:
 
 @pytest.mark.postgres
 def test_killed_worker_trial_goes_stale_and_is_retried(pg_url: str) -> None:
-    slow = {"max_epochs": 150, "patience": 150, "device": "cpu"}
+    slow = {"max_epochs": 600, "patience": 600, "device": "cpu"}
     _create(pg_url, n_trials=2, training=slow, space={"width": 32, "batch_size": 8, "lr": 1e-4})
     victim = _worker(pg_url)
     _wait(
         lambda: any(
-            t.state == TrialState.RUNNING and t.intermediate_values for t in _trials(pg_url)
+            t.state == TrialState.RUNNING and "config" in t.user_attrs for t in _trials(pg_url)
         )
     )
     victim.send_signal(signal.SIGKILL)
