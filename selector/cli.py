@@ -170,7 +170,7 @@ def run(
         from selector import storage as st
 
         s = spec.load(study_file)
-        from selector import launch, progress, study, worker
+        from selector import interrupt, launch, progress, study, worker
 
         _quiet_optuna()
         url = st.resolve_url(storage, s.storage)
@@ -180,9 +180,15 @@ def run(
         with progress.Bar(s.n_trials) as bar:
             if n_workers == 1:
                 worker.use_threads(n_threads)
-                summary = study.run(
-                    s, url, n_trials=n_trials, timeout=timeout, heartbeat=hb, progress=bar.update
-                )
+                with interrupt.deferred():
+                    summary = study.run(
+                        s,
+                        url,
+                        n_trials=n_trials,
+                        timeout=timeout,
+                        heartbeat=hb,
+                        progress=bar.update,
+                    )
             else:
                 summary = launch.run(
                     s,
@@ -216,7 +222,7 @@ def worker(
     """Join an existing study from any machine and run trials until its budget is spent."""
 
     def body() -> None:
-        from selector import progress
+        from selector import interrupt, progress
         from selector import storage as st
         from selector import study as st_study
         from selector import worker as wk
@@ -226,7 +232,7 @@ def worker(
         hb = _heartbeat(heartbeat, grace)
         if threads is not None:
             wk.use_threads(threads)
-        with progress.Bar(None) as bar:
+        with progress.Bar(None) as bar, interrupt.deferred():
             summary = st_study.work(
                 url,
                 study,

@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 
-from selector import study, worker
+from selector import interrupt, study, worker
 from selector.errors import SelectorError
 from selector.spec import StudySpec
 from selector.storage import Heartbeat
@@ -46,6 +46,7 @@ def _child(
     errors: Any,
 ) -> None:
     worker.use_threads(threads)
+    interrupt.defer()  # Ctrl-C reaches every worker: each stops at its next safe point
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         study.work(url, name, limit=limit, timeout=timeout, heartbeat=heartbeat)
@@ -85,7 +86,8 @@ def run(
     for p in procs:
         p.start()
     try:
-        _watch(s, procs, progress)
+        with interrupt.deferred():
+            _watch(s, procs, progress)
     except KeyboardInterrupt:
         _stop(procs)
         raise
@@ -105,6 +107,7 @@ def _watch(s: optuna.Study, procs: Sequence[BaseProcess], progress: worker.Progr
                 progress(s, t)
         if not alive:
             return
+        interrupt.check()
         time.sleep(POLL_S)
 
 
@@ -113,11 +116,13 @@ def _completed(t: optuna.trial.FrozenTrial) -> tuple[float, int]:
 
 
 def _stop(procs: Sequence[BaseProcess]) -> None:
-    """Ctrl-C: each worker records its running trial as interrupted, then exits."""
+    """Ctrl-C: each worker records its running trial as interrupted at its next epoch, then
+    exits (SIGUSR1: a stop at the next safe point, whether or not the terminal's SIGINT reached
+    the worker too)."""
     for p in procs:
         if p.is_alive() and p.pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGINT)
+                os.kill(p.pid, signal.SIGUSR1)
     deadline = time.monotonic() + STOP_GRACE_S
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))

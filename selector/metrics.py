@@ -28,6 +28,16 @@ class Metric:
         return self.sign * float(self.fn(y_true, pred))
 
 
+def _accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """`accuracy_score` for 1-D label arrays, the same float without its input checks: those cost
+    0.5 ms a call, and a trial scores every fold every epoch (a digits trial: 105 calls, 5% of its
+    time). Anything else goes to scikit-learn."""
+    y, pred = np.asarray(y), np.asarray(pred)
+    if y.ndim != 1 or pred.shape != y.shape or y.dtype.kind not in "iub" or not len(y):
+        return float(skm.accuracy_score(y, pred))
+    return float(np.average(y == pred))
+
+
 def _roc_auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
     if n_classes == 2:
         return float(skm.roc_auc_score(y, proba[:, 1]))
@@ -49,7 +59,7 @@ def _rmse(y: np.ndarray, p: np.ndarray) -> float:
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
-        Metric("accuracy", "classification", "labels", skm.accuracy_score),
+        Metric("accuracy", "classification", "labels", _accuracy),
         Metric("balanced_accuracy", "classification", "labels", skm.balanced_accuracy_score),
         Metric("f1", "classification", "labels", _f1("binary")),
         Metric("f1_macro", "classification", "labels", _f1("macro")),

@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 import torch
 
-from selector import diagnose, engine, metrics, notes, stacked, storage
+from selector import diagnose, engine, interrupt, metrics, notes, stacked, storage
 from selector.data import DevSet, FoldData, iter_folds
 from selector.errors import FailReason, TrialDiverged
 from selector.model import count_params
@@ -51,6 +51,7 @@ class _Writer:
 
     def epoch(self, epoch: int, value: float) -> None:
         self.scores.append((epoch, value))
+        interrupt.check()  # Ctrl-C: between epochs, the trial recorded as interrupted
         prunes = self.prune_from is not None and epoch >= self.prune_from
         if prunes or time.monotonic() - self.flushed >= FLUSH_SECONDS:
             self.flush()

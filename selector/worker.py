@@ -27,7 +27,7 @@ import sqlalchemy as sa
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from selector import storage
+from selector import interrupt, storage
 from selector.engine import derive_seed, resolve_device
 from selector.errors import SelectorError
 from selector.objective import MEDIAN_WARMUP, Objective
@@ -265,6 +265,7 @@ def work(
     deadline = time.monotonic() + timeout if timeout is not None else math.inf
     streak, ran = _Streak(spec.search.max_failures), 0
     while time.monotonic() < deadline:
+        interrupt.check()
         storage.retrying(lambda: reap_stale(study))
         trial = storage.retrying(lambda: claim(study, url, limit))
         if trial is None:

@@ -6,6 +6,9 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn import metrics as skm
 
 from selector import data, engine, metrics, spec
 from selector.errors import TrialDiverged
@@ -145,3 +148,24 @@ def test_refit_gives_a_working_model(iris) -> None:  # type: ignore[no-untyped-d
     pred = engine.predict(model, torch.as_tensor(folds[0].X_val), task="classification")
     np.testing.assert_allclose(pred.sum(axis=1), 1.0)
     assert engine.score(metrics.get("accuracy"), folds[0].y_val, pred, 3) > 0.5
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(min_value=2, max_value=12).flatmap(
+        lambda k: st.lists(
+            st.tuples(st.integers(0, k - 1), st.integers(0, k - 1)), min_size=1, max_size=3000
+        )
+    )
+)
+def test_accuracy_is_sklearns_to_the_bit(pairs: list[tuple[int, int]]) -> None:
+    y, pred = (np.array(col, dtype=np.int64) for col in zip(*pairs, strict=True))
+    mine = metrics.get("accuracy").score(y, pred)
+    assert mine == skm.accuracy_score(y, pred) and type(mine) is float
+
+
+def test_accuracy_of_other_label_kinds_goes_to_sklearn() -> None:
+    y, pred = np.array(["a", "b", "a"]), np.array(["a", "a", "a"])
+    assert metrics.get("accuracy").score(y, pred) == skm.accuracy_score(y, pred)
+    big = np.random.default_rng(0).integers(0, 3, size=(2, 1_000_001))
+    assert metrics.get("accuracy").score(big[0], big[1]) == skm.accuracy_score(big[0], big[1])

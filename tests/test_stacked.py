@@ -11,6 +11,7 @@ is checked to 1e-4 relative.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 
@@ -370,20 +371,21 @@ def test_dropout_masks() -> None:
 
 @pytest.mark.parametrize("p", [0.05, 0.2, 0.5, 0.9])
 def test_dropout_mask_rates_on_the_cpu(p: float) -> None:
-    """The CPU mask takes two elements from each 31-bit draw: both halves drop at rate p (within
-    4 standard errors and the 2^-15 rounding), do not correlate, and the mean is 1."""
-    torch.manual_seed(1)
-    n = 1_000_001  # odd: the last draw serves one element
-    mask = stacked.dropout_mask((n,), p, CPU)
-    half = (n + 1) // 2
-    se = 4 * np.sqrt(p * (1 - p) / half) + 2**-15
-    a, b = (mask[:half] == 0).double(), (mask[half:] == 0).double()
-    assert abs(float(a.mean()) - p) < se and abs(float(b.mean()) - p) < se
-    corr = float(((a[: len(b)] - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))
-    assert abs(corr) < 4 / np.sqrt(len(b))
+    """The CPU mask takes four elements from each 64-bit draw: each of the four drops at rate p
+    (within 4 standard errors and the 2^-16 rounding), neighbours do not correlate, the mean is 1."""
+    n = 1_000_003  # not a multiple of 4: the last word serves three elements
+    mask = stacked.dropout_mask((n,), p, CPU, np.random.PCG64(1))
+    quarter = n // 4
+    se = 4 * np.sqrt(p * (1 - p) / quarter) + 2.0**-stacked.DROP_BITS
+    lanes = [(mask[i : 4 * quarter : 4] == 0).double() for i in range(4)]  # the 4 parts of a word
+    for lane in lanes:
+        assert abs(float(lane.mean()) - p) < se
+    for a, b in itertools.pairwise(lanes):
+        corr = float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))
+        assert abs(corr) < 4 / np.sqrt(quarter)
     assert abs(float(mask.double().mean()) - 1.0) < 4 * np.sqrt(p / (1 - p) / n)
-    torch.manual_seed(1)
-    assert torch.equal(stacked.dropout_mask((n,), p, CPU), mask)  # seeded
+    again = stacked.dropout_mask((n,), p, CPU, np.random.PCG64(1))
+    assert torch.equal(again, mask)  # seeded
 
 
 def test_dropout_score_distribution_matches(wine_folds: list[FoldData]) -> None:
