@@ -40,6 +40,8 @@ lint: install
 
 bench: install
 	$(PY) -m bench
+	$(PY) -m bench.bookkeeping --trials 30
+	$(PY) -m bench.bookkeeping --trials 12 --pruner median
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -97,7 +97,8 @@ def cores_table(epochs: int) -> None:
             f"{workers} x {threads:<14d} {statistics.mean(times):12.2f} {60 * workers / wall:11.1f}"
         )
     print(
-        f"default: torch_threads(workers) = cores // workers; with {cores} workers, {worker.torch_threads(cores)} thread each"
+        f"selector run's default on the CPU: {cores} workers (one per core), "
+        f"{worker.torch_threads(cores)} thread each"
     )
 
 
