@@ -6,6 +6,7 @@ SQLite files are made absolute, run in WAL mode with a generous busy timeout.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import importlib.util
 import json
@@ -287,6 +288,31 @@ def _rdb_behind(store: Any) -> optuna.storages.RDBStorage | None:
     (the gRPC proxy)."""
     store = getattr(store, "_backend", store)
     return store if isinstance(store, optuna.storages.RDBStorage) else None
+
+
+def orphaned_trial_ids(study: optuna.Study) -> list[int]:
+    """Running trials that never recorded a heartbeat and started more than twice the grace
+    period ago: their worker was lost between Optuna's `ask` creating the trial and the trial's
+    first beat (a connection dropped mid-`ask`, a kill). Optuna's stale check passes over trials
+    without a heartbeat, so they would hold a place in the budget for ever. The start time is the
+    creating machine's clock, hence the margin. SQL storages with heartbeats only."""
+    rdb = _rdb_behind(study._storage)
+    if rdb is None or rdb.heartbeat_interval is None:
+        return []
+    from optuna.storages._rdb import models
+
+    grace = rdb.grace_period or 2 * rdb.heartbeat_interval
+    now = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)  # Optuna stores naive UTC
+    cutoff = now - datetime.timedelta(seconds=2 * grace)
+    trials, beats = models.TrialModel, models.TrialHeartbeatModel
+    query = sa.select(trials.trial_id).where(
+        trials.study_id == study._study_id,
+        trials.state == optuna.trial.TrialState.RUNNING,
+        trials._datetime_start_utc < cutoff,
+        ~sa.exists().where(beats.trial_id == trials.trial_id),
+    )
+    with rdb.engine.connect() as conn:
+        return [int(tid) for tid in conn.execute(query).scalars()]
 
 
 def write_trial(

@@ -286,10 +286,15 @@ def work(
 
 
 def reap_stale(study: optuna.Study) -> None:
-    """Fail trials whose heartbeat stopped (their retry is queued by the storage's callback)."""
+    """Fail trials whose heartbeat stopped (their retry is queued by the storage's callback), and
+    trials that never beat at all (`storage.orphaned_trial_ids`): they never trained, so they are
+    failed without a retry. Both read as failure reason `stale`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    for trial_id in storage.orphaned_trial_ids(study):
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 # Local workers sharing one GPU by default: trials this small are bound by the CPU side of kernel

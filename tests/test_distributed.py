@@ -4,6 +4,7 @@ The PostgreSQL tests run against the real server on 127.0.0.1:5432 (marker `post
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 import socket
@@ -257,3 +258,40 @@ def test_status_reaps_a_trial_whose_worker_died(url: str) -> None:
     info = summary.status(url, "iris-small", reap=True)
     assert info["states"]["running"] == 0 and info["failures"] == {"stale": 1}
     assert info["states"]["waiting"] == 1  # queued for its retry
+
+
+def test_a_trial_that_never_beat_is_reaped_after_twice_the_grace(url: str) -> None:
+    """A worker lost between `ask` and the trial's first heartbeat (a connection dropped mid-ask)
+    leaves a running trial without a heartbeat, which Optuna's stale check passes over; it must not
+    hold its place in the budget for ever."""
+    _orphan_is_reaped(url)
+
+
+@pytest.mark.postgres
+def test_a_trial_that_never_beat_is_reaped_on_postgresql(pg_url: str) -> None:
+    _orphan_is_reaped(pg_url)
+
+
+def _orphan_is_reaped(url: str) -> None:
+    _create(url, n_trials=2)
+    st = optuna.load_study(
+        study_name="iris-small",
+        storage=storage.open_storage(url, must_exist=True, heartbeat=storage.Heartbeat(1, 4)),
+    )
+    orphan, fresh = st.ask(), st.ask()
+    engine = storage.engine(url)
+    with engine.begin() as conn:  # the orphan started 10 s ago (more than 2 x grace)
+        conn.execute(
+            sa.text("UPDATE trials SET datetime_start = :t WHERE trial_id = :i"),
+            {
+                "t": orphan.datetime_start.astimezone(datetime.UTC).replace(tzinfo=None)  # type: ignore[union-attr]
+                - datetime.timedelta(seconds=10),
+                "i": orphan._trial_id,
+            },
+        )
+    assert storage.orphaned_trial_ids(st) == [orphan._trial_id]
+    worker.reap_stale(st)
+    states = {t.number: t.state for t in _trials(url)}
+    assert states == {orphan.number: TrialState.FAIL, fresh.number: TrialState.RUNNING}
+    assert worker.failure_reason(_trials(url)[orphan.number]) == "stale"
+    assert worker.claim(st, url, 2) is not None  # its place is free again
