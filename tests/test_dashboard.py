@@ -118,13 +118,28 @@ def test_each_trial_writes_its_note_and_learning_curve_figure(shared: tuple[str,
     assert svg.startswith("<svg") and svg.count("<polyline") == 3 + 1 + 1  # folds, mean, loss
 
 
+def test_a_first_note_reads_back_as_optuna_dashboards_own(url: str) -> None:
+    """The note written without `save_note`'s reads is what `get_note` returns, for a long body
+    in several chunks too, and a later `save_note` on the same trial goes on from version 1."""
+    s = optuna.create_study(storage=storage.open_storage(url, must_exist=False))
+    trial = s.ask()
+    body = "### Trial 0\n" + "x" * 5000
+    notes._save_first_note(trial, body)
+    assert get_note(trial) == body
+    save_note(trial, "edited")
+    assert get_note(trial) == "edited"
+    assert (
+        s._storage.get_study_system_attrs(s._study_id)[f"dashboard:{trial._trial_id}:note_ver"] == 2
+    )
+
+
 def test_a_failing_note_never_fails_a_trial(
     url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(*_: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("optuna_dashboard.save_note", broken)
+    monkeypatch.setattr(notes, "_save_first_note", broken)
     with caplog.at_level(logging.WARNING, logger="selector.notes"):
         study.run(spec.parse(small_raw(n_trials=2), origin="t.toml"), url)
     trials = optuna.load_study(study_name="iris-small", storage=url).trials
