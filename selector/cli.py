@@ -156,7 +156,7 @@ def run(
             "--workers",
             min=1,
             help="Local worker processes, the cores shared out (default: one per core, 1 thread "
-            "each, on the CPU; 1 on a GPU; --workers 1 repeats a run exactly)",
+            "each, on the CPU; 4 sharing a GPU; --workers 1 repeats a run exactly)",
         ),
     ] = None,
     threads: ThreadsOpt = None,
