@@ -197,7 +197,7 @@ def run(
                     n_trials=n_trials,
                     timeout=timeout,
                     heartbeat=hb,
-                    threads=n_threads,
+                    threads=threads,  # None: the cores shared out among the workers started
                     progress=bar.update,
                 )
         _report_run(summary)

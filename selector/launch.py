@@ -72,6 +72,7 @@ def run(
     s, _, _ = study.create_or_resume(spec, url)
     limit = study.budget_limit(s, spec.name, spec.n_trials, n_trials)
     start = worker.count(s)
+    workers = max(1, min(workers, limit - start))  # no more workers than trials left to run
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     threads = threads or worker.torch_threads(workers)

@@ -96,6 +96,21 @@ def test_three_local_workers_on_sqlite_exact_budget_no_lock_errors(tmp_path: Pat
     assert len({t.user_attrs["worker"] for t in _trials(url)}) == 3
 
 
+def test_run_starts_no_more_workers_than_trials_left(tmp_path: Path) -> None:
+    raw = small_raw(n_trials=4, training=FAST, space=FAST_SPACE)
+    f = write_study(tmp_path / "s.toml", raw)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    base = [sys.executable, "-m", "selector", "run", str(f), "--storage", url]
+    r = subprocess.run([*base, "--n-trials", "3"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([*base, "--workers", "4"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    _assert_exact(url, 4)
+    with sa.create_engine(url).connect() as conn:  # one worker id handed out per worker started
+        started = conn.execute(sa.text("SELECT COUNT(*) FROM selector_workers")).scalar()
+    assert started == worker.default_workers(spec.load(f), 3) + 1
+
+
 def test_worker_refuses_data_that_differ(tmp_path: Path) -> None:
     csv = tmp_path / "p.csv"
     pd.read_csv(PENGUINS).to_csv(csv, index=False)
