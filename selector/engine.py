@@ -12,6 +12,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -199,42 +200,80 @@ class _Curves:
     grads: list[list[float]] = field(default_factory=list)
 
 
-def cross_validate(
-    config: TrialConfig,
+class FoldModels(Protocol):
+    """A trial's K fold models as the epoch loop (`drive`) sees them: `FoldRuns` here (one fold
+    after another) or `selector.stacked.StackedRun` (all folds in one batched model)."""
+
+    def train_epoch(self) -> tuple[list[float], list[list[float]]]:
+        """One epoch for every fold: each fold's mean training loss and its first batch's
+        per-layer gradient norms."""
+        ...
+
+    def predictions(self, which: str = "val") -> list[np.ndarray]:
+        """Each fold's `predict` output on its validation (`"val"`) or training rows."""
+        ...
+
+    def snapshot(self) -> None: ...
+
+    def restore_best(self) -> None: ...
+
+
+class FoldRuns:
+    """The reference engine: K `FoldRun`s, trained one after another within each epoch."""
+
+    def __init__(self, runs: Sequence[FoldRun]) -> None:
+        self.runs = list(runs)
+
+    def train_epoch(self) -> tuple[list[float], list[list[float]]]:
+        done = [run.train_epoch() for run in self.runs]
+        return [loss for loss, _ in done], [norms for _, norms in done]
+
+    def predictions(self, which: str = "val") -> list[np.ndarray]:
+        return [
+            predict(
+                run.model,
+                run.X_val if which == "val" else run.X,
+                task=run.task,
+                y_mean=run.fold.y_mean,
+                y_std=run.fold.y_std,
+            )
+            for run in self.runs
+        ]
+
+    def snapshot(self) -> None:
+        for run in self.runs:
+            run.snapshot()
+
+    def restore_best(self) -> None:
+        for run in self.runs:
+            run.restore_best()
+
+
+def drive(
+    models: FoldModels,
     folds: Sequence[FoldData],
     *,
     task: Task,
     n_classes: int,
     metric: Metric,
     training: TrainingSpec,
-    seed: int,
+    seeds: list[int],
     on_epoch: EpochCallback | None = None,
 ) -> CVResult:
-    """Train the K fold models epoch-major; `on_epoch(epoch, mean_val_score)` may raise to prune."""
-    device = resolve_device(training.device)
-    n_out = n_classes if task == "classification" else 1
-    seeds = [derive_seed(seed, k) for k in range(len(folds))]
-    runs = [
-        FoldRun(
-            config, f, task=task, n_out=n_out, max_epochs=training.max_epochs, seed=s, device=device
-        )
-        for f, s in zip(folds, seeds, strict=True)
-    ]
-    torch.manual_seed(derive_seed(seed, len(folds)))  # dropout masks
+    """The epoch loop both engines share: train every fold, stop on a non-finite loss, score the
+    folds, keep the best epoch's snapshot, report to `on_epoch` (which may raise to prune), stop
+    after `patience` epochs without a better mean; then the train scores at the best epoch."""
     curves = _Curves()
-    best, best_epoch, best_scores = -math.inf, 0, [0.0] * len(runs)
+    best, best_epoch, best_scores = -math.inf, 0, [0.0] * len(folds)
     for epoch in range(1, training.max_epochs + 1):
-        losses, norms, scores = [], [], []
-        for k, run in enumerate(runs):
-            loss, layer_norms = run.train_epoch()
+        losses, norms = models.train_epoch()
+        for k, loss in enumerate(losses):
             if not math.isfinite(loss):
                 raise TrialDiverged(epoch, k)
-            losses.append(loss)
-            norms.append(layer_norms)
-            pred = predict(
-                run.model, run.X_val, task=task, y_mean=run.fold.y_mean, y_std=run.fold.y_std
-            )
-            scores.append(score(metric, run.fold.y_val, pred, n_classes))
+        scores = [
+            score(metric, f.y_val, pred, n_classes)
+            for f, pred in zip(folds, models.predictions("val"), strict=True)
+        ]
         mean = float(np.mean(scores))
         curves.val.append(mean)
         curves.loss.append(float(np.mean(losses)))
@@ -242,13 +281,16 @@ def cross_validate(
         curves.grads.append(np.mean(np.asarray(norms), axis=0).tolist())
         if mean > best:
             best, best_epoch, best_scores = mean, epoch, scores
-            for run in runs:
-                run.snapshot()
+            models.snapshot()
         if on_epoch is not None:
             on_epoch(epoch, mean)
         if epoch - best_epoch >= training.patience:
             break
-    train_scores = [_train_score(run, metric, n_classes) for run in runs]
+    models.restore_best()  # the train score, for the generalization gap, at the best epoch
+    train_scores = []
+    for f, pred in zip(folds, models.predictions("train"), strict=True):
+        y = f.y_train * f.y_std + f.y_mean if task == "regression" else f.y_train
+        train_scores.append(score(metric, y, pred, n_classes))
     return CVResult(
         value=best,
         best_epoch=best_epoch,
@@ -264,14 +306,75 @@ def cross_validate(
     )
 
 
-def _train_score(run: FoldRun, metric: Metric, n_classes: int) -> float:
-    """The fold's score on its own training rows at the best epoch (for the generalization gap)."""
-    run.restore_best()
-    pred = predict(run.model, run.X, task=run.task, y_mean=run.fold.y_mean, y_std=run.fold.y_std)
-    y = run.fold.y_train
-    if run.task == "regression":
-        y = y * run.fold.y_std + run.fold.y_mean
-    return score(metric, y, pred, n_classes)
+@dataclass(frozen=True)
+class Setup:
+    """What building a trial's K fold models takes besides its config and folds: each fold's
+    seed (its initial weights and batches), and the seed of dropout draws that do not come from
+    torch's global generator."""
+
+    task: Task
+    n_out: int
+    max_epochs: int
+    seeds: list[int]
+    device: torch.device
+    dropout_seed: int
+
+
+BuildModels = Callable[[TrialConfig, Sequence[FoldData], Setup], FoldModels]
+
+
+def reference_models(config: TrialConfig, folds: Sequence[FoldData], setup: Setup) -> FoldRuns:
+    """The reference engine's models: one `FoldRun` per fold (dropout from torch's generator)."""
+    return FoldRuns(
+        [
+            FoldRun(
+                config,
+                f,
+                task=setup.task,
+                n_out=setup.n_out,
+                max_epochs=setup.max_epochs,
+                seed=s,
+                device=setup.device,
+            )
+            for f, s in zip(folds, setup.seeds, strict=True)
+        ]
+    )
+
+
+def cross_validate(
+    config: TrialConfig,
+    folds: Sequence[FoldData],
+    *,
+    task: Task,
+    n_classes: int,
+    metric: Metric,
+    training: TrainingSpec,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+    build: BuildModels = reference_models,
+) -> CVResult:
+    """Cross-validate `config` on `folds` with the models `build` makes (by default the reference
+    engine's); `on_epoch(epoch, mean_val_score)` may raise to prune."""
+    setup = Setup(
+        task=task,
+        n_out=n_classes if task == "classification" else 1,
+        max_epochs=training.max_epochs,
+        seeds=[derive_seed(seed, k) for k in range(len(folds))],
+        device=resolve_device(training.device),
+        dropout_seed=derive_seed(seed, len(folds)),
+    )
+    models = build(config, folds, setup)
+    torch.manual_seed(setup.dropout_seed)  # dropout masks drawn from torch's generator
+    return drive(
+        models,
+        folds,
+        task=task,
+        n_classes=n_classes,
+        metric=metric,
+        training=training,
+        seeds=setup.seeds,
+        on_epoch=on_epoch,
+    )
 
 
 def fit(

@@ -52,16 +52,12 @@ from selector import engine
 from selector.data import FoldData
 from selector.engine import (
     CVResult,
-    EpochCallback,
     batch_bounds,
-    derive_seed,
     make_optimizer,
     make_schedule,
     resolve_device,
-    score,
 )
-from selector.errors import TrialDiverged
-from selector.metrics import Metric, Task
+from selector.metrics import Task
 from selector.model import ACTIVATIONS, MLP, Block, build_mlp
 from selector.space import TrialConfig
 from selector.spec import TrainingSpec
@@ -498,77 +494,27 @@ class StackedRun:
         return self.model.fold_state_dicts()
 
 
-def cross_validate(
-    config: TrialConfig,
-    folds: Sequence[FoldData],
-    *,
-    task: Task,
-    n_classes: int,
-    metric: Metric,
-    training: TrainingSpec,
-    seed: int,
-    on_epoch: EpochCallback | None = None,
-) -> CVResult:
-    """`engine.cross_validate` with the K folds stacked; `on_epoch(epoch, mean_val_score)` may raise
-    to prune."""
-    device = resolve_device(training.device)
-    n_out = n_classes if task == "classification" else 1
-    seeds = [derive_seed(seed, k) for k in range(len(folds))]
+def stacked_models(
+    config: TrialConfig, folds: Sequence[FoldData], setup: engine.Setup
+) -> StackedRun:
+    """The K fold models stacked into one (an `engine.BuildModels`); CPU dropout from PCG64."""
     run = StackedRun(
         config,
         folds,
-        task=task,
-        n_out=n_out,
-        max_epochs=training.max_epochs,
-        seeds=seeds,
-        device=device,
+        task=setup.task,
+        n_out=setup.n_out,
+        max_epochs=setup.max_epochs,
+        seeds=setup.seeds,
+        device=setup.device,
     )
-    torch.manual_seed(derive_seed(seed, len(folds)))  # dropout masks on a GPU
-    run.model.bits = np.random.PCG64(derive_seed(seed, len(folds)))  # and on the CPU
-    val_curve: list[float] = []
-    loss_curve: list[float] = []
-    fold_rows: list[list[float]] = []
-    grad_rows: list[list[float]] = []
-    best, best_epoch, best_scores = -math.inf, 0, [0.0] * len(folds)
-    for epoch in range(1, training.max_epochs + 1):
-        losses, norms = run.train_epoch()
-        for k, loss in enumerate(losses):
-            if not math.isfinite(loss):
-                raise TrialDiverged(epoch, k)
-        scores = [
-            score(metric, f.y_val, pred, n_classes)
-            for f, pred in zip(folds, run.predictions("val"), strict=True)
-        ]
-        mean = float(np.mean(scores))
-        val_curve.append(mean)
-        loss_curve.append(float(np.mean(losses)))
-        fold_rows.append(scores)
-        grad_rows.append(np.mean(np.asarray(norms), axis=0).tolist())
-        if mean > best:
-            best, best_epoch, best_scores = mean, epoch, scores
-            run.snapshot()
-        if on_epoch is not None:
-            on_epoch(epoch, mean)
-        if epoch - best_epoch >= training.patience:
-            break
-    run.restore_best()
-    train_scores = []
-    for f, pred in zip(folds, run.predictions("train"), strict=True):
-        y = f.y_train * f.y_std + f.y_mean if task == "regression" else f.y_train
-        train_scores.append(score(metric, y, pred, n_classes))
-    return CVResult(
-        value=best,
-        best_epoch=best_epoch,
-        epochs_run=len(val_curve),
-        fold_scores=best_scores,
-        train_scores=train_scores,
-        val_curve=val_curve,
-        train_loss_curve=loss_curve,
-        fold_curves=[list(c) for c in zip(*fold_rows, strict=True)],
-        grad_norms=grad_rows,
-        seeds=seeds,
-        stopped_early=len(val_curve) < training.max_epochs,
-    )
+    run.model.bits = np.random.PCG64(setup.dropout_seed)
+    return run
+
+
+def cross_validate(config: TrialConfig, folds: Sequence[FoldData], **kwargs: Any) -> CVResult:
+    """`engine.cross_validate` with the K folds stacked; `on_epoch(epoch, mean_val_score)` may
+    raise to prune."""
+    return engine.cross_validate(config, folds, build=stacked_models, **kwargs)
 
 
 # --- choosing the engine -------------------------------------------------------------------------
