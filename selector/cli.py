@@ -176,10 +176,9 @@ def run(
         url = st.resolve_url(storage, s.storage)
         hb = _heartbeat(heartbeat, grace)
         n_workers = workers or worker.default_workers(s, n_trials)
-        n_threads = threads or worker.torch_threads(n_workers)
         with progress.Bar(s.n_trials) as bar:
             if n_workers == 1:
-                worker.use_threads(n_threads)
+                worker.use_threads(threads or worker.torch_threads(1))
                 with interrupt.deferred():
                     summary = study.run(
                         s,

@@ -100,8 +100,11 @@ def _watch(s: optuna.Study, procs: Sequence[BaseProcess], progress: worker.Progr
     seen = {t.number for t in s.get_trials(deepcopy=False) if t.state.is_finished()}
     while True:
         alive = any(p.is_alive() for p in procs)
-        new = [t for t in s.get_trials(deepcopy=False) if t.state.is_finished()]
-        new = [t for t in new if t.number not in seen]
+        new = [
+            t
+            for t in s.get_trials(deepcopy=False)
+            if t.state.is_finished() and t.number not in seen
+        ]
         for t in sorted(new, key=_completed):  # in the order the workers finished them
             seen.add(t.number)
             if progress is not None:
