@@ -9,24 +9,36 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import json
 import math
+import os
+import typing
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from sklearn.compose import ColumnTransformer
 
-from selector.errors import DataError, SelectorError
+from selector import metrics
+from selector.errors import DataError, SelectorError, StorageError
 from selector.metrics import Task
 from selector.model import MLP, build_mlp
 from selector.space import TrialConfig
+from selector.spec import check_space_value
 
 FORMAT = 1
 WEIGHTS, PREPROCESS, META = "model.pt", "preprocess.json", "model.json"
+T = TypeVar("T")
+# What a category or fill value can be in JSON: categories are strings, numbers or booleans.
+Scalar = str | bool | int | float
 
 
 @dataclass(frozen=True)
@@ -40,8 +52,8 @@ class Preprocess:
     means: list[float]
     scales: list[float]
     categorical: list[str]
-    fills: list[Any]
-    categories: list[list[Any]]
+    fills: list[Scalar]
+    categories: list[list[Scalar]]
 
     @property
     def n_features(self) -> int:
@@ -93,8 +105,8 @@ def from_sklearn(pre: ColumnTransformer, columns: list[str]) -> Preprocess:
         numeric, medians = kept, [float(m) for m in stats if not math.isnan(m)]
         means, scales = [float(m) for m in scaler.mean_], [float(s) for s in scaler.scale_]
     categorical: list[str] = []
-    fills: list[Any] = []
-    categories: list[list[Any]] = []
+    fills: list[Scalar] = []
+    categories: list[list[Scalar]] = []
     if (cat := _fitted(pre, "cat")) is not None:
         pipe, categorical = cat
         fills = [_py(v) for v in pipe.named_steps["impute"].statistics_]
@@ -145,12 +157,88 @@ def transform(pre: Preprocess, X: pd.DataFrame) -> tuple[np.ndarray, dict[str, l
     return np.concatenate(parts, axis=1).astype(np.float32), unknown
 
 
+# --- writing: into a directory of selector's own, never through a link ----------------------
+
+
+def check_directory(path: Path) -> None:
+    """`path` must be a real directory or not exist yet: a symbolic link planted there would send
+    the model (and every later write) wherever it points."""
+    if path.is_symlink():
+        raise StorageError(
+            f"{path}: is a symbolic link (to {os.readlink(path)}); selector saves the final "
+            "model only into a directory of its own: remove the link and run again"
+        )
+    if path.exists() and not path.is_dir():
+        raise StorageError(f"{path}: is not a directory; move it away and run again")
+
+
+def _open_dir(path: Path) -> int:
+    """A descriptor of directory `path` (created if missing), opened without following a link."""
+    check_directory(path.parent)
+    check_directory(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise StorageError(f"{path}: cannot open the model directory ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def _created(dir_fd: int, out: Path, name: str) -> Iterator[BinaryIO]:
+    """File `name` in the directory `dir_fd`, created or emptied, never through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, 0o644, dir_fd=dir_fd)
+    except OSError as e:
+        why = "is a symbolic link; remove it" if e.errno == errno.ELOOP else e.strerror
+        raise StorageError(f"{out / name}: cannot write the model file ({why})") from None
+    with os.fdopen(fd, "wb") as fh:
+        yield fh
+
+
+def write_file(out: Path, name: str, content: bytes) -> None:
+    """Write `out/name` as `save` writes the model's files (no link followed)."""
+    dir_fd = _open_dir(out)
+    try:
+        with _created(dir_fd, out, name) as fh:
+            fh.write(content)
+    finally:
+        os.close(dir_fd)
+
+
 def save(out: Path, model: torch.nn.Module, pre: Preprocess, meta: Meta) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, out / WEIGHTS)
-    (out / PREPROCESS).write_text(json.dumps({"format": FORMAT, **asdict(pre)}, indent=1))
-    (out / META).write_text(json.dumps({"format": FORMAT, **asdict(meta)}, indent=1))
+    dir_fd = _open_dir(out)
+    try:
+        with _created(dir_fd, out, WEIGHTS) as fh:
+            torch.save(state, fh)
+        for name, doc in ((PREPROCESS, asdict(pre)), (META, asdict(meta))):
+            with _created(dir_fd, out, name) as fh:
+                fh.write(json.dumps({"format": FORMAT, **doc}, indent=1).encode())
+    finally:
+        os.close(dir_fd)
+
+
+# --- reading: every field typed and checked, so a damaged file is named, never a traceback ---
+
+
+def _damaged(path: Path, problem: str) -> SelectorError:
+    return SelectorError(
+        f"{path}: {problem}; the saved model is damaged or was edited: restore "
+        f"{path.parent} from a copy (`selector final` saves it once, with the test score)"
+    )
+
+
+def _schema(cls: type) -> type[BaseModel]:
+    """A strict pydantic model of dataclass `cls`'s fields (no coercion, no unknown keys)."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {f.name: (hints[f.name], ...) for f in dataclasses.fields(cls)}
+    return create_model(
+        f"{cls.__name__}File", __config__=ConfigDict(strict=True, extra="forbid"), **fields
+    )
+
+
+_SCHEMAS = {Preprocess: _schema(Preprocess), Meta: _schema(Meta)}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -159,31 +247,107 @@ def _read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise SelectorError(f"{path}: missing; the final model's files are incomplete") from None
     except (OSError, ValueError) as e:
-        raise SelectorError(f"{path}: unreadable ({e})") from None
+        raise _damaged(path, f"unreadable ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(doc, dict) or doc.pop("format", None) != FORMAT:
-        raise SelectorError(f"{path}: not a selector model file of format {FORMAT}")
+        raise _damaged(path, f"not a selector model file of format {FORMAT}")
     return doc
 
 
-def load(out: Path) -> Bundle:
-    """The final model from its directory, executing no code stored there."""
+def _typed(cls: type[T], path: Path) -> T:
     try:
-        pre = Preprocess(**_read_json(out / PREPROCESS))
-        meta = Meta(**_read_json(out / META))
-    except TypeError as e:
-        raise SelectorError(
-            f"{out}: model files do not match this selector version ({e})"
-        ) from None
-    model = build_mlp(TrialConfig(**meta.config), meta.n_in, meta.n_out)
+        checked = _SCHEMAS[cls].model_validate(_read_json(path))
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise _damaged(path, f"field {where}: {first['msg']}") from None
+    return cls(**checked.model_dump())
+
+
+def _finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def _preprocess_problem(pre: Preprocess) -> str | None:
+    """What is inconsistent in the preprocessing statistics, if anything."""
+    n_num, n_cat = len(pre.numeric), len(pre.categorical)
+    if not len(pre.medians) == len(pre.means) == len(pre.scales) == n_num:
+        return "medians, means and scales do not match the numeric columns"
+    if not len(pre.fills) == len(pre.categories) == n_cat:
+        return "fills and categories do not match the categorical columns"
+    if len(set(pre.columns)) != len(pre.columns):
+        return "a column is listed twice"
+    if not set(pre.numeric) | set(pre.categorical) <= set(pre.columns):
+        return "an encoded column is not among the input columns"
+    if not (_finite(pre.medians) and _finite(pre.means) and _finite(pre.scales)):
+        return "a median, mean or scale is not a finite number"
+    if any(s <= 0 for s in pre.scales):
+        return "a scale is not positive"
+    if any(not c for c in pre.categories):
+        return "a categorical column has no categories"
+    return None
+
+
+def _config_problem(config: dict[str, Any]) -> str | None:
+    known = {f.name for f in dataclasses.fields(TrialConfig)}
+    for key, value in config.items():
+        if key not in known:
+            return f"config has an unknown key {key!r}"
+        try:
+            check_space_value(key, value)
+        except ValueError as e:
+            return f"config.{key}: {e}"
+    return None
+
+
+def _meta_problem(meta: Meta, pre: Preprocess) -> str | None:
+    """What is inconsistent in the model's metadata (or with the preprocessing), if anything."""
+    if (problem := _config_problem(meta.config)) is not None:
+        return problem
+    if meta.metric not in metrics.METRICS or metrics.get(meta.metric).task != meta.task:
+        return f"metric {meta.metric!r} does not score a {meta.task} task"
+    if meta.n_in != pre.n_features:
+        return f"n_in = {meta.n_in}, but {PREPROCESS} encodes {pre.n_features} features"
+    if meta.task == "classification" and not meta.n_out == len(meta.classes) >= 2:
+        return f"n_out = {meta.n_out} does not match its {len(meta.classes)} classes"
+    if meta.task == "regression" and meta.n_out != 1:
+        return f"n_out = {meta.n_out}, but a regression model has one output"
+    if not (math.isfinite(meta.y_mean) and math.isfinite(meta.y_std) and meta.y_std > 0):
+        return "the target's mean or scale is not a finite number"
+    return None
+
+
+def _weights(path: Path, model: MLP) -> None:
+    """Load `model.pt` into `model`: plain tensors of the right shapes, all finite."""
     try:
-        state = torch.load(out / WEIGHTS, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise SelectorError(
-            f"{out / WEIGHTS}: missing; the final model's files are incomplete"
+        raise SelectorError(f"{path}: missing; the final model's files are incomplete") from None
+    except Exception as e:  # torch raises what its unpickler and zip reader meet, of any type
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise _damaged(path, f"cannot load the weights ({first})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise _damaged(path, "not a table of weight tensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # "Error(s) in loading state_dict for MLP:", then the details
+        detail = " ".join(str(e).split()).removeprefix("Error(s) in loading state_dict for MLP:")
+        raise _damaged(
+            path, f"the weights do not fit the network in {META} ({detail.strip()[:160]})"
         ) from None
-    except (RuntimeError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise SelectorError(f"{out / WEIGHTS}: cannot load the weights ({first})") from None
+    if not all(bool(torch.isfinite(v).all()) for v in state.values()):
+        raise _damaged(path, "a weight is not a finite number")
+
+
+def load(out: Path) -> Bundle:
+    """The final model from its directory, executing no code stored there; every file is
+    checked, and a damaged one is named."""
+    pre = _typed(Preprocess, out / PREPROCESS)
+    if (problem := _preprocess_problem(pre)) is not None:
+        raise _damaged(out / PREPROCESS, problem)
+    meta = _typed(Meta, out / META)
+    if (problem := _meta_problem(meta, pre)) is not None:
+        raise _damaged(out / META, problem)
+    model = build_mlp(TrialConfig(**meta.config), meta.n_in, meta.n_out)
+    _weights(out / WEIGHTS, model)
     model.eval()
     return Bundle(model, pre, meta)

@@ -4,6 +4,7 @@ message on stderr and its exit code (2 bad input, 1 refused by a rule), never a 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,8 @@ except ImportError:  # pragma: no cover
     from click.exceptions import UsageError  # type: ignore[no-redef]
 
 from selector.errors import SelectorError
+from selector.interrupt import Terminated, deferred, exit_code
+from selector.redact import scrub
 
 app = typer.Typer(
     name="selector",
@@ -43,16 +46,19 @@ def _err(msg: str) -> None:
 
 
 def guarded(fn: Callable[[], T]) -> T:
-    """Run a command body: selector errors → message + exit code; Ctrl-C → exit 130."""
+    """Run a command body: selector errors → message (any secret in it masked) + exit code;
+    Ctrl-C → exit 130; SIGTERM (where the command defers it, `interrupt.deferred`) → exit 143.
+    One line on stderr each."""
     try:
         return fn()
     except SelectorError as e:
-        for line in str(e).splitlines():
-            _err(f"selector: {line}")
+        for line in str(e).splitlines():  # a URL or secret `key=value` in it is masked
+            _err(f"selector: {scrub(line)}")
         raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        _err("selector: interrupted; finished trials are kept, run again to resume")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as e:
+        stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        _err(f"selector: {stopped}; finished trials are kept, run again to resume")
+        raise typer.Exit(exit_code(e)) from None
 
 
 def _quiet_optuna() -> None:
@@ -88,6 +94,8 @@ def create(
         _quiet_optuna()
         url = st.resolve_url(storage, s.storage)
         _, prep, _ = study.create_or_resume(s, url)
+        for note in prep.notes:
+            typer.echo(f"note: {note}")
         typer.echo(
             f"study {s.name!r} ready in {st.mask(url)}: {len(prep.dev)} dev rows in "
             f"{len(prep.folds)} folds, {len(prep.test)} test rows held back"
@@ -121,8 +129,25 @@ GraceOpt = Annotated[
 
 ThreadsOpt = Annotated[
     int | None,
-    typer.Option("--threads", min=1, help="Torch threads per worker (default: cores / workers)"),
+    typer.Option(
+        "--threads",
+        min=1,
+        help="Torch threads per worker (default: cores / workers; at most 4 x the cores)",
+    ),
 ]
+# More torch threads than this many per core are refused: each worker would oversubscribe the
+# machine (a typo such as --threads 400 slows every trial to a crawl) and gains nothing.
+MAX_THREADS_PER_CORE = 4
+
+
+def _check_threads(threads: int | None) -> None:
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > MAX_THREADS_PER_CORE * cores:
+        raise SelectorError(
+            f"--threads {threads}: more than {MAX_THREADS_PER_CORE} x the {cores} cores of this "
+            f"machine; use at most {MAX_THREADS_PER_CORE * cores}, or leave it out (the cores "
+            "are shared among the workers)"
+        )
 
 
 def _heartbeat(interval: int, grace: int) -> Any:
@@ -169,8 +194,9 @@ def run(
         from selector import spec
         from selector import storage as st
 
+        _check_threads(threads)
         s = spec.load(study_file)
-        from selector import interrupt, launch, progress, study, worker
+        from selector import launch, progress, study, worker
 
         _quiet_optuna()
         url = st.resolve_url(storage, s.storage)
@@ -179,15 +205,14 @@ def run(
         with progress.Bar(s.n_trials) as bar:
             if n_workers == 1:
                 worker.use_threads(threads or worker.torch_threads(1))
-                with interrupt.deferred():
-                    summary = study.run(
-                        s,
-                        url,
-                        n_trials=n_trials,
-                        timeout=timeout,
-                        heartbeat=hb,
-                        progress=bar.update,
-                    )
+                summary = study.run(
+                    s,
+                    url,
+                    n_trials=n_trials,
+                    timeout=timeout,
+                    heartbeat=hb,
+                    progress=bar.update,
+                )
             else:
                 summary = launch.run(
                     s,
@@ -201,7 +226,13 @@ def run(
                 )
         _report_run(summary)
 
-    guarded(body)
+    guarded(lambda: _deferring(body))
+
+
+def _deferring(body: Callable[[], None]) -> None:
+    """A command that runs trials: SIGINT and SIGTERM, from its start, stop it at a safe point."""
+    with deferred():
+        body()
 
 
 @app.command()
@@ -221,17 +252,18 @@ def worker(
     """Join an existing study from any machine and run trials until its budget is spent."""
 
     def body() -> None:
-        from selector import interrupt, progress
+        from selector import progress
         from selector import storage as st
         from selector import study as st_study
         from selector import worker as wk
 
+        _check_threads(threads)
         _quiet_optuna()
         url = st.resolve_url(storage)
         hb = _heartbeat(heartbeat, grace)
         if threads is not None:
             wk.use_threads(threads)
-        with progress.Bar(None) as bar, interrupt.deferred():
+        with progress.Bar(None) as bar:
             summary = st_study.work(
                 url,
                 study,
@@ -243,7 +275,7 @@ def worker(
             )
         _report_run(summary)
 
-    guarded(body)
+    guarded(lambda: _deferring(body))
 
 
 @app.command()
@@ -274,32 +306,36 @@ def proxy(
     guarded(body)
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON")]
+
+
 @app.command()
 def status(
     study: StudyArg,
     storage: StorageOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+    as_json: JsonOpt = False,
     top: Annotated[int, typer.Option(min=0, help="How many top trials to list")] = 5,
 ) -> None:
-    """Show a study's progress, best trials and test-set state."""
+    """Show a study's progress, best trials, its choice with the expected test score, and the
+    test set's state. Reads only: a stale trial is left for the workers to reap."""
 
     def body() -> None:
         from selector import summary
 
         _quiet_optuna()
         name, url = _study_target(study, storage)
-        info = summary.status(url, name, top=top, reap=True)
+        info = summary.status(url, name)
         typer.echo(
-            json.dumps(info, indent=2, default=str) if as_json else summary.status_text(info)
+            json.dumps(info.as_dict(top), indent=2, default=str)
+            if as_json
+            else summary.status_text(info, top)
         )
 
     guarded(body)
 
 
 @app.command()
-def studies(
-    storage: StorageOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False
-) -> None:
+def studies(storage: StorageOpt = None, as_json: JsonOpt = False) -> None:
     """List the studies in a storage."""
 
     def body() -> None:
@@ -316,39 +352,65 @@ def studies(
     guarded(body)
 
 
+RuleOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--rule",
+        help="How to choose the trial — best: the highest mean CV score; one-se: the simplest "
+        "trial (fewest parameters, then epochs) within one standard error of the best "
+        "(default: the study's recorded choice, else best)",
+    ),
+]
+
+
 @app.command()
 def export(
     study: StudyArg,
     storage: StorageOpt = None,
-    rule: Annotated[str, typer.Option(help="best | one-se")] = "best",
+    rule: RuleOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="json | yaml | toml")] = "json",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write")] = None,
 ) -> None:
-    """Export the chosen config with its CV scores and provenance."""
+    """Export the chosen config with its CV scores, expected test score and provenance; records
+    the choice, which `selector final` then evaluates."""
 
     def body() -> None:
         from selector import export as ex
-        from selector import final
-        from selector import study as st
+        from selector import record, selection
 
-        _check_choice("--rule", rule, ("best", "one-se"))
-        _check_choice("--format", fmt, ("json", "yaml", "toml"))
+        _check_choice("--rule", rule, selection.RULES)
+        _check_choice("--format", fmt, ex.FORMATS)
+        if output is not None:  # before the choice is recorded: a bad -o changes nothing
+            _check_output(output)
         _quiet_optuna()
         name, url = _study_target(study, storage)
-        s, rec = st.open_study(url, name)
-        prev = final.stored(url, name)
-        text = ex.dump(ex.document(s, rec, rule, url, prev.as_dict() if prev else None), fmt)  # type: ignore[arg-type]
+        s, rec = record.open_study(url, name)
+        records = record.trials(s)
+        choice = ex.choose_for_export(url, name, records, rule)  # type: ignore[arg-type]
+        estimate = selection.estimate(url, rec, records, choice.rule)
+        text = ex.dump(ex.document(s, rec, url, choice, records, estimate), fmt)  # type: ignore[arg-type]
         if output is None:
             typer.echo(text, nl=False)
         else:
-            output.write_text(text)
-            typer.echo(f"wrote {output}")
+            try:
+                output.write_text(text)
+            except OSError as e:
+                raise SelectorError(f"{output}: cannot write the export ({e.strerror or e})") from None
+            typer.echo(f"wrote {output}: {choice.describe()}")
 
     guarded(body)
 
 
-def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+def _check_output(path: Path) -> None:
+    """`-o` must name a file in an existing directory."""
+    if path.is_dir():
+        raise SelectorError(f"{path}: is a directory; give -o a file name")
+    if not path.parent.is_dir():
+        raise SelectorError(f"{path}: directory {path.parent} does not exist; create it first")
+
+
+def _check_choice(option: str, value: str | None, allowed: tuple[str, ...]) -> None:
+    if value is not None and value not in allowed:
         raise SelectorError(f"{option}: unknown value {value!r}; use one of {', '.join(allowed)}")
 
 
@@ -356,8 +418,16 @@ def _check_choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
 def final_cmd(
     study: StudyArg,
     storage: StorageOpt = None,
-    rule: Annotated[str, typer.Option(help="best | one-se")] = "best",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    rule: RuleOpt = None,
+    early: Annotated[
+        bool,
+        typer.Option(
+            "--early",
+            help="Evaluate before the study's n_trials are finished (the study is sealed: it "
+            "runs no more trials)",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
     resume_crashed: Annotated[
         bool,
         typer.Option(
@@ -366,31 +436,40 @@ def final_cmd(
         ),
     ] = False,
 ) -> None:
-    """Evaluate the held-out test set, once per study: refit on all dev rows, score, record."""
+    """Evaluate the held-out test set, once per study: the recorded choice (or --rule's) is
+    refit on all dev rows and scored; the study is sealed."""
 
     def body() -> None:
-        from selector import final
+        from selector import final, record, selection
 
-        _check_choice("--rule", rule, ("best", "one-se"))
+        _check_choice("--rule", rule, selection.RULES)
         _quiet_optuna()
         name, url = _study_target(study, storage)
         try:
-            result = final.evaluate(url, name, rule, resume_crashed=resume_crashed)  # type: ignore[arg-type]
+            done = final.evaluate(
+                url,
+                name,
+                rule,  # type: ignore[arg-type]
+                early=early,
+                resume_crashed=resume_crashed,
+            )
         except SelectorError as e:
-            prev = final.stored(url, name) if e.exit_code == 1 else None
+            prev = record.stored_final(url, name) if e.exit_code == 1 else None
             if prev is not None and as_json:
                 typer.echo(json.dumps(prev.as_dict(), indent=2))
             raise
+        result = done.result
         if as_json:
-            typer.echo(json.dumps(result.as_dict(), indent=2))
+            typer.echo(json.dumps({**result.as_dict(), "choice": done.choice.as_dict()}, indent=2))
             return
         typer.echo(
-            f"study {name!r}, trial {result.trial} ({result.rule}): "
-            f"CV {result.metric} = {result.cv_score:.4f}"
+            f"study {name!r}: {done.choice.describe()}: CV {result.metric} = {result.cv_score:.4f}"
         )
+        if done.remark:
+            typer.echo(f"note: {done.remark}")
         typer.echo(
             f"test {result.metric} = {result.test_score:.4f} on {result.test_rows} held-out "
-            f"rows (evaluated once; model saved in {result.artifact})"
+            f"rows (evaluated once; the study is sealed; model saved in {result.artifact})"
         )
 
     guarded(body)
@@ -483,7 +562,7 @@ def replay(
     study: StudyArg,
     trial: Annotated[int, typer.Argument(help="Trial number", min=0)],
     storage: StorageOpt = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Re-run one trial from its stored params and seed; exit 1 if its fold scores differ."""
 
@@ -500,8 +579,8 @@ def replay(
             typer.echo("  stored    " + " ".join(f"{x:.4f}" for x in r.stored))
             typer.echo("  replayed  " + " ".join(f"{x:.4f}" for x in r.replayed))
             verdict = "identical" if r.identical else f"DIFFERENT (max {r.max_difference:.2e})"
-            typer.echo(f"  {verdict}; config {'identical' if r.config_identical else 'DIFFERENT'}")
-        if not (r.identical and r.config_identical):
+            typer.echo(f"  {verdict}")
+        if not r.identical:
             raise typer.Exit(1)
 
     guarded(body)

@@ -8,7 +8,9 @@ gets (in Optuna's study system attrs, where optuna-dashboard reads them):
 - a study note: progress, best trial, diagnosis counts and the lockbox state (sealed / evaluated,
   score, when). A note someone edited in the dashboard is left alone;
 - a note for each complete trial that has none (trials that ran before notes existed; new trials
-  write their own from inside the objective, see `notes.annotate_trial`).
+  write their own from inside the objective, see `notes.annotate_trial`), and a new note for
+  each trial whose diagnosis changed since its note was written (labels are measured against
+  the study as it is now, `selector.diagnose`).
 
 Trials themselves are never changed.
 """
@@ -27,9 +29,9 @@ from wsgiref import simple_server
 import optuna
 from optuna.trial import TrialState
 
-from selector import final, notes, report, storage, summary
-from selector import study as study_mod
+from selector import notes, record, report, selection, storage, summary
 from selector.errors import SelectorError, StudyError
+from selector.summary import StudyStatus
 
 log = logging.getLogger(__name__)
 
@@ -61,33 +63,36 @@ def studies(url: str, only: str | None = None) -> tuple[optuna.storages.BaseStor
     return st, names
 
 
-def study_note(url: str, name: str, trials: list[optuna.trial.FrozenTrial]) -> str:
-    info = summary.status(url, name, top=0)
-    st, best, box = info["states"], info["best"], info["test_set"]
-    fits = Counter(str(t.user_attrs.get("diagnosis")) for t in trials)
-    grads = Counter(str(t.user_attrs.get("gradient_health")) for t in trials)
+def study_note(st: StudyStatus) -> str:
+    s, best = st.states, st.best
+    fits = st.counts("fit")
+    grads = st.counts("gradients")
     lines = [
-        f"## {name}",
+        f"## {st.study}",
         "",
-        f"**Data** {info['data']} · **metric** {info['metric']} ({info['direction']})",
+        f"**Data** {st.data} · **metric** {st.metric} (maximize)",
         "",
-        f"**Trials** {info['finished']}/{info['n_trials']} finished: {st['complete']} complete, "
-        f"{st['pruned']} pruned, {st['fail']} failed, {st['running']} running",
+        f"**Trials** {st.finished}/{st.n_trials} finished: {s['complete']} complete, "
+        f"{s['pruned']} pruned, {s['fail']} failed, {s['running']} running",
         "",
         "**Best** "
         + (
             "no complete trial yet"
             if best is None
-            else f"trial {best['trial']}: {best['value']:.4f} ± {best['cv_std']:.4f}, "
-            f"{best['diagnosis']}, gradients {best['gradients']}"
+            else f"trial {best.record.number}: {best.record.value:.4f} ± "
+            f"{best.record.cv_std:.4f}, {best.diagnosis.label if best.diagnosis else '-'}"
         ),
+        "",
+        "**Chosen** "
+        + (st.choice.describe() if st.choice else "-")
+        + f" · {summary.estimate_line(st)}",
         "",
         "**Diagnosis** "
         + (", ".join(f"{k} {v}" for k, v in fits.most_common()) or "-")
         + " · **gradients** "
         + (", ".join(f"{k} {v}" for k, v in grads.most_common()) or "-"),
         "",
-        "**Test set** " + _lockbox_line(box),
+        "**Test set** " + _lockbox_line(st),
         "",
         "Figures below: CV score per trial with fold spread, generalization gap against model "
         "size, learning curves of the top trials.",
@@ -97,48 +102,55 @@ def study_note(url: str, name: str, trials: list[optuna.trial.FrozenTrial]) -> s
     return "\n".join(lines)
 
 
-def _lockbox_line(box: dict[str, Any]) -> str:
-    if box["state"] == "sealed":
-        return "sealed: evaluated once, by `selector final`"
-    if box["state"] != "evaluated":
-        return f"{box['state']} (claimed at {box['claimed_at']})"
-    optimism = box["cv_score"] - box["test_score"] if box.get("cv_score") is not None else None
-    extra = f"; optimism (CV − test) {optimism:+.4f}" if optimism is not None else ""
-    return (
-        f"evaluated at {box['finished_at']}: {box['metric']} = {box['test_score']:.4f} on "
-        f"{box['test_rows']} rows (trial {box['trial']}, rule {box['rule']}){extra}"
-    )
+def _lockbox_line(st: StudyStatus) -> str:
+    f = st.final
+    line = summary.lockbox_line(st)
+    if f is None or f.state != "finished" or f.cv_score is None or f.test_score is None:
+        return line
+    return f"{line}; optimism (CV − test) {f.cv_score - f.test_score:+.4f}"
 
 
 def publish(url: str, st: optuna.storages.BaseStorage, name: str) -> Published | None:
     """selector's figures and notes for study `name` (None when it is not a selector study)."""
     from optuna_dashboard import get_note, save_note, save_plotly_graph_object
 
-    rec = study_mod.find_record(url, name)
+    rec = record.find_record(url, name)
     if rec is None:
         return None
     # a sampler whose before_trial does nothing: trial handles for notes change no trial
     study = optuna.load_study(study_name=name, storage=st, sampler=optuna.samplers.RandomSampler())
-    trials = report.complete_trials(study)
-    figures = report.study_figures(trials, rec.spec.metric)
+    status = summary.status(url, name)
+    figures = report.study_figures(status.ranked, rec.spec.metric)
     for key, fig in figures.items():
         save_plotly_graph_object(study, fig, graph_object_id=f"selector-{key}")
     system = st.get_study_system_attrs(study._study_id)
-    missing = [t for t in trials if not notes.has_note(system, t._trial_id)]
-    for t in missing:
-        notes.annotate_finished(study, t)
-    text, current = study_note(url, name, trials), get_note(study)
+    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
+    stale = [
+        v
+        for v in status.ranked
+        if v.diagnosis is not None
+        and notes.note_label(system, frozen[v.record.number]._trial_id) != v.diagnosis.label
+    ]
+    for v in stale:
+        assert v.diagnosis is not None
+        notes.annotate_finished(study, frozen[v.record.number], v.diagnosis)
+    text, current = study_note(status), get_note(study)
     write = current != text and (not current or STUDY_FOOTER in current)
     if write:
         save_note(study, text)
-    return Published(name, len(figures), len(missing), write)
+    return Published(name, len(figures), len(stale), write)
 
 
 def _signature(url: str, st: optuna.storages.BaseStorage, name: str) -> tuple[Any, ...]:
     study_id = st.get_study_id_from_name(name)
     counts = Counter(t.state for t in st.get_all_trials(study_id, deepcopy=False))
-    prev = final.stored(url, name)
-    return (tuple(counts.get(s, 0) for s in TrialState), prev.state if prev else "sealed")
+    prev = record.stored_final(url, name)
+    choice = selection.recorded(url, name)
+    return (
+        tuple(counts.get(s, 0) for s in TrialState),
+        prev.state if prev else "sealed",
+        choice.as_dict() if choice else None,
+    )
 
 
 class Refresher(threading.Thread):
@@ -226,7 +238,7 @@ def serve(
     server = make_server(url, st, host, port)
     refresher = Refresher(url, st, names, refresh)
     for p in refresher.publish_changed():
-        echo(f"study {p.study!r}: {p.figures} figures, {p.trial_notes} trial notes added")
+        echo(f"study {p.study!r}: {p.figures} figures, {p.trial_notes} trial notes written")
     if refresh > 0:
         refresher.start()
     echo(

@@ -6,8 +6,12 @@ comes from `load_dev`, whose rows are the dev part of the seeded split.
 
 from __future__ import annotations
 
+import csv
 import difflib
 import hashlib
+import json
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +52,7 @@ class Table:
     classes: tuple[str, ...]
     groups: np.ndarray | None
     origin: str
+    notes: tuple[str, ...] = ()  # what was done to the data without being asked, one line each
 
 
 @dataclass(frozen=True)
@@ -96,19 +101,31 @@ class FoldData:
 
 # --- loading ---------------------------------------------------------------------------------
 
+# The largest magnitude a feature or target may have: float32 (what trials train on) ends at
+# 3.4e38, and the scaled values, squares and sums of a column near that overflow.
+FLOAT32_SAFE = 1e38
+# A categorical column with more distinct values than ID_LEVELS and than ID_SHARE of its rows is
+# an identifier (a name, a key): one-hot encoded it adds a feature per row that no other row
+# shares, and it once cost 1.9 GiB a fold. Such a column is refused, not encoded.
+ID_LEVELS = 50
+ID_SHARE = 0.5
+# A text column whose values are mostly numbers (more than NUMERIC_SHARE of them) is a numeric
+# column with typos or markers in it, not a category: refused, naming the first text value.
+NUMERIC_SHARE = 0.5
+# The most of this machine's memory one worker's preprocessed folds may take (several workers
+# run on one machine, each with its own copy).
+MEMORY_SHARE = 0.25
+
 
 def _read_file(path: Path, field: str) -> pd.DataFrame:
-    if not path.exists():
-        raise DataError(f"{path}: no such data file ({field}); check the path in the study file")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory ({field}); give a CSV or Parquet file")
+    _regular_file(path, field)
     suffix = path.suffix.lower()
     try:
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
         if suffix not in (".csv", ".txt", ".tsv", ""):
             raise DataError(f"{path}: unknown file type {suffix!r} ({field}); use .csv or .parquet")
-        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+        return pd.read_csv(path, sep=_separator(path))
     except DataError:
         raise
     except pd.errors.EmptyDataError:
@@ -118,6 +135,54 @@ def _read_file(path: Path, field: str) -> pd.DataFrame:
         raise DataError(f"{path}: not a readable CSV ({detail}); check the file") from None
     except (OSError, ValueError, ImportError) as e:
         raise DataError(f"{path}: cannot read ({str(e).splitlines()[0][:120]})") from None
+
+
+def _regular_file(path: Path, field: str) -> None:
+    """Only a regular file is read: a FIFO would block for ever, /dev/zero fill the memory."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: no such data file ({field}); check the path in the study file"
+        ) from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}) ({field})") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"{path}: is a directory ({field}); give a CSV or Parquet file")
+    if not stat.S_ISREG(mode):
+        raise DataError(
+            f"{path}: not a regular file (a pipe, socket or device) ({field}); "
+            "give a CSV or Parquet file"
+        )
+
+
+def _separator(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _is_csv(path: Path) -> bool:
+    return path.suffix.lower() not in (".parquet", ".pq")
+
+
+def _short_rows(path: Path, frame: pd.DataFrame, origin: str) -> list[str]:
+    """A note on CSV rows with fewer fields than the header, which pandas pads with missing
+    values without a word. Such rows end in a missing value, so files without one are not
+    scanned again."""
+    if frame.shape[1] == 0 or not frame.iloc[:, -1].isna().any():
+        return []
+    width, short, first = frame.shape[1], 0, 0
+    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+        rows = (r for r in csv.reader(fh, delimiter=_separator(path)) if r)
+        next(rows, None)  # the header
+        for number, row in enumerate(rows, start=1):
+            if len(row) < width:
+                short, first = short + 1, first or number
+    if not short:
+        return []
+    return [
+        f"{origin}: {short} rows have fewer fields than the header's {width} (the first is row "
+        f"{first}); their missing fields were read as missing values"
+    ]
 
 
 def _sklearn_frame(name: str) -> tuple[pd.DataFrame, str]:
@@ -145,7 +210,75 @@ def _infer_task(y: pd.Series) -> Task:
     return "regression"
 
 
-def _check_features(X: pd.DataFrame, origin: str) -> None:
+def _is_numeric(s: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s)
+
+
+def _shown(value: object) -> str:
+    """A cell as a message shows it: 1, not np.int64(1)."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _row(s: pd.Series, mask: np.ndarray) -> tuple[int, object]:
+    """The row number (counted from 1 after the header) and value of the first row in `mask`."""
+    at = int(np.flatnonzero(mask)[0])
+    return int(s.index[at]) + 1, s.iloc[at]
+
+
+def _drop_hint(drop: list[str], col: str) -> str:
+    """The study file's line that drops `col` as well."""
+    return "drop = [" + ", ".join(json.dumps(c) for c in [*drop, col]) + "] in [data]"
+
+
+def _check_magnitude(s: pd.Series, what: str, origin: str, fix: str) -> None:
+    """Refuse infinite values, and values too large for float32 to train on."""
+    values = s.to_numpy(dtype=float, na_value=np.nan)
+    inf = np.isinf(values)
+    if inf.any():
+        row, value = _row(s, inf)
+        raise DataError(
+            f"{origin}: {what} has infinite values (the first, {value}, in row {row}); "
+            f"replace them{fix}"
+        )
+    huge = np.abs(values) > FLOAT32_SAFE
+    if huge.any():
+        row, value = _row(s, huge)
+        raise DataError(
+            f"{origin}: {what} has values beyond ±{FLOAT32_SAFE:g} (the first, {value:g}, in row "
+            f"{row}), which overflow float32 when scaled; rescale it (other units, a log){fix}"
+        )
+
+
+def _check_text(s: pd.Series, col: str, origin: str, drop: list[str]) -> None:
+    """A text column that mostly holds numbers has typos or markers in it: refused."""
+    values = s.dropna()
+    values = values[[not isinstance(v, bool | np.bool_) for v in values]]
+    if len(values) == 0:
+        return
+    as_num = pd.to_numeric(values, errors="coerce")
+    text = as_num.isna().to_numpy()
+    if text.all() or not text.any() or (~text).mean() <= NUMERIC_SHARE:
+        return  # text, numbers stored as text (codes), or a mix that is mostly text
+    row, bad = _row(values, text)
+    raise DataError(
+        f"{origin}: column {col!r} is numeric but holds text such as {str(bad)!r} (row {row}); "
+        f"fix those cells, or leave the column out ({_drop_hint(drop, col)})"
+    )
+
+
+def _check_levels(s: pd.Series, col: str, origin: str, drop: list[str]) -> None:
+    """A categorical column with about one value per row is an identifier: refused."""
+    present = int(s.notna().sum())
+    levels = int(s.nunique())
+    if levels > ID_LEVELS and levels > ID_SHARE * present:
+        raise DataError(
+            f"{origin}: column {col!r} has {levels} distinct values in {present} rows, like an "
+            f"identifier; one-hot encoded it would add {levels} features no other row shares: "
+            f"leave it out ({_drop_hint(drop, col)})"
+        )
+
+
+def _check_features(X: pd.DataFrame, origin: str, drop: list[str]) -> None:
     if X.shape[1] == 0:
         raise DataError(f"{origin}: no feature columns left after 'target' and 'drop'")
     for col in X.columns:
@@ -154,34 +287,25 @@ def _check_features(X: pd.DataFrame, origin: str) -> None:
             raise DataError(
                 f"{origin}: column {col!r} has no values (all missing); add it to data.drop"
             )
-        if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
-            if np.isinf(s.to_numpy(dtype=float, na_value=np.nan)).any():
-                raise DataError(
-                    f"{origin}: column {col!r} has infinite values; replace them or drop the column"
-                )
-            continue
-        values = s.dropna()
-        as_num = pd.to_numeric(values, errors="coerce")
-        if as_num.notna().mean() >= 0.8:
-            bad = values[as_num.isna()].iloc[0]
-            raise DataError(
-                f"{origin}: column {col!r} is numeric but holds text such as {str(bad)!r}; "
-                "fix those cells or add the column to data.drop"
+        if _is_numeric(s):
+            _check_magnitude(
+                s, f"column {col!r}", origin, f", or leave it out ({_drop_hint(drop, col)})"
             )
+            continue
+        _check_text(s, col, origin, drop)
+        _check_levels(s, col, origin, drop)
 
 
 def _encode_target(
     y: pd.Series, task: Task, origin: str, col: str
 ) -> tuple[np.ndarray, tuple[str, ...]]:
     if task == "regression":
-        if not pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
+        if not _is_numeric(y):
             raise DataError(
                 f'{origin}: target {col!r} is not numeric; set data.task = "classification"'
             )
-        values = y.to_numpy(dtype=float)
-        if not np.isfinite(values).all():
-            raise DataError(f"{origin}: target {col!r} has infinite values")
-        return values, ()
+        _check_magnitude(y, f"target {col!r}", origin, "")
+        return y.to_numpy(dtype=float), ()
     codes, uniques = pd.factorize(y, sort=True)
     if len(uniques) > MAX_CLASSES:
         raise DataError(
@@ -191,15 +315,58 @@ def _encode_target(
     return codes.astype(np.int64), tuple(str(u) for u in uniques)
 
 
-def load_table(ds: DataSpec, base_dir: str) -> Table:
-    """Read the data set named by the study file and encode its target."""
+def _check_groups(g: pd.Series, col: str, origin: str) -> None:
+    """The groups column must put every row in a group, and have at least two groups."""
+    missing = g.isna().to_numpy()
+    if missing.any():
+        row, _ = _row(g, missing)
+        raise DataError(
+            f"{origin}: data.groups column {col!r} has missing values (the first in row {row}); "
+            "give every row a group, or drop those rows"
+        )
+    if g.nunique() < 2:
+        raise DataError(
+            f"{origin}: data.groups column {col!r} is constant ({_shown(g.iloc[0])}): one group "
+            "cannot be split into dev and test rows; name the column that groups related rows"
+        )
+
+
+def _read(ds: DataSpec, base_dir: str) -> tuple[pd.DataFrame, str, str, list[str]]:
+    """The data set's frame, its target column, where it came from, and notes on the reading."""
     if ds.source is not None:
         frame, target = _sklearn_frame(ds.source.removeprefix("sklearn:"))
-        origin = ds.source
-    else:
-        assert ds.path is not None and ds.target is not None
-        path = Path(ds.path) if Path(ds.path).is_absolute() else Path(base_dir) / ds.path
-        frame, target, origin = _read_file(path, "data.path"), ds.target, str(path)
+        return frame, target, ds.source, []
+    assert ds.path is not None and ds.target is not None
+    path = Path(ds.path) if Path(ds.path).is_absolute() else Path(base_dir) / ds.path
+    frame = _read_file(path, "data.path")
+    notes = _short_rows(path, frame, str(path)) if _is_csv(path) else []
+    return frame, ds.target, str(path), notes
+
+
+def _drop_missing_target(
+    frame: pd.DataFrame, target: str, origin: str
+) -> tuple[pd.DataFrame, list[str]]:
+    """The rows with a target; the others are left out, and a note says how many."""
+    keep = frame[target].notna()
+    if not keep.any():
+        raise DataError(f"{origin}: target {target!r} has no values")
+    if keep.all():
+        return frame, []
+    left_out = int((~keep).sum())
+    note = (
+        f"{origin}: {left_out} of {len(frame)} rows have no value in the target {target!r} and "
+        f"were left out ({int(keep.sum())} rows remain)"
+    )
+    return frame[keep], [note]
+
+
+def load_table(ds: DataSpec, base_dir: str) -> Table:
+    """Read the data set named by the study file and encode its target.
+
+    Rows keep their position in the file (counted from 1 after the header) until every check has
+    run, so that a message names the row at fault."""
+    frame, target, origin, notes = _read(ds, base_dir)
+    frame = frame.reset_index(drop=True)
     _column(frame, target, "data.target", origin)
     for col in ds.drop:
         _column(frame, col, "data.drop", origin)
@@ -210,21 +377,29 @@ def load_table(ds: DataSpec, base_dir: str) -> Table:
                 f"{origin}: data.groups {ds.groups!r} is the target column; "
                 "name the column that groups related rows"
             )
-    frame = frame[frame[target].notna()].reset_index(drop=True)
-    if len(frame) == 0:
-        raise DataError(f"{origin}: target {target!r} has no values")
+    frame, dropped = _drop_missing_target(frame, target, origin)
     y = frame[target]
     if y.nunique() < 2:
         raise DataError(
-            f"{origin}: target {target!r} is constant ({y.iloc[0]!r}); nothing to learn"
+            f"{origin}: target {target!r} is constant ({_shown(y.iloc[0])}); nothing to learn"
         )
     task = ds.task or _infer_task(y)
     codes, classes = _encode_target(y, task, origin, target)
+    if ds.groups is not None:
+        _check_groups(frame[ds.groups], ds.groups, origin)
     groups = frame[ds.groups].to_numpy() if ds.groups else None
     X = frame.drop(columns=[target, *ds.drop, *([ds.groups] if ds.groups else [])])
     X.columns = [str(c) for c in X.columns]
-    _check_features(X, origin)
-    return Table(X=X, y=codes, task=task, classes=classes, groups=groups, origin=origin)
+    _check_features(X, origin, ds.drop)
+    return Table(
+        X=X.reset_index(drop=True),
+        y=codes,
+        task=task,
+        classes=classes,
+        groups=groups,
+        origin=origin,
+        notes=(*notes, *dropped),
+    )
 
 
 # --- split and folds -------------------------------------------------------------------------
@@ -235,7 +410,13 @@ def _split(table: Table, spec: StudySpec) -> tuple[np.ndarray, np.ndarray]:
     ts, seed = spec.data.test_size, spec.seed
     if table.groups is not None:
         gss = GroupShuffleSplit(n_splits=1, test_size=ts, random_state=seed)
-        dev, test = next(gss.split(idx, groups=table.groups))
+        try:
+            dev, test = next(gss.split(idx, groups=table.groups))
+        except ValueError as e:
+            raise DataError(
+                f"{table.origin}: cannot hold back data.test_size = {ts} of the "
+                f"{len(np.unique(table.groups))} data.groups: {str(e).splitlines()[0]}"
+            ) from None
         return np.sort(dev), np.sort(test)
     strat = table.y if table.task == "classification" else None
     if strat is not None:
@@ -326,6 +507,12 @@ class Prepared:
     folds: tuple[tuple[np.ndarray, np.ndarray], ...]
     fingerprints: Fingerprints
 
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What was done to the data without being asked (rows left out, short rows padded), one
+        line each: for `create`'s output and the study's `data_notes`."""
+        return self.table.notes
+
 
 def _check_metric(table: Table, name: str) -> None:
     """The study's metric must score the data's task (and `f1` needs exactly two classes)."""
@@ -343,12 +530,52 @@ def _check_metric(table: Table, name: str) -> None:
         )
 
 
+def _memory_bytes() -> int:
+    """This machine's memory, or the container's limit where that is lower (cgroup v2)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return int(total)
+    return int(min(total, int(limit))) if limit.isdigit() else int(total)
+
+
+def encoded_width(X: pd.DataFrame) -> tuple[int, dict[str, int]]:
+    """The preprocessed width (one feature per numeric column, one per level of a categorical
+    one) and the levels of each categorical column: known before anything is allocated."""
+    levels = {str(c): int(X[c].nunique()) for c in X.columns if not _is_numeric(X[c])}
+    return X.shape[1] - len(levels) + sum(levels.values()), levels
+
+
+def _check_memory(table: Table, dev_rows: int, n_folds: int, drop: list[str]) -> None:
+    """Refuse data whose preprocessed folds would not fit: a worker keeps every fold (training
+    and validation rows, float32), and a fold's one-hot encoding passes through float64 twice."""
+    width, levels = encoded_width(table.X)
+    need = dev_rows * width * (4 * n_folds + 16)
+    have = MEMORY_SHARE * _memory_bytes()
+    if need <= have:
+        return
+    gib = f"{need / 2**30:.1f} GiB, more than {MEMORY_SHARE:.0%} of this machine's memory"
+    widest = max(levels, key=levels.__getitem__, default=None)
+    if widest is not None and levels[widest] > width - sum(levels.values()):
+        raise DataError(
+            f"{table.origin}: column {widest!r} has {levels[widest]} distinct values; one-hot "
+            f"encoded, the {n_folds} folds of {dev_rows} rows would take {gib}: "
+            f"leave it out ({_drop_hint(drop, widest)})"
+        )
+    raise DataError(
+        f"{table.origin}: the {n_folds} folds of {dev_rows} rows x {width} features would take "
+        f"{gib}; use fewer rows or columns (data.drop)"
+    )
+
+
 def prepare(spec: StudySpec) -> Prepared:
     """Load the data and fix the split and folds; nothing here is handed to a trial yet."""
     table = load_table(spec.data, spec.base_dir)
     _check_metric(table, spec.metric)
     dev, test = _split(table, spec)
     folds = _folds(table, spec, dev)
+    _check_memory(table, len(dev), len(folds), spec.data.drop)
     return Prepared(table, dev, test, folds, _fingerprints(table, dev, test, folds))
 
 

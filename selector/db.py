@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -56,7 +57,55 @@ workers = sa.Table(
     sa.Column("host", sa.String(256), nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("heartbeat_s", sa.Integer),  # the heartbeat and grace the worker runs with
+    sa.Column("grace_s", sa.Integer),
 )
+
+# The study's choice of trial (rule and trial), recorded by `export` and `final` when they make
+# it: what `final` evaluates, and what the report, `predict` and later exports show.
+choice = sa.Table(
+    "selector_choice",
+    metadata,
+    sa.Column("study_name", sa.String(512), primary_key=True),
+    sa.Column("rule", sa.String(16), nullable=False),
+    sa.Column("trial_number", sa.Integer, nullable=False),
+    sa.Column("chosen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("chosen_by", sa.String(32), nullable=False),  # export | final
+)
+
+# Out-of-fold predictions of complete trials (`record.pack_oof`): what the bootstrap
+# bias-corrected estimate of the chosen trial's test score resamples.
+oof = sa.Table(
+    "selector_oof",
+    metadata,
+    sa.Column("study_name", sa.String(512), primary_key=True),
+    sa.Column("trial_number", sa.Integer, primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # labels | proba | values
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
+
+def _missing_table(e: sa.exc.DBAPIError) -> bool:
+    text = str(e.orig).lower()
+    return "no such table" in text or ("relation" in text and "does not exist" in text)
+
+
+def read_all(url: str, stmt: sa.Select[Any]) -> list[sa.Row[Any]]:
+    """Rows of a query on selector's tables, for read-only commands: creates nothing, and a
+    table that does not exist yet (a storage with no selector study) reads as empty."""
+    try:
+        with storage.engine(url).connect() as conn:
+            return list(conn.execute(stmt))
+    except (sa.exc.OperationalError, sa.exc.ProgrammingError) as e:
+        if _missing_table(e):
+            return []
+        first = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+        raise StorageError(f"storage {storage.mask(url)}: {first}") from None
+
+
+def read_one(url: str, stmt: sa.Select[Any]) -> sa.Row[Any] | None:
+    rows = read_all(url, stmt)
+    return rows[0] if rows else None
 
 
 @contextmanager

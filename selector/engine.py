@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,9 +20,9 @@ import torch
 from torch import nn
 
 from selector.data import FoldData
-from selector.errors import TrialDiverged
+from selector.errors import TrialDiverged, TrialOutOfMemory
 from selector.metrics import Metric, Task
-from selector.model import MLP, build_mlp
+from selector.model import MLP, build_mlp, count_params
 from selector.space import TrialConfig
 from selector.spec import TrainingSpec
 
@@ -54,6 +55,8 @@ class CVResult:
     grad_norms: list[list[float]]  # per epoch, per layer (input → output), mean over folds
     seeds: list[int]
     stopped_early: bool = False
+    # each fold's `predict` output on its validation rows at the best epoch (out-of-fold)
+    oof: list[np.ndarray] = field(default_factory=list)
 
     @property
     def cv_std(self) -> float:
@@ -187,9 +190,7 @@ def predict(
 
 def score(metric: Metric, y_true: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
     """Score predictions from `predict`; labels are the argmax when the metric needs labels."""
-    if metric.needs == "labels":
-        return metric.score(y_true, pred.argmax(axis=1), n_classes)
-    return metric.score(y_true, pred, n_classes)
+    return metric.of_predictions(y_true, pred, n_classes)
 
 
 @dataclass
@@ -265,14 +266,15 @@ def drive(
     after `patience` epochs without a better mean; then the train scores at the best epoch."""
     curves = _Curves()
     best, best_epoch, best_scores = -math.inf, 0, [0.0] * len(folds)
+    best_preds: list[np.ndarray] = []
     for epoch in range(1, training.max_epochs + 1):
         losses, norms = models.train_epoch()
         for k, loss in enumerate(losses):
             if not math.isfinite(loss):
                 raise TrialDiverged(epoch, k)
+        preds = models.predictions("val")
         scores = [
-            score(metric, f.y_val, pred, n_classes)
-            for f, pred in zip(folds, models.predictions("val"), strict=True)
+            score(metric, f.y_val, pred, n_classes) for f, pred in zip(folds, preds, strict=True)
         ]
         mean = float(np.mean(scores))
         curves.val.append(mean)
@@ -280,7 +282,7 @@ def drive(
         curves.folds.append(scores)
         curves.grads.append(np.mean(np.asarray(norms), axis=0).tolist())
         if mean > best:
-            best, best_epoch, best_scores = mean, epoch, scores
+            best, best_epoch, best_scores, best_preds = mean, epoch, scores, preds
             models.snapshot()
         if on_epoch is not None:
             on_epoch(epoch, mean)
@@ -303,6 +305,7 @@ def drive(
         grad_norms=curves.grads,
         seeds=seeds,
         stopped_early=len(curves.val) < training.max_epochs,
+        oof=best_preds,
     )
 
 
@@ -406,3 +409,187 @@ def fit(
             raise TrialDiverged(epoch, 0)
     run.model.eval()
     return run.model
+
+
+# --- memory: what a trial needs, what the machine has, and what failed for want of it -------------
+
+# Per-parameter tensors each optimizer keeps besides the weights and their gradients.
+OPTIMIZER_STATES = {
+    "sgd": 0,
+    "momentum": 1,
+    "adagrad": 1,
+    "rmsprop": 1,
+    "adadelta": 2,
+    "adam": 2,
+    "adamw": 2,
+}
+# Share of the available memory the reference engine may plan to use before a trial is refused:
+# the estimate leaves out the interpreter, torch's workspaces and fragmentation.
+REFERENCE_SHARE = 0.9
+# What an allocation failure says: torch's CPU allocator, CUDA, MPS, cuBLAS, the C++ runtime.
+OOM_MESSAGES = (
+    "out of memory",
+    "can't allocate memory",
+    "cannot allocate memory",
+    "not enough memory",
+    "alloc_failed",
+    "bad_alloc",
+)
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """Bytes an engine needs at its peak for one trial, by what drives each part: the data
+    (rows, features, folds), the weights with their gradients, optimizer state and best-epoch
+    snapshot (width, depth), one training batch's activations (batch size, width) and one
+    evaluation's (rows, width)."""
+
+    data: int
+    weights: int
+    batch: int
+    evaluation: int
+
+    @property
+    def total(self) -> int:
+        return self.data + self.weights + self.batch + self.evaluation
+
+
+def reference_need(
+    config: TrialConfig,
+    *,
+    folds: int,
+    n_in: int,
+    n_train: int,
+    n_val: int,
+    n_out: int,
+    copies_data: bool,
+) -> MemoryNeed:
+    """The reference engine's peak: all `folds` fold models are built at once (`reference_models`)
+    and each keeps its weights, gradients, optimizer state and snapshot; the folds train and are
+    scored one after another, each evaluation on all of a fold's rows in one pass. The data are
+    copied only onto another device (on the CPU the tensors share the folds' arrays)."""
+    widths = config.widths()
+    params = count_params(config, n_in, n_out)
+    copies = 3 + OPTIMIZER_STATES.get(config.optimizer, 2)  # weights, grads, snapshot, state
+    per_row = n_in + 6 * sum(widths) + 2 * n_out  # as `stacked.memory_estimate` counts a step
+    rows = max(n_train, n_val)
+    return MemoryNeed(
+        data=folds * (n_train + n_val) * (n_in + 1) * 4 if copies_data else 0,
+        weights=folds * params * 4 * copies,
+        batch=min(config.batch_size, n_train) * per_row * 4 * 2,
+        evaluation=rows * (n_in + 3 * max(widths) + n_out) * 4 + rows * n_out * 8 * 2,
+    )
+
+
+def reference_memory(
+    folds: Sequence[FoldData], config: TrialConfig, n_out: int, device: torch.device
+) -> MemoryNeed:
+    """`reference_need` for these folds on `device`."""
+    return reference_need(
+        config,
+        folds=len(folds),
+        n_in=folds[0].X_train.shape[1],
+        n_train=max(f.X_train.shape[0] for f in folds),
+        n_val=max(f.X_val.shape[0] for f in folds),
+        n_out=n_out,
+        copies_data=device.type != "cpu",
+    )
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes this process may still allocate on `device`. On CUDA the device's free memory plus
+    what torch's caching allocator holds unused; on the CPU the kernel's MemAvailable (psutil's,
+    or free pages, where /proc is not there), capped by a container's cgroup memory limit."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(0, cached))
+    return min(_host_available(), _cgroup_available())
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil  # type: ignore[import-untyped, unused-ignore]
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+# cgroup v2, then v1: (limit file, usage file, the reclaimable page cache's key in memory.stat)
+CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "total_inactive_file",
+    ),
+)
+UNLIMITED = 1 << 62
+
+
+def _cgroup_available() -> int:
+    """Bytes left under this container's memory limit (UNLIMITED where none is set): past it
+    the kernel's OOM killer ends the process instead of an allocation failing."""
+    for limit_file, usage_file, cache_key in CGROUP_FILES:
+        try:
+            with open(limit_file) as fh:
+                text = fh.read().strip()
+            if text == "max":
+                return UNLIMITED
+            limit = int(text)
+            with open(usage_file) as fh:
+                usage = int(fh.read().strip())
+            with open(os.path.join(os.path.dirname(limit_file), "memory.stat")) as fh:
+                stat = dict(line.split() for line in fh if line.count(" ") == 1)
+        except (OSError, ValueError):
+            continue
+        if limit >= UNLIMITED:
+            return UNLIMITED
+        return max(0, limit - usage + int(stat.get(cache_key, 0)))
+    return UNLIMITED
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` means the trial ran out of memory: torch's `OutOfMemoryError` (CUDA),
+    `MemoryError` (NumPy, Python), `TrialOutOfMemory` (refused by the estimate) and the
+    `RuntimeError` of a failed allocation elsewhere (the CPU allocator's "DefaultCPUAllocator:
+    can't allocate memory" or "not enough memory", MPS, cuBLAS)."""
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError | TrialOutOfMemory):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in OOM_MESSAGES)
+
+
+def out_of_memory(
+    config: TrialConfig, need: MemoryNeed, available: int, device: torch.device, folds: int
+) -> TrialOutOfMemory:
+    """The refusal of a trial that cannot fit, naming the knob that drives the largest part."""
+    parts = {
+        "weights": (need.weights, "width or depth"),
+        "batch": (need.batch, "batch size or width"),
+        "evaluation": (need.evaluation, "width"),
+        "data": (need.data, "the folds or the rows"),
+    }
+    knob = max(parts.values())[1]
+    return TrialOutOfMemory(
+        f"needs about {_size(need.total)} on {device.type} but {_size(available)} is available "
+        f"(width {config.width}, depth {config.depth}, batch size {config.batch_size}, "
+        f"{config.optimizer}, {folds} folds): weights {_size(need.weights, False)}, "
+        f"a batch's activations {_size(need.batch, False)}, an evaluation "
+        f"{_size(need.evaluation, False)}, data {_size(need.data, False)}; lower the {knob}",
+        need=need.total,
+        available=available,
+    )
+
+
+def _size(n: int, exact: bool = True) -> str:
+    shown = f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    return f"{shown} ({n:,} bytes)" if exact else shown

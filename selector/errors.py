@@ -1,14 +1,17 @@
 """The error hierarchy and the reasons a trial can fail.
 
 `SelectorError` and its children are "stop, tell the user" errors: the CLI prints their message on one
-line and exits with `exit_code`. Trial-level errors (`TrialDiverged`) only end one trial; the study goes on.
+line and exits with `exit_code`. Trial-level errors (`TrialDiverged`, `TrialOutOfMemory`) only end
+one trial; the study goes on.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-FailReason = Literal["exception", "diverged", "oom", "interrupted", "stale"]
+# `interrupted`: Ctrl-C; `terminated`: SIGTERM (a service manager, a container or a batch job
+# stopped the worker); `stale`: the worker died or went silent (no reason was recorded).
+FailReason = Literal["exception", "diverged", "oom", "interrupted", "terminated", "stale"]
 
 
 class SelectorError(Exception):
@@ -50,3 +53,14 @@ class TrialDiverged(Exception):
         super().__init__(f"non-finite training loss in fold {fold} at epoch {epoch}")
         self.epoch = epoch
         self.fold = fold
+
+
+class TrialOutOfMemory(Exception):
+    """The trial cannot fit in the memory available to it: refused by the memory estimate before
+    anything was allocated; it ends at once as FAIL (reason `oom`). The message names the knobs
+    (width, depth, batch size) and the bytes needed and available."""
+
+    def __init__(self, message: str, *, need: int, available: int) -> None:
+        super().__init__(message)
+        self.need = need
+        self.available = available

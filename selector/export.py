@@ -1,94 +1,85 @@
 """The chosen config with its provenance, as JSON, YAML or TOML.
 
-Rules: `best` is the trial with the best mean CV score; `one-se` is the simplest trial (fewest
-parameters, then fewest epochs) whose mean CV score is within one standard error of the best.
+Which trial is chosen is `selector.selection`'s to say; this module writes it down: the params,
+the config rebuilt through the search space, the CV scores, the expected test score (the
+bias-corrected estimate) and, once `final` ran, the test score of that same trial.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Literal
 
-import numpy as np
 import optuna
 import tomli_w
 import yaml
-from optuna.trial import FrozenTrial, TrialState
 
-from selector import storage
+from selector import record, selection, storage
 from selector.errors import RefusedError
-from selector.study import Record
-from selector.worker import value_of
+from selector.record import StudyRecord, TrialRecord
+from selector.selection import Choice, Rule
 
-Rule = Literal["best", "one-se"]
 Format = Literal["json", "yaml", "toml"]
+FORMATS: tuple[Format, ...] = ("json", "yaml", "toml")
 
 
-def _complete(study: optuna.Study) -> list[FrozenTrial]:
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not trials:
-        raise RefusedError(
-            f"study {study.study_name!r} has no complete trial yet; run `selector run` first"
-        )
-    return trials
-
-
-def standard_error(trial: FrozenTrial) -> float:
-    scores = trial.user_attrs.get("fold_scores") or []
-    if len(scores) < 2:
-        return 0.0
-    return float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
-
-
-def choose(study: optuna.Study, rule: Rule) -> FrozenTrial:
-    trials = _complete(study)
-    best = max(trials, key=lambda t: value_of(t))
-    if rule == "best":
-        return best
-    floor = value_of(best) - standard_error(best)
-    near = [t for t in trials if value_of(t) >= floor]
-    return min(
-        near,
-        key=lambda t: (
-            t.user_attrs.get("n_params", 0),
-            t.user_attrs.get("best_epoch", 0),
-            -value_of(t),
-        ),
-    )
+def choose_for_export(url: str, name: str, records: list[TrialRecord], rule: Rule | None) -> Choice:
+    """The trial to export, recorded as the study's choice. Before `final`: `rule` (or the rule
+    recorded earlier, or `best`) applied to the trials now. After `final`: the evaluated trial;
+    a `rule` that picks another one is refused."""
+    now = selection.current(url, name, records)
+    if now is not None and now.evaluated:
+        if rule is not None and selection.choose(records, rule, name).number != now.trial:
+            raise RefusedError(
+                f"study {name!r}: the test set was evaluated on trial {now.trial} (rule "
+                f"{now.rule}); rule {rule} picks another trial, which has no unbiased test "
+                "score — export without --rule, or create a new study"
+            )
+        return now
+    wanted: Rule = rule or (now.rule if now is not None and now.by else "best")
+    chosen = selection.choose(records, wanted, name)
+    return selection.record_choice(url, name, wanted, chosen.number, "export")
 
 
 def document(
-    study: optuna.Study, rec: Record, rule: Rule, url: str, final: dict[str, Any] | None = None
+    study: optuna.Study,
+    rec: StudyRecord,
+    url: str,
+    choice: Choice,
+    records: list[TrialRecord],
+    estimate: Any | None = None,
 ) -> dict[str, Any]:
     """Everything needed to rebuild and retrain the chosen model, and where it came from."""
-    trial = choose(study, rule)
-    a = trial.user_attrs
+    trial = next((r for r in records if r.number == choice.trial), None)
+    if trial is None or not trial.complete:
+        raise RefusedError(f"study {study.study_name!r}: trial {choice.trial} is not complete")
     spec = rec.spec
+    final = record.stored_final(url, rec.name)
+    test = final.as_dict() if final is not None and final.trial == trial.number else None
     return {
         "study": study.study_name,
-        "rule": rule,
+        "rule": choice.rule,
         "trial": trial.number,
+        "chosen": choice.describe(),
         "params": trial.params,
         "config": {
-            **a.get("config", {}),
-            "epochs": a.get("best_epoch"),
+            **trial.config(spec.space).as_dict(),
+            "epochs": trial.best_epoch,
             "max_epochs": spec.training.max_epochs,
         },
         "cv": {
             "metric": spec.metric,
             "mean": trial.value,
-            "std": a.get("cv_std"),
-            "standard_error": standard_error(trial),
-            "fold_scores": a.get("fold_scores"),
-            "folds": len(a.get("fold_scores") or []),
+            "std": trial.cv_std,
+            "standard_error": trial.standard_error,
+            "fold_scores": list(trial.fold_scores),
+            "folds": len(trial.fold_scores),
         },
-        "train_score": a.get("train_score"),
-        "gap": a.get("gap"),
-        "diagnosis": a.get("diagnosis"),
-        "gradient_health": a.get("gradient_health"),
-        "n_params": a.get("n_params"),
-        "seed": a.get("seed"),
+        "expected_test": estimate.as_dict() if estimate is not None else None,
+        "train_score": trial.train_score,
+        "gap": trial.gap,
+        "n_params": trial.n_params,
+        "seed": trial.seed,
         "data": {
             **spec.data.model_dump(exclude_none=True),
             "seed": spec.seed,
@@ -96,7 +87,7 @@ def document(
         },
         "versions": rec.versions,
         "storage": storage.mask(url),
-        "test": final,
+        "test": test,
     }
 
 

@@ -11,61 +11,21 @@ import datetime as dt
 import json
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import sqlalchemy as sa
 import torch
 
-from selector import artifact, data, db, engine, export, metrics, storage
-from selector.errors import LockboxError, StudyError
+from selector import artifact, data, db, engine, export, metrics, record, selection, storage
+from selector.errors import LockboxError, RefusedError, StudyError
+from selector.record import FinalResult, StudyRecord, TrialRecord, stored_final
+from selector.selection import Choice, Rule
 from selector.space import TrialConfig
-from selector.study import Record, open_study
 
 FINAL_SEED_TAG = 2**31 - 1
-
-
-@dataclass
-class FinalResult:
-    study: str
-    state: str
-    rule: str
-    trial: int
-    metric: str
-    cv_score: float | None
-    test_score: float | None
-    test_rows: int | None
-    claimed_at: str
-    finished_at: str | None
-    artifact: str | None
-    resumed_at: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _result(row: Any) -> FinalResult:
-    return FinalResult(
-        study=row.study_name,
-        state=row.state,
-        rule=row.rule,
-        trial=row.trial_number,
-        metric=row.metric,
-        cv_score=row.cv_score,
-        test_score=row.test_score,
-        test_rows=row.test_rows,
-        claimed_at=row.claimed_at.isoformat(),
-        finished_at=row.finished_at.isoformat() if row.finished_at else None,
-        artifact=row.artifact,
-        resumed_at=row.resumed_at.isoformat() if row.resumed_at else None,
-    )
-
-
-def stored(url: str, name: str) -> FinalResult | None:
-    with db.transaction(url) as conn:
-        row = conn.execute(sa.select(db.final).where(db.final.c.study_name == name)).first()
-    return None if row is None else _result(row)
 
 
 def _claim(url: str, name: str, rule: str, trial: int, metric: str, cv: float) -> None:
@@ -84,12 +44,12 @@ def _claim(url: str, name: str, rule: str, trial: int, metric: str, cv: float) -
                 )
             )
     except sa.exc.IntegrityError:
-        raise LockboxError(refusal(stored(url, name))) from None
+        raise LockboxError(refusal(stored_final(url, name))) from None
 
 
-def _take_over(url: str, name: str) -> tuple[export.Rule, int]:
+def _take_over(url: str, name: str) -> Choice:
     """Take over a claim whose evaluation never finished; only one process can."""
-    prev = stored(url, name)
+    prev = stored_final(url, name)
     if prev is None:
         raise LockboxError(
             f"study {name!r}: no evaluation was started; run `selector final` "
@@ -110,11 +70,11 @@ def _take_over(url: str, name: str) -> tuple[export.Rule, int]:
         ).rowcount
     if taken != 1:
         raise LockboxError(
-            refusal(stored(url, name))
+            refusal(stored_final(url, name))
             if prev.state == "finished"
             else f"study {name!r}: the crashed evaluation was already resumed once"
         )
-    return prev.rule, prev.trial  # type: ignore[return-value]
+    return Choice(prev.rule, prev.trial, "final", prev.claimed_at)  # type: ignore[arg-type]
 
 
 def refusal(prev: FinalResult | None) -> str:
@@ -134,24 +94,84 @@ def refusal(prev: FinalResult | None) -> str:
 
 
 def artifact_dir(url: str, name: str) -> Path:
+    """Where `final` saves the study's model: `selector-artifacts/STUDY` beside a SQLite
+    database, else in the current directory. A symbolic link planted at either level is refused
+    (`StorageError`), never followed: call this before the test set is claimed."""
     path = storage.sqlite_path(url)
     base = path.parent if path is not None else Path.cwd()
-    return base / "selector-artifacts" / name
+    out = base / "selector-artifacts" / name
+    artifact.check_directory(out.parent)
+    artifact.check_directory(out)
+    return out
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """What `final` did: the stored result, the choice it evaluated, and a remark on it (a rule
+    that would now pick another trial than the recorded choice)."""
+
+    result: FinalResult
+    choice: Choice
+    remark: str | None = None
+
+
+def check_budget_spent(study: optuna.Study, rec: StudyRecord) -> None:
+    """The test set is opened only once the search is over: after it, no trial may run."""
+    done = record.count(study)
+    if done < rec.n_trials:
+        raise RefusedError(
+            f"study {rec.name!r} has {done} of its n_trials = {rec.n_trials} finished trials; "
+            "opening the test set seals the study (no more trials), so finish the search first "
+            "— or pass --early to evaluate the choice now and end the search here"
+        )
+
+
+def _choice(
+    url: str, name: str, records: list[TrialRecord], rule: Rule | None
+) -> tuple[Choice, str | None]:
+    """The choice `final` evaluates: `rule` applied now (recorded), else the recorded choice,
+    else rule `best` (recorded)."""
+    chosen = selection.recorded(url, name)
+    if rule is None and chosen is not None:
+        now = selection.choose(records, chosen.rule, name).number
+        remark = (
+            None
+            if now == chosen.trial
+            else f"rule {chosen.rule} now picks trial {now} (trials finished after the export); "
+            f"`selector final --rule {chosen.rule}` would evaluate that one instead"
+        )
+        return chosen, remark
+    pick = selection.choose(records, rule or "best", name)
+    return selection.record_choice(url, name, rule or "best", pick.number, "final"), None
 
 
 def evaluate(
-    url: str, name: str, rule: export.Rule = "best", *, resume_crashed: bool = False
-) -> FinalResult:
-    """Claim the lockbox, refit the chosen config on all dev rows, score the test rows once.
+    url: str,
+    name: str,
+    rule: Rule | None = None,
+    *,
+    early: bool = False,
+    resume_crashed: bool = False,
+) -> Evaluated:
+    """Claim the lockbox, refit the chosen trial's config on all dev rows, score the test rows
+    once. The chosen trial is the study's recorded choice (`export` records it) unless `rule`
+    chooses anew; refused while the budget is not spent unless `early`.
 
     `resume_crashed` finishes an evaluation whose process died after its claim (explicitly, once,
     recorded in `resumed_at`); it never re-opens a finished one."""
-    study, rec = open_study(url, name)
+    study, rec = record.open_study(url, name)
+    records = record.trials(study)
+    remark = None
     if resume_crashed:
-        rule, number = _take_over(url, name)
-        trial = study.trials[number]
+        choice = _take_over(url, name)
     else:
-        trial = export.choose(study, rule)
+        prev = stored_final(url, name)
+        if prev is not None:
+            raise LockboxError(refusal(prev))
+        if not early:
+            check_budget_spent(study, rec)
+        choice, remark = _choice(url, name, records, rule)
+    trial = next(r for r in records if r.number == choice.trial)
     prep = data.prepare(rec.spec)
     if prep.fingerprints.as_dict() != rec.fingerprints:
         raise StudyError(
@@ -159,10 +179,11 @@ def evaluate(
             f"({prep.table.origin}); the test set cannot be evaluated on other data"
         )
     if not resume_crashed:
-        _claim(url, name, rule, trial.number, rec.spec.metric, float(trial.value))  # type: ignore[arg-type]
-    refit = _refit_and_score(rec, prep, trial.user_attrs)
-    meta = _meta(rec, prep, refit, trial.number, trial.user_attrs)
-    out = _save(url, name, refit, meta, export.document(study, rec, rule, url))
+        _claim(url, name, choice.rule, trial.number, rec.spec.metric, float(trial.value))  # type: ignore[arg-type]
+    refit = _refit_and_score(rec, prep, trial)
+    meta = _meta(rec, prep, refit, trial)
+    doc = export.document(study, rec, url, Choice(choice.rule, trial.number, "final"), records)
+    out = _save(url, name, refit, meta, doc)
     with db.transaction(url) as conn:
         conn.execute(
             db.final.update()
@@ -175,9 +196,12 @@ def evaluate(
                 artifact=str(out),
             )
         )
-    result = stored(url, name)
+    result = stored_final(url, name)
     assert result is not None
-    return result
+    (out / "config.json").write_text(
+        json.dumps({**doc, "test": result.as_dict()}, indent=2, default=str)
+    )
+    return Evaluated(result, choice, remark)
 
 
 @dataclass
@@ -188,11 +212,12 @@ class Refit:
     pre: artifact.Preprocess
     y_mean: float
     y_std: float
+    config: TrialConfig
 
 
-def _refit_and_score(rec: Record, prep: data.Prepared, attrs: dict[str, Any]) -> Refit:
+def _refit_and_score(rec: StudyRecord, prep: data.Prepared, trial: TrialRecord) -> Refit:
     dev, test = data.dev_set(prep), data.test_set(prep)
-    config = TrialConfig(**attrs["config"])
+    config = trial.config(rec.spec.space)
     pre, (x_dev, x_test) = data.fit_transform(dev.X, test.X)
     y_dev = dev.y.astype("float32") if dev.task == "regression" else dev.y
     mean, std = (
@@ -211,7 +236,7 @@ def _refit_and_score(rec: Record, prep: data.Prepared, attrs: dict[str, Any]) ->
         fold,
         task=dev.task,
         n_classes=dev.n_classes,
-        epochs=int(attrs["best_epoch"]),
+        epochs=int(trial.best_epoch or 1),
         max_epochs=rec.spec.training.max_epochs,
         seed=engine.derive_seed(rec.spec.seed, FINAL_SEED_TAG),
         device=rec.spec.training.device,
@@ -221,12 +246,10 @@ def _refit_and_score(rec: Record, prep: data.Prepared, attrs: dict[str, Any]) ->
     metric = metrics.get(rec.spec.metric)
     score = engine.score(metric, test.y, pred, dev.n_classes)
     columns = [str(c) for c in dev.X.columns]
-    return Refit(score, len(test.y), model, artifact.from_sklearn(pre, columns), mean, std)
+    return Refit(score, len(test.y), model, artifact.from_sklearn(pre, columns), mean, std, config)
 
 
-def _meta(
-    rec: Record, prep: data.Prepared, refit: Refit, trial: int, attrs: dict[str, Any]
-) -> artifact.Meta:
+def _meta(rec: StudyRecord, prep: data.Prepared, refit: Refit, trial: TrialRecord) -> artifact.Meta:
     table, ds = prep.table, rec.spec.data
     return artifact.Meta(
         task=table.task,
@@ -237,9 +260,9 @@ def _meta(
         n_out=len(table.classes) if table.task == "classification" else 1,
         y_mean=refit.y_mean,
         y_std=refit.y_std,
-        config=dict(attrs["config"]),
+        config=refit.config.as_dict(),
         study=rec.name,
-        trial=trial,
+        trial=trial.number,
     )
 
 
@@ -247,5 +270,5 @@ def _save(url: str, name: str, refit: Refit, meta: artifact.Meta, doc: dict[str,
     """The refit model (weights, preprocessing, metadata: no pickled code) and its config."""
     out = artifact_dir(url, name)
     artifact.save(out, refit.model, refit.pre, meta)
-    (out / "config.json").write_text(json.dumps(doc, indent=2, default=str))
+    artifact.write_file(out, "config.json", json.dumps(doc, indent=2, default=str).encode())
     return out

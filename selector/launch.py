@@ -3,6 +3,10 @@
 The parent creates or resumes the study (so every input is checked once), then spawns workers
 that join it like `selector worker` would, each with its share of the cores. Progress is read from
 the database, the one place all workers write to. An error in any worker is reported, never lost.
+
+A Ctrl-C or SIGTERM reaching the parent is passed on to every worker (SIGUSR1 or SIGUSR2: stop at
+the next safe point); the parent waits for them, and after a grace period (or at a second signal)
+terminates them, then kills any that still remain: no worker outlives the parent.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
@@ -19,13 +24,15 @@ from typing import Any
 
 import optuna
 
-from selector import interrupt, study, worker
+from selector import interrupt, record, study, worker
 from selector.errors import SelectorError
 from selector.spec import StudySpec
 from selector.storage import Heartbeat
 
 POLL_S = 0.5
-STOP_GRACE_S = 30.0
+STOP_GRACE_S = 30.0  # Ctrl-C: the workers' epochs may take a while; someone is watching
+TERM_GRACE_S = interrupt.TERM_GRACE_S  # SIGTERM: within Docker's 10 s before its SIGKILL
+KILL_GRACE_S = 3.0  # after SIGTERM to a worker (it records its trial at once), before SIGKILL
 
 
 class WorkerError(SelectorError):
@@ -53,8 +60,8 @@ def _child(
     except SelectorError as e:
         errors.put((os.getpid(), str(e), e.exit_code))
         raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM, its running trial recorded
+        raise SystemExit(interrupt.exit_code(e)) from None
 
 
 def run(
@@ -67,39 +74,44 @@ def run(
     heartbeat: Heartbeat = Heartbeat(),
     threads: int | None = None,
     progress: worker.Progress | None = None,
-) -> worker.RunSummary:
-    """Create or resume the study and run `workers` processes on it until its budget is spent."""
-    s, _, _ = study.create_or_resume(spec, url)
-    limit = study.budget_limit(s, spec.name, spec.n_trials, n_trials)
-    start = worker.count(s)
-    workers = max(1, min(workers, limit - start))  # no more workers than trials left to run
-    ctx = mp.get_context("spawn")
-    errors = ctx.Queue()
-    threads = threads or worker.torch_threads(workers)
-    procs = [
-        ctx.Process(
-            target=_child,
-            name=f"selector-worker-{i}",
-            args=(url, spec.name, limit, timeout, heartbeat, threads, errors),
-        )
-        for i in range(workers)
-    ]
-    for p in procs:
-        p.start()
-    try:
-        with interrupt.deferred():
+) -> record.RunSummary:
+    """Create or resume the study and run `workers` processes on it until its budget is spent.
+    A Ctrl-C or SIGTERM (deferred from the start, so that none comes while workers are started)
+    stops every worker, then raises `KeyboardInterrupt` or `interrupt.Terminated`."""
+    with interrupt.deferred():
+        s, _, _ = study.create_or_resume(spec, url)
+        limit = study.budget_limit(s, url, spec.n_trials, n_trials)
+        start = record.count(s)
+        workers = max(1, min(workers, limit - start))  # no more workers than trials left to run
+        ctx = mp.get_context("spawn")
+        errors = ctx.Queue()
+        threads = threads or worker.torch_threads(workers)
+        procs = [
+            ctx.Process(
+                target=_child,
+                name=f"selector-worker-{i}",
+                args=(url, spec.name, limit, timeout, heartbeat, threads, errors),
+            )
+            for i in range(workers)
+        ]
+        try:
+            for p in procs:
+                interrupt.check()  # a stop asked for already: start no more
+                p.start()
             _watch(s, procs, progress)
-    except KeyboardInterrupt:
-        _stop(procs)
-        raise
+        except KeyboardInterrupt as e:
+            _stop(procs, terminated=isinstance(e, interrupt.Terminated))
+            raise
     _raise_first_error(procs, errors)
-    return worker.summarize(s, limit, ran=worker.count(s) - start)
+    return record.summarize(s, limit, ran=record.count(s) - start)
 
 
 def _watch(s: optuna.Study, procs: Sequence[BaseProcess], progress: worker.Progress | None) -> None:
     seen = {t.number for t in s.get_trials(deepcopy=False) if t.state.is_finished()}
     while True:
         alive = any(p.is_alive() for p in procs)
+        # a stop first: workers stopped by the same signal are no error, their trials no news
+        interrupt.check()
         new = [
             t
             for t in s.get_trials(deepcopy=False)
@@ -111,7 +123,6 @@ def _watch(s: optuna.Study, procs: Sequence[BaseProcess], progress: worker.Progr
                 progress(s, t)
         if not alive:
             return
-        interrupt.check()
         time.sleep(POLL_S)
 
 
@@ -119,19 +130,42 @@ def _completed(t: optuna.trial.FrozenTrial) -> tuple[float, int]:
     return (t.datetime_complete.timestamp() if t.datetime_complete else 0.0, t.number)
 
 
-def _stop(procs: Sequence[BaseProcess]) -> None:
-    """Ctrl-C: each worker records its running trial as interrupted at its next epoch, then
-    exits (SIGUSR1: a stop at the next safe point, whether or not the terminal's SIGINT reached
-    the worker too)."""
+def _stop(procs: Sequence[BaseProcess], *, terminated: bool) -> None:
+    """Stop every started worker: ask each to stop at its next safe point (SIGUSR2 for a SIGTERM,
+    SIGUSR1 for a Ctrl-C, whether or not the signal reached the worker too), where it records its
+    running trial; wait `TERM_GRACE_S` or `STOP_GRACE_S`, or until a second signal; then SIGTERM
+    (a worker asked to stop already records its trial at once and exits), and SIGKILL after
+    `KILL_GRACE_S` for any still there (its trial is then reaped as stale)."""
+    started = [p for p in procs if p.pid is not None]
+    with interrupt.escalation() as again:
+        _send(started, signal.SIGUSR2 if terminated else signal.SIGUSR1)
+        if _exited(started, TERM_GRACE_S if terminated else STOP_GRACE_S, again):
+            return
+        _send(started, signal.SIGTERM)
+        if _exited(started, KILL_GRACE_S):
+            return
+        _send(started, signal.SIGKILL)
+        _exited(started, KILL_GRACE_S)
+
+
+def _send(procs: Sequence[BaseProcess], signum: int) -> None:
     for p in procs:
         if p.is_alive() and p.pid is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + STOP_GRACE_S
+                os.kill(p.pid, signum)
+
+
+def _exited(
+    procs: Sequence[BaseProcess], seconds: float, again: threading.Event | None = None
+) -> bool:
+    """Wait until every process has exited (True), or `seconds` passed or `again` is set."""
+    deadline = time.monotonic() + seconds
     for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.terminate()
+        while p.is_alive():
+            if time.monotonic() >= deadline or (again is not None and again.is_set()):
+                return False
+            p.join(0.05)
+    return True
 
 
 def _raise_first_error(procs: Sequence[BaseProcess], errors: Any) -> None:

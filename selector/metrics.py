@@ -1,13 +1,17 @@
-"""The scores a study can optimise, named as scikit-learn's scorers are, greater always better."""
+"""The scores a study can optimise, named as scikit-learn's scorers are, greater always better.
+
+scikit-learn is imported when a score is first computed, not with this module: the study file's
+validation and every read-only command use the metric table without it (about 1 s of imports).
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from sklearn import metrics as skm
 
 Task = Literal["classification", "regression"]
 
@@ -27,6 +31,23 @@ class Metric:
             return self.sign * float(self.fn(y_true, pred, n_classes))
         return self.sign * float(self.fn(y_true, pred))
 
+    def of_predictions(self, y_true: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+        """Score a model's predictions (class probabilities, or values): labels are the argmax
+        where the metric needs labels."""
+        if self.needs == "labels":
+            return self.score(y_true, pred.argmax(axis=1), n_classes)
+        return self.score(y_true, pred, n_classes)
+
+
+def _sk(name: str) -> Callable[..., float]:
+    """scikit-learn's `sklearn.metrics.<name>`, imported at the first call."""
+
+    def call(*args: Any, **kwargs: Any) -> float:
+        return float(getattr(importlib.import_module("sklearn.metrics"), name)(*args, **kwargs))
+
+    call.__name__ = name
+    return call
+
 
 def _accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     """`accuracy_score` for 1-D label arrays, the same float without its input checks: those cost
@@ -34,44 +55,45 @@ def _accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     time). Anything else goes to scikit-learn."""
     y, pred = np.asarray(y), np.asarray(pred)
     if y.ndim != 1 or pred.shape != y.shape or y.dtype.kind not in "iub" or not len(y):
-        return float(skm.accuracy_score(y, pred))
+        return _sk("accuracy_score")(y, pred)
     return float(np.average(y == pred))
 
 
 def _roc_auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
     if n_classes == 2:
-        return float(skm.roc_auc_score(y, proba[:, 1]))
-    return float(skm.roc_auc_score(y, proba, multi_class="ovr", labels=np.arange(n_classes)))
+        return _sk("roc_auc_score")(y, proba[:, 1])
+    return _sk("roc_auc_score")(y, proba, multi_class="ovr", labels=np.arange(n_classes))
 
 
 def _log_loss(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
-    return float(skm.log_loss(y, proba, labels=np.arange(n_classes)))
+    return _sk("log_loss")(y, proba, labels=np.arange(n_classes))
 
 
 def _f1(average: str) -> Callable[[np.ndarray, np.ndarray], float]:
-    return lambda y, p: float(skm.f1_score(y, p, average=average, zero_division=0))
+    f1 = _sk("f1_score")
+    return lambda y, p: f1(y, p, average=average, zero_division=0)
 
 
 def _rmse(y: np.ndarray, p: np.ndarray) -> float:
-    return float(np.sqrt(skm.mean_squared_error(y, p)))
+    return float(np.sqrt(_sk("mean_squared_error")(y, p)))
 
 
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in [
         Metric("accuracy", "classification", "labels", _accuracy),
-        Metric("balanced_accuracy", "classification", "labels", skm.balanced_accuracy_score),
+        Metric("balanced_accuracy", "classification", "labels", _sk("balanced_accuracy_score")),
         Metric("f1", "classification", "labels", _f1("binary")),
         Metric("f1_macro", "classification", "labels", _f1("macro")),
         Metric("f1_weighted", "classification", "labels", _f1("weighted")),
-        Metric("matthews_corrcoef", "classification", "labels", skm.matthews_corrcoef),
+        Metric("matthews_corrcoef", "classification", "labels", _sk("matthews_corrcoef")),
         Metric("roc_auc", "classification", "proba", _roc_auc),
         Metric("neg_log_loss", "classification", "proba", _log_loss, -1.0),
-        Metric("r2", "regression", "values", skm.r2_score),
-        Metric("explained_variance", "regression", "values", skm.explained_variance_score),
-        Metric("neg_mean_squared_error", "regression", "values", skm.mean_squared_error, -1.0),
+        Metric("r2", "regression", "values", _sk("r2_score")),
+        Metric("explained_variance", "regression", "values", _sk("explained_variance_score")),
+        Metric("neg_mean_squared_error", "regression", "values", _sk("mean_squared_error"), -1.0),
         Metric("neg_root_mean_squared_error", "regression", "values", _rmse, -1.0),
-        Metric("neg_mean_absolute_error", "regression", "values", skm.mean_absolute_error, -1.0),
+        Metric("neg_mean_absolute_error", "regression", "values", _sk("mean_absolute_error"), -1.0),
     ]
 }
 

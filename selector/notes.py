@@ -10,6 +10,7 @@ storages get the note only (a file beside one worker is not seen by the dashboar
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import tempfile
@@ -21,6 +22,8 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from selector import storage
+from selector.diagnose import Diagnosis
+from selector.record import TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +33,15 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def _f(x: Any, spec: str = ".4f") -> str:
-    return "-" if x is None else format(x, spec)
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def _grad_line(norms: list[list[float]], best_epoch: int) -> str:
-    if not norms:
+def _grad_line(norms: np.ndarray, best_epoch: int) -> str:
+    if norms.size == 0:
         return "no gradient statistics"
     at = norms[min(max(best_epoch, 1), len(norms)) - 1]
     first, last = norms[0], norms[-1]
-    ratio = f"{last[0] / last[-1]:.2g}" if last and last[-1] > 0 else "-"
+    ratio = f"{last[0] / last[-1]:.2g}" if len(last) and last[-1] > 0 else "-"
     return (
         f"per layer, input → output: epoch 1 [{', '.join(_f(x, '.3g') for x in first)}], "
         f"best epoch [{', '.join(_f(x, '.3g') for x in at)}]; first/last layer ratio at the "
@@ -46,33 +49,27 @@ def _grad_line(norms: list[list[float]], best_epoch: int) -> str:
     )
 
 
-def trial_note(number: int, attrs: dict[str, Any], image: str | None = None) -> str:
-    """The note of a complete trial, from the user attrs the objective records."""
-    folds = attrs.get("fold_scores") or []
-    train = attrs.get("train_fold_scores") or [None] * len(folds)
-    value = float(np.mean(folds)) if folds else None
+def trial_note(r: TrialRecord, d: Diagnosis, image: str | None = None) -> str:
+    """The note of a complete trial: its record, and its diagnosis against the study now."""
     rows = [
         f"| fold {k + 1} | {_f(v)} | {_f(t)} |"
-        for k, (v, t) in enumerate(zip(folds, train, strict=False))
+        for k, (v, t) in enumerate(zip(r.fold_scores, r.train_fold_scores, strict=False))
     ]
+    grads = r.curves.grads if r.curves is not None else np.zeros((0, 0))
     lines = [
-        f"### Trial {number}: {attrs.get('diagnosis', '-')}, gradients "
-        f"{attrs.get('gradient_health', '-')}",
+        f"### Trial {r.number}: {d.label}",
         "",
         "| | validation | train |",
         "|---|---|---|",
-        f"| **mean** | **{_f(value)}** ± {_f(attrs.get('cv_std'))} | "
-        f"**{_f(attrs.get('train_score'))}** |",
+        f"| **mean** | **{_f(r.value)}** ± {_f(r.cv_std)} | **{_f(r.train_score)}** |",
         *rows,
         "",
-        f"**Generalization gap** (train − validation): {_f(attrs.get('gap'), '+.4f')} at the "
-        f"best epoch {attrs.get('best_epoch', '-')} of {attrs.get('epochs_run', '-')} run.",
+        f"**Generalization gap** (train − validation): {_f(r.gap, '+.4f')} at the "
+        f"best epoch {r.best_epoch or '-'} of {r.epochs_run or '-'} run.",
         "",
-        f"**Gradients** {attrs.get('gradient_health', '-')}: "
-        + _grad_line(attrs.get("grad_norms") or [], int(attrs.get("best_epoch") or 1)),
+        f"**Gradients** {d.gradients}: " + _grad_line(grads, r.best_epoch or 1),
         "",
-        f"**Model** {_f(attrs.get('n_params'), ',')} parameters; "
-        f"{_f(attrs.get('seconds'), '.1f')} s of training.",
+        f"**Model** {_f(r.n_params, ',')} parameters; {_f(r.seconds, '.1f')} s of training.",
     ]
     if image:
         lines += ["", f"![learning curves of every fold]({image})"]
@@ -120,14 +117,15 @@ def _panel(
     return out
 
 
-def curves_svg(attrs: dict[str, Any], title: str) -> str:
+def curves_svg(r: TrialRecord, title: str) -> str:
     """Validation score of every fold and their mean, and the training loss, per epoch."""
-    folds: list[list[float]] = attrs.get("fold_curves") or []
-    mean: list[float] = attrs.get("val_curve") or []
-    loss: list[float] = attrs.get("train_loss_curve") or []
+    c = r.curves
+    folds = [list(f) for f in c.folds] if c is not None else []
+    mean = list(c.val) if c is not None else []
+    loss = list(c.loss) if c is not None else []
     n = max(len(mean), 1)
-    best = int(attrs.get("best_epoch") or 0)
-    curves = [(c, PALETTE[k % len(PALETTE)], 1.0) for k, c in enumerate(folds)]
+    best = r.best_epoch or 0
+    curves = [(f, PALETTE[k % len(PALETTE)], 1.0) for k, f in enumerate(folds)]
     x_best = 52 + 410 * (best - 1) / max(n - 1, 1)
     body = [
         f'<text x="52" y="14" font-weight="bold">{title}</text>',
@@ -157,15 +155,16 @@ def artifact_root(url: str) -> Path | None:
     return None if path is None else path.parent / ARTIFACTS
 
 
-def _storage_url(st: Any) -> str | None:
+def storage_url(st: Any) -> str | None:
+    """The database URL behind an Optuna storage (None for a gRPC proxy)."""
     backend = getattr(st, "_backend", st)  # Optuna wraps an RDBStorage in a cache
     url = getattr(backend, "url", None)
     return url if isinstance(url, str) else None
 
 
-def _upload_curves(trial: optuna.Trial, attrs: dict[str, Any]) -> str | None:
+def _upload_curves(trial: optuna.Trial, r: TrialRecord) -> str | None:
     """Upload the SVG to the artifact store; the URL the dashboard serves it at, or None."""
-    url = _storage_url(trial.storage)
+    url = storage_url(trial.storage)
     root = artifact_root(url) if url else None
     if root is None:
         return None
@@ -174,7 +173,7 @@ def _upload_curves(trial: optuna.Trial, attrs: dict[str, Any]) -> str | None:
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"trial-{trial.number}-curves.svg"
-        path.write_text(curves_svg(attrs, f"Trial {trial.number}: learning curves"))
+        path.write_text(curves_svg(r, f"Trial {trial.number}: learning curves"))
         artifact_id = upload_artifact(
             artifact_store=FileSystemArtifactStore(str(root)),
             file_path=str(path),
@@ -184,9 +183,9 @@ def _upload_curves(trial: optuna.Trial, attrs: dict[str, Any]) -> str | None:
     return f"/artifacts/{trial.study._study_id}/{trial._trial_id}/{artifact_id}"
 
 
-def _try_upload(trial: optuna.Trial, attrs: dict[str, Any]) -> str | None:
+def _try_upload(trial: optuna.Trial, r: TrialRecord) -> str | None:
     try:
-        return _upload_curves(trial, attrs)
+        return _upload_curves(trial, r)
     except Exception as e:
         log.warning("trial %s: learning-curve figure not stored (%s)", trial.number, e)
         return None
@@ -210,22 +209,44 @@ def _save_first_note(trial: optuna.Trial, body: str) -> None:
         store.set_study_system_attr(study_id, key, value)
 
 
-def annotate_trial(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+def annotate_trial(trial: optuna.Trial, r: TrialRecord, d: Diagnosis) -> None:
     """The running trial's dashboard note and figure. Never raises: a failure is logged."""
     try:
-        full = {"n_params": trial.user_attrs.get("n_params"), **attrs}
-        _save_first_note(trial, trial_note(trial.number, full, _try_upload(trial, full)))
+        _save_first_note(trial, trial_note(r, d, _try_upload(trial, r)))
     except Exception as e:  # a note must never fail a trial
         log.warning("trial %s: dashboard note not written (%s)", trial.number, e)
 
 
-def annotate_finished(study: optuna.Study, trial: FrozenTrial) -> None:
-    """The note of a trial that finished without one (a finished trial takes no new figure).
-    `study` should be loaded with a sampler that has no `before_trial` side effect."""
+def annotate_finished(study: optuna.Study, trial: FrozenTrial, d: Diagnosis) -> None:
+    """The note of a finished trial, written anew (its figure, if any, stays). `study` should
+    be loaded with a sampler that has no `before_trial` side effect."""
     from optuna_dashboard import save_note
 
     handle = optuna.Trial(study, trial._trial_id)
-    save_note(handle, trial_note(trial.number, trial.user_attrs))
+    figure = _figure_of(study._study_id, trial)
+    save_note(handle, trial_note(TrialRecord.from_trial(trial), d, figure))
+
+
+def _figure_of(study_id: int, trial: FrozenTrial) -> str | None:
+    """The learning-curve figure an earlier note of the trial showed (Optuna's artifact meta)."""
+    for key, value in trial.system_attrs.items():
+        if not key.startswith("artifacts:"):
+            continue
+        meta = json.loads(value) if isinstance(value, str) else value
+        if isinstance(meta, dict) and str(meta.get("filename", "")).endswith("-curves.svg"):
+            return f"/artifacts/{study_id}/{trial._trial_id}/{meta['artifact_id']}"
+    return None
+
+
+def note_label(system_attrs: dict[str, Any], trial_id: int) -> str | None:
+    """The diagnosis a trial's note shows now (its heading), or None when it has no note."""
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    if not has_note(system_attrs, trial_id):
+        return None
+    body = str(get_note_from_system_attrs(system_attrs, trial_id).get("body", ""))
+    first = body.split("\n", 1)[0]
+    return first.split(": ", 1)[1] if first.startswith("### Trial") and ": " in first else None
 
 
 def has_note(system_attrs: dict[str, Any], trial_id: int) -> bool:

@@ -6,13 +6,16 @@ import time
 import traceback
 from typing import Any
 
+import numpy as np
 import optuna
-import torch
+import sqlalchemy as sa
+from optuna.trial import TrialState
 
-from selector import diagnose, engine, interrupt, metrics, notes, stacked, storage
+from selector import db, diagnose, engine, interrupt, metrics, notes, record, stacked, storage
 from selector.data import DevSet, FoldData, iter_folds
 from selector.errors import FailReason, TrialDiverged
 from selector.model import count_params
+from selector.record import Curves, TrialRecord
 from selector.space import TrialConfig, sample_config
 from selector.spec import StudySpec
 
@@ -59,13 +62,18 @@ class _Writer:
             self.attrs["pruned_at_epoch"] = epoch
             raise optuna.TrialPruned(f"pruned at epoch {epoch} (mean CV score {value:.4f})")
 
-    def flush(self, attrs: dict[str, Any] | None = None) -> None:
-        """Write what is pending, and `attrs`, in one transaction (retried if transient)."""
+    def flush(
+        self, attrs: dict[str, Any] | None = None, system: dict[str, Any] | None = None
+    ) -> None:
+        """Write what is pending, `attrs` and `system` attrs, in one transaction (retried if
+        transient)."""
         self.attrs.update(attrs or {})
         scores, pending = self.scores, self.attrs
-        if scores or pending:
+        if scores or pending or system:
             storage.retrying(
-                lambda: storage.write_trial(self.trial, user_attrs=pending, intermediate=scores)
+                lambda: storage.write_trial(
+                    self.trial, user_attrs=pending, system_attrs=system, intermediate=scores
+                )
             )
         self.scores, self.attrs, self.flushed = [], {}, time.monotonic()
 
@@ -83,21 +91,27 @@ class Objective:
         self.metric = metrics.get(spec.metric)
         self.folds: list[FoldData] = list(iter_folds(dev))
 
-    def __call__(self, trial: optuna.Trial, attrs: dict[str, Any] | None = None) -> float:
-        """Train and score one trial; `attrs` are user attrs to record with its first ones."""
+    def __call__(
+        self,
+        trial: optuna.Trial,
+        attrs: dict[str, Any] | None = None,
+        system_attrs: dict[str, Any] | None = None,
+    ) -> float:
+        """Train and score one trial; `attrs` and `system_attrs` are recorded with its first
+        user attrs (the worker's id, the heartbeat it runs under)."""
         config = sample_config(trial, self.spec.space)
         seed = engine.derive_seed(self.spec.seed, trial.number)
         n_in = self.folds[0].X_train.shape[1]
         n_out = self.dev.n_classes if self.dev.task == "classification" else 1
         out = _Writer(trial, first_prunable_epoch(self.spec.search.pruner))
-        out.flush(
-            {
-                "config": config.as_dict(),
-                "seed": seed,
-                "n_params": count_params(config, n_in, n_out),
-                **(attrs or {}),
-            }
+        started = TrialRecord(
+            number=trial.number,
+            state=TrialState.RUNNING,
+            value=None,
+            seed=seed,
+            n_params=count_params(config, n_in, n_out),
         )
+        out.flush({**started.to_user_attrs(), **(attrs or {})}, system_attrs)
         start = time.perf_counter()
         try:
             result = train(self.spec, self.dev, self.folds, config, seed, on_epoch=out.epoch)
@@ -107,47 +121,99 @@ class Objective:
         except TrialDiverged as e:
             out.fail("diverged", str(e))
             raise
+        except interrupt.Terminated:
+            out.fail("terminated", "terminated by a signal (SIGTERM): the process was stopped")
+            raise
         except KeyboardInterrupt:
             out.fail("interrupted", "interrupted by the user (Ctrl-C)")
             raise
-        except torch.OutOfMemoryError as e:
-            out.fail("oom", str(e))
+        except Exception as e:
+            if engine.is_out_of_memory(e):  # estimated before allocating, or a failed allocation
+                out.fail("oom", str(e).strip() or type(e).__name__)
+            else:
+                out.fail("exception", traceback.format_exc())
             raise
-        except Exception:
-            out.fail("exception", traceback.format_exc())
-            raise
-        self._record(trial, out, result, time.perf_counter() - start)
+        done = finished_record(started, result, time.perf_counter() - start)
+        out.flush(done.to_user_attrs(), done.to_system_attrs())
+        self._write_oof(trial, result)
+        notes.annotate_trial(trial, done, self._diagnosis(trial, done))  # never raises
         return result.value
 
-    def _record(
-        self, trial: optuna.Trial, out: _Writer, r: engine.CVResult, seconds: float
-    ) -> None:
-        best = _study_best(trial.study, r.value)
-        attrs: dict[str, Any] = {
-            "fold_scores": r.fold_scores,
-            "cv_std": r.cv_std,
-            "train_score": r.train_score,
-            "train_fold_scores": r.train_scores,
-            "gap": r.train_score - r.value,
-            "best_epoch": r.best_epoch,
-            "epochs_run": r.epochs_run,
-            "diagnosis": diagnose.fit_label(
-                train=r.train_score,
-                val=r.value,
-                fold_std=r.cv_std,
-                study_best=best,
-                metric=self.spec.metric,
-            ),
-            "gradient_health": diagnose.gradient_health(r.grad_norms),
-            "grad_norms": [[round(x, 6) for x in e] for e in r.grad_norms],
-            "val_curve": r.val_curve,
-            "train_loss_curve": r.train_loss_curve,
-            "fold_curves": r.fold_curves,
-            "fold_seeds": r.seeds,
-            "seconds": round(seconds, 3),
+    def _write_oof(self, trial: optuna.Trial, result: engine.CVResult) -> None:
+        """The trial's out-of-fold predictions, for the bias-corrected estimate (SQL storages;
+        through a gRPC proxy no worker reaches selector's tables)."""
+        url = notes.storage_url(trial.storage)
+        if url is None or not result.oof:
+            return
+        kind, pred = oof_predictions(self.dev, self.metric, result.oof, self.spec.cv.folds)
+        row = {
+            "study_name": self.spec.name,
+            "trial_number": trial.number,
+            "kind": kind,
+            "data": record.pack_oof(pred, kind),
         }
-        out.flush(attrs)
-        notes.annotate_trial(trial, attrs)  # the dashboard note; never raises
+
+        def write() -> None:
+            with db.transaction(url) as conn:
+                conn.execute(
+                    sa.delete(db.oof).where(
+                        db.oof.c.study_name == self.spec.name, db.oof.c.trial_number == trial.number
+                    )
+                )
+                conn.execute(db.oof.insert(), [row])
+
+        storage.retrying(write)
+
+    def _diagnosis(self, trial: optuna.Trial, done: TrialRecord) -> diagnose.Diagnosis:
+        """The new trial's diagnosis against the study's best scores now (the dashboard
+        refreshes its note when later trials change it)."""
+        best = storage.retrying(lambda: _best_complete(trial.study))
+        ctx = diagnose.context(
+            [done, *([best] if best else [])],
+            metric=self.spec.metric,
+            baseline=trial.study.user_attrs.get(record.ATTR_BASELINE),
+            max_epochs=self.spec.training.max_epochs,
+        )
+        return diagnose.diagnose(done, ctx)
+
+
+def finished_record(started: TrialRecord, r: engine.CVResult, seconds: float) -> TrialRecord:
+    """A complete trial's record, from its start and its cross-validation result."""
+    return TrialRecord(
+        number=started.number,
+        state=TrialState.COMPLETE,
+        value=r.value,
+        seed=started.seed,
+        n_params=started.n_params,
+        fold_seeds=tuple(r.seeds),
+        fold_scores=tuple(r.fold_scores),
+        train_fold_scores=tuple(r.train_scores),
+        best_epoch=r.best_epoch,
+        epochs_run=r.epochs_run,
+        seconds=seconds,
+        curves=Curves(
+            folds=np.asarray(r.fold_curves, dtype=float).reshape(len(r.fold_scores), -1),
+            loss=np.asarray(r.train_loss_curve, dtype=float),
+            grads=np.asarray(r.grad_norms, dtype=float).reshape(len(r.grad_norms), -1),
+        ),
+    )
+
+
+def oof_predictions(
+    dev: DevSet, metric: metrics.Metric, per_fold: list[np.ndarray], k: int
+) -> tuple[str, np.ndarray]:
+    """Each dev row's prediction by the fold model that did not train on it (first repeat),
+    in dev-row order: labels where the metric scores labels, else probabilities or values."""
+    first = per_fold[:k]
+    rows = np.concatenate([val for _, val in dev.folds[:k]])
+    stacked_pred = np.concatenate(first, axis=0)
+    pred = np.empty_like(stacked_pred)
+    pred[rows] = stacked_pred
+    if dev.task == "regression":
+        return "values", pred
+    if metric.needs == "labels":
+        return "labels", pred.argmax(axis=1)
+    return "proba", pred
 
 
 def train(
@@ -172,11 +238,9 @@ def train(
     )
 
 
-def _study_best(study: optuna.Study, current: float) -> float:
-    """The best value so far, this trial's included: one indexed query, not a read of every
-    trial (every metric is maximized)."""
+def _best_complete(study: optuna.Study) -> TrialRecord | None:
+    """The study's best complete trial so far (one indexed query, not a read of every trial)."""
     try:
-        best = storage.retrying(lambda: study.best_value)
+        return TrialRecord.from_trial(study.best_trial)
     except ValueError:  # no complete trial yet
-        return current
-    return max(current, best)
+        return None

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from selector import artifact, data, engine, final, metrics, storage, study
+from selector import artifact, data, engine, final, metrics, record, storage
 from selector.errors import DataError, RefusedError, SelectorError
 
 
@@ -31,8 +31,8 @@ class Predictions:
 def model_dir(url: str, name: str) -> Path:
     """Where `selector final` saved the study's model; a clear refusal before it ran."""
     storage.check(url, must_exist=True)
-    study.load_record(url, name)
-    prev = final.stored(url, name)
+    record.load_record(url, name)
+    prev = record.stored_final(url, name)
     if prev is None:
         raise RefusedError(
             f"study {name!r} has no final model yet; `selector final {name}` refits the chosen "

@@ -9,7 +9,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-from selector.worker import FINISHED, describe_failure
+from selector.record import ATTR_BUDGET, FINISHED, TrialRecord, describe_failure
 
 
 class Bar:
@@ -35,7 +35,7 @@ class Bar:
             at = trial.datetime_complete
             done = sum(1 for t in finished if t.datetime_complete and t.datetime_complete <= at)
         if self.total is None:
-            self.total = int(study.user_attrs.get("selector:n_trials", 0)) or None
+            self.total = int(study.user_attrs.get(ATTR_BUDGET, 0)) or None
         line = self._line(trial)
         if not self.tty:
             print(f"[{done}/{self.total}] {line}", file=sys.stderr, flush=True)
@@ -57,16 +57,14 @@ class Bar:
 
     @staticmethod
     def _line(trial: FrozenTrial) -> str:
-        if trial.state == TrialState.COMPLETE:
-            a = trial.user_attrs
+        r = TrialRecord.from_trial(trial)
+        if r.complete:
             return (
-                f"trial {trial.number}: {trial.value:.4f} ± {a.get('cv_std', 0):.4f} "
-                f"at epoch {a.get('best_epoch')}, {a.get('diagnosis')}"
+                f"trial {r.number}: {r.value:.4f} ± {r.cv_std:.4f} at epoch {r.best_epoch} "
+                f"of {r.epochs_run} (train {r.train_score:.4f})"
             )
         if trial.state == TrialState.PRUNED:
-            return (
-                f"trial {trial.number}: pruned at epoch {trial.user_attrs.get('pruned_at_epoch')}"
-            )
+            return f"trial {r.number}: pruned at epoch {r.pruned_at_epoch}"
         return f"trial {trial.number}: failed ({describe_failure(trial)})"
 
 

@@ -1,6 +1,6 @@
 """Re-run one finished trial from its stored params and seed, and compare its fold scores.
 
-The config is rebuilt through `space.sample_config` with a `FixedTrial`, the folds from the
+The config is rebuilt through the search space (`TrialRecord.config`), the folds from the
 study's recorded spec and data (fingerprints checked), the training seed from the trial's attrs.
 """
 
@@ -12,10 +12,8 @@ from typing import Any
 import numpy as np
 from optuna.trial import TrialState
 
-from selector import data, objective
+from selector import data, objective, record
 from selector.errors import RefusedError, StudyError
-from selector.space import replay_config
-from selector.study import open_study
 
 TOLERANCE = 1e-6
 
@@ -29,15 +27,14 @@ class Replay:
     replayed: list[float]
     max_difference: float
     identical: bool
-    config_identical: bool
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def replay(url: str, name: str, number: int) -> Replay:
-    study, rec = open_study(url, name)
-    trials = study.get_trials(deepcopy=False)
+    study, rec = record.open_study(url, name)
+    trials = record.trials(study)
     if not 0 <= number < len(trials):
         raise StudyError(f"study {name!r} has no trial {number} (trials 0..{len(trials) - 1})")
     trial = trials[number]
@@ -50,8 +47,9 @@ def replay(url: str, name: str, number: int) -> Replay:
     if prep.fingerprints.as_dict() != rec.fingerprints:
         raise StudyError(f"study {name!r}: the data differ from the study's; cannot replay")
     dev = data.dev_set(prep)
-    config = replay_config(trial.params, rec.spec.space)
-    curve = [trial.intermediate_values[e] for e in sorted(trial.intermediate_values)]
+    config = trial.config(rec.spec.space)
+    frozen = study.get_trials(deepcopy=False)[number]
+    curve = [frozen.intermediate_values[e] for e in sorted(frozen.intermediate_values)]
     spec = rec.spec
     if trial.state == TrialState.PRUNED:  # re-run the epochs it had before it was pruned
         training = spec.training.model_copy(update={"max_epochs": len(curve)})
@@ -61,11 +59,11 @@ def replay(url: str, name: str, number: int) -> Replay:
         dev,
         list(data.iter_folds(dev)),
         config,
-        int(trial.user_attrs["seed"]),
+        int(trial.seed or 0),
         on_epoch=None,
     )
     if trial.state == TrialState.COMPLETE:
-        stored, replayed = list(trial.user_attrs["fold_scores"]), result.fold_scores
+        stored, replayed = list(trial.fold_scores), result.fold_scores
     else:
         stored, replayed = curve, result.val_curve[: len(curve)]
     diff = (
@@ -81,5 +79,4 @@ def replay(url: str, name: str, number: int) -> Replay:
         replayed=list(replayed),
         max_difference=diff,
         identical=diff <= TOLERANCE,
-        config_identical=config.as_dict() == trial.user_attrs.get("config"),
     )

@@ -19,7 +19,6 @@ import html
 import math
 import time
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,27 +26,23 @@ from typing import Any
 import optuna
 import plotly.graph_objects as go
 import plotly.io as pio
-from optuna.trial import FrozenTrial, TrialState
 from plotly.subplots import make_subplots
 
-from selector import __version__, export, final, summary
+from selector import __version__, export, record, summary
 from selector.errors import SelectorError
-from selector.study import Record, open_study
+from selector.record import StudyRecord
+from selector.summary import StudyStatus, TrialView
 
 TOP_CURVES = 5
 TOP_ROWS = 10
-COLORS = {"good fit": "#2ca02c", "overfit": "#d62728", "underfit": "#ff7f0e"}
+COLORS = {
+    "good fit": "#2ca02c",
+    "overfit": "#d62728",
+    "underfit": "#ff7f0e",
+    "not learning": "#7f7f7f",
+    "too noisy to tell": "#9467bd",
+}
 LAYOUT: dict[str, Any] = {"template": "plotly_white", "height": 420, "margin": {"t": 60}}
-
-
-def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete trials that carry selector's user attrs, best first."""
-    trials = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None and "fold_scores" in t.user_attrs
-    ]
-    return sorted(trials, key=lambda t: -float(t.value))  # type: ignore[arg-type]
 
 
 def _r(values: list[float], digits: int = 5) -> list[float | None]:
@@ -58,21 +53,29 @@ def _r(values: list[float], digits: int = 5) -> list[float | None]:
 # --- figures ---------------------------------------------------------------------------------
 
 
-def fig_cv_scores(trials: list[FrozenTrial], metric: str) -> go.Figure:
+def _fit(v: TrialView) -> str:
+    return v.diagnosis.fit if v.diagnosis else "-"
+
+
+def _by_fit(views: list[TrialView]) -> dict[str, list[TrialView]]:
+    groups: dict[str, list[TrialView]] = {}
+    for v in sorted(views, key=lambda v: v.record.number):
+        groups.setdefault(_fit(v), []).append(v)
+    return groups
+
+
+def fig_cv_scores(views: list[TrialView], metric: str) -> go.Figure:
     fig = go.Figure()
-    by_label: dict[str, list[FrozenTrial]] = {}
-    for t in sorted(trials, key=lambda t: t.number):
-        by_label.setdefault(str(t.user_attrs.get("diagnosis", "-")), []).append(t)
-    for label, group in by_label.items():
+    for label, group in _by_fit(views).items():
         fig.add_trace(
             go.Scatter(
-                x=[t.number for t in group],
-                y=_r([float(t.value) for t in group]),  # type: ignore[arg-type]
-                error_y={"type": "data", "array": _r([t.user_attrs["cv_std"] for t in group])},
+                x=[v.record.number for v in group],
+                y=_r([float(v.record.value) for v in group]),  # type: ignore[arg-type]
+                error_y={"type": "data", "array": _r([v.record.cv_std for v in group])},
                 mode="markers",
                 name=label,
                 marker={"color": COLORS.get(label, "#7f7f7f"), "size": 7},
-                text=[_hover(t) for t in group],
+                text=[_hover(v) for v in group],
                 hoverinfo="text",
             )
         )
@@ -85,30 +88,27 @@ def fig_cv_scores(trials: list[FrozenTrial], metric: str) -> go.Figure:
     return fig
 
 
-def _hover(t: FrozenTrial) -> str:
-    a = t.user_attrs
+def _hover(v: TrialView) -> str:
+    r = v.record
     return (
-        f"trial {t.number}: {t.value:.4f} ± {a.get('cv_std', 0):.4f}<br>"
-        f"train {a.get('train_score', float('nan')):.4f}, gap {a.get('gap', float('nan')):+.4f}"
-        f"<br>{a.get('diagnosis', '-')}, gradients {a.get('gradient_health', '-')}<br>"
-        f"{a.get('n_params', '-')} parameters"
+        f"trial {r.number}: {r.value:.4f} ± {r.cv_std:.4f}<br>"
+        f"train {r.train_score:.4f}, gap {r.gap:+.4f}"
+        f"<br>{v.diagnosis.label if v.diagnosis else '-'}<br>"
+        f"{r.n_params or '-'} parameters"
     )
 
 
-def fig_gap_vs_size(trials: list[FrozenTrial], metric: str) -> go.Figure:
+def fig_gap_vs_size(views: list[TrialView], metric: str) -> go.Figure:
     fig = go.Figure()
-    groups: dict[str, list[FrozenTrial]] = {}
-    for t in trials:
-        groups.setdefault(str(t.user_attrs.get("diagnosis", "-")), []).append(t)
-    for label, group in groups.items():
+    for label, group in _by_fit(views).items():
         fig.add_trace(
             go.Scatter(
-                x=[t.user_attrs.get("n_params") for t in group],
-                y=_r([t.user_attrs.get("gap", float("nan")) for t in group]),
+                x=[v.record.n_params for v in group],
+                y=_r([v.record.gap for v in group]),
                 mode="markers",
                 name=label,
                 marker={"color": COLORS.get(label, "#7f7f7f"), "size": 7},
-                text=[_hover(t) for t in group],
+                text=[_hover(v) for v in group],
                 hoverinfo="text",
             )
         )
@@ -122,7 +122,7 @@ def fig_gap_vs_size(trials: list[FrozenTrial], metric: str) -> go.Figure:
     return fig
 
 
-def fig_top_curves(trials: list[FrozenTrial], metric: str, top: int = TOP_CURVES) -> go.Figure:
+def fig_top_curves(views: list[TrialView], metric: str, top: int = TOP_CURVES) -> go.Figure:
     fig = make_subplots(
         rows=2,
         cols=1,
@@ -132,10 +132,11 @@ def fig_top_curves(trials: list[FrozenTrial], metric: str, top: int = TOP_CURVES
         subplot_titles=(f"mean validation {metric}", "training loss (mean over folds)"),
     )
     palette = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
-    for k, t in enumerate(trials[:top]):
-        a, color = t.user_attrs, palette[k % len(palette)]
-        val, loss = a.get("val_curve") or [], a.get("train_loss_curve") or []
-        name = f"trial {t.number} ({t.value:.4f})"
+    for k, v in enumerate(views[:top]):
+        r, color = v.record, palette[k % len(palette)]
+        val = list(r.curves.val) if r.curves is not None else []
+        loss = list(r.curves.loss) if r.curves is not None else []
+        name = f"trial {r.number} ({r.value:.4f})"
         epochs = list(range(1, len(val) + 1))
         line = {"color": color}
         fig.add_trace(
@@ -156,7 +157,7 @@ def fig_top_curves(trials: list[FrozenTrial], metric: str, top: int = TOP_CURVES
             row=2,
             col=1,
         )
-        best = int(a.get("best_epoch") or 0)
+        best = r.best_epoch or 0
         if 0 < best <= len(val):
             fig.add_trace(
                 go.Scatter(
@@ -173,20 +174,21 @@ def fig_top_curves(trials: list[FrozenTrial], metric: str, top: int = TOP_CURVES
             )
     fig.update_xaxes(title_text="epoch", row=2, col=1)
     fig.update_layout(
-        title=f"Learning curves of the top {min(top, len(trials))} trials (star: best epoch)",
+        title=f"Learning curves of the top {min(top, len(views))} trials (star: best epoch)",
         **{**LAYOUT, "height": 520},
     )
     return fig
 
 
-def study_figures(trials: list[FrozenTrial], metric: str) -> dict[str, go.Figure]:
-    """selector's own figures (what optuna-dashboard lacks); empty before a complete trial."""
-    if not trials:
+def study_figures(views: list[TrialView], metric: str) -> dict[str, go.Figure]:
+    """selector's own figures (what optuna-dashboard lacks) of the complete trials, best first;
+    empty before a complete trial."""
+    if not views:
         return {}
     return {
-        "cv-scores": fig_cv_scores(trials, metric),
-        "gap-vs-size": fig_gap_vs_size(trials, metric),
-        "top-curves": fig_top_curves(trials, metric),
+        "cv-scores": fig_cv_scores(views, metric),
+        "gap-vs-size": fig_gap_vs_size(views, metric),
+        "top-curves": fig_top_curves(views, metric),
     }
 
 
@@ -253,82 +255,91 @@ def _pairs(rows: list[list[Any]]) -> str:
     return f"<table>{body}</table>"
 
 
-def _summary(info: dict[str, Any], study: optuna.Study) -> str:
-    st = info["states"]
-    best = info["best"]
-    rows = [
-        ["data", info["data"]],
-        ["metric", f"{info['metric']} ({info['direction']})"],
-        ["folds", study.user_attrs.get("folds", "-")],
-        [
-            "dev rows / test rows held out",
-            f"{study.user_attrs.get('dev_rows', '-')} / "
-            f"{study.user_attrs.get('test_rows_held_out', '-')}",
-        ],
+def _summary(st: StudyStatus) -> str:
+    s = st.states
+    best = st.best
+    rows: list[list[Any]] = [
+        ["data", st.data],
+        ["metric", f"{st.metric} (maximize)"],
+        ["folds", st.folds or "-"],
+        ["dev rows / test rows held out", f"{st.dev_rows or '-'} / {st.test_rows or '-'}"],
         [
             "trials",
-            f"{info['finished']}/{info['n_trials']} finished: {st['complete']} complete, "
-            f"{st['pruned']} pruned, {st['fail']} failed, {st['running']} running",
+            f"{st.finished}/{st.n_trials} finished: {s['complete']} complete, "
+            f"{s['pruned']} pruned, {s['fail']} failed, {s['running']} running",
         ],
         [
             "best",
             "-"
             if best is None
-            else f"trial {best['trial']}: {_fmt(best['value'])} ± "
-            f"{_fmt(best['cv_std'])}, {best['diagnosis']}, gradients {best['gradients']}",
+            else f"trial {best.record.number}: {_fmt(best.record.value)} ± "
+            f"{_fmt(best.record.cv_std)}, {best.diagnosis.label if best.diagnosis else '-'}",
         ],
-        ["storage", info["storage"]],
+        ["chosen", st.choice.describe() if st.choice else "-"],
+        ["expected test score", summary.estimate_line(st)],
+        ["trivial predictor (CV)", _fmt(st.baseline)],
+        ["storage", st.storage],
     ]
     return "<h2>Summary</h2>" + _pairs(rows)
 
 
-def _test_set(box: dict[str, Any]) -> str:
-    if box["state"] != "evaluated":
+def _test_set(st: StudyStatus) -> str:
+    f = st.final
+    if f is None or f.state != "finished":
         return (
-            f"<h2>Test set</h2><p class=sealed>{_e(box['state'])}: the held-out rows are "
+            f"<h2>Test set</h2><p class=sealed>{_e(st.lockbox)}: the held-out rows are "
             "evaluated once, by <code>selector final</code>.</p>"
         )
+    est = st.estimate
     optimism = None
-    if box.get("cv_score") is not None and box.get("test_score") is not None:
-        optimism = box["cv_score"] - box["test_score"]
-    rows = [
-        ["test score", f"{box['metric']} = {_fmt(box['test_score'])} on {box['test_rows']} rows"],
-        ["chosen trial", f"{box['trial']} (rule {box['rule']}), CV {_fmt(box['cv_score'])}"],
+    if f.cv_score is not None and f.test_score is not None:
+        optimism = f.cv_score - f.test_score
+    rows: list[list[Any]] = [
+        ["test score", f"{f.metric} = {_fmt(f.test_score)} on {f.test_rows} rows"],
+        ["chosen trial", f"{f.trial} (rule {f.rule}), CV {_fmt(f.cv_score)}"],
+        [
+            "expected test score (bias-corrected CV)",
+            "-" if est is None else f"{_fmt(est.value)} [90% {_fmt(est.low)}, {_fmt(est.high)}]",
+        ],
         ["optimism (CV − test)", _fmt(optimism, "+.4f")],
-        ["evaluated at", box["finished_at"]],
-        ["model", box.get("artifact") or "-"],
+        ["evaluated at", f.finished_at],
+        ["model", f.artifact or "-"],
     ]
     return "<h2>Test set (evaluated once)</h2>" + _pairs(rows)
 
 
-def _diagnosis(trials: list[FrozenTrial], info: dict[str, Any]) -> str:
-    fits = Counter(str(t.user_attrs.get("diagnosis")) for t in trials)
-    grads = Counter(str(t.user_attrs.get("gradient_health")) for t in trials)
-    rows = [
-        ["fit", ", ".join(f"{k} {v}" for k, v in fits.most_common()) or "-"],
-        ["gradients", ", ".join(f"{k} {v}" for k, v in grads.most_common()) or "-"],
-        ["failed trials", ", ".join(f"{k} {v}" for k, v in info["failures"].items()) or "none"],
+def _diagnosis(st: StudyStatus) -> str:
+    rows: list[list[Any]] = [
+        ["fit", ", ".join(f"{k} {v}" for k, v in st.counts("fit").most_common()) or "-"],
+        [
+            "gradients",
+            ", ".join(f"{k} {v}" for k, v in st.counts("gradients").most_common()) or "-",
+        ],
+        [
+            "stopped while improving",
+            sum(1 for v in st.ranked if v.diagnosis and v.diagnosis.still_improving),
+        ],
+        ["failed trials", ", ".join(f"{k} {v}" for k, v in st.failures.items()) or "none"],
     ]
-    return "<h2>Diagnosis of the complete trials</h2>" + _pairs(rows)
+    return "<h2>Diagnosis of the complete trials (against the study now)</h2>" + _pairs(rows)
 
 
-def _top(trials: list[FrozenTrial]) -> str:
+def _top(st: StudyStatus, rec: StudyRecord) -> str:
     rows = []
-    for t in trials[:TOP_ROWS]:
-        a = t.user_attrs
-        cfg = a.get("config", {})
+    for v in st.ranked[:TOP_ROWS]:
+        r = v.record
+        cfg = r.config(rec.spec.space)
         rows.append(
             [
-                t.number,
-                f"{_fmt(t.value)} ± {_fmt(a.get('cv_std'))}",
-                " ".join(_fmt(s, ".3f") for s in a.get("fold_scores", [])),
-                _fmt(a.get("train_score")),
-                _fmt(a.get("gap"), "+.4f"),
-                a.get("best_epoch", "-"),
-                a.get("n_params", "-"),
-                f"{a.get('diagnosis', '-')}, {a.get('gradient_health', '-')}",
-                f"{cfg.get('depth')}×{cfg.get('width')} {cfg.get('activation')}, "
-                f"{cfg.get('optimizer')} lr {_fmt(cfg.get('lr'), '.2g')}",
+                r.number,
+                f"{_fmt(r.value)} ± {_fmt(r.cv_std)}",
+                " ".join(_fmt(x, ".3f") for x in r.fold_scores),
+                _fmt(r.train_score),
+                _fmt(r.gap, "+.4f"),
+                r.best_epoch or "-",
+                r.n_params or "-",
+                v.diagnosis.label if v.diagnosis else "-",
+                f"{cfg.depth}×{cfg.width} {cfg.activation}, {cfg.optimizer} lr {cfg.lr:.2g}",
             ]
         )
     header = [
@@ -397,14 +408,16 @@ def _figures_section(figs: dict[str, go.Figure], missing: list[str]) -> str:
     )
 
 
-def _config(url: str, study: optuna.Study, rec: Record) -> str:
-    prev = final.stored(url, study.study_name)
+def _config(url: str, study: optuna.Study, rec: StudyRecord, st: StudyStatus) -> str:
+    if st.choice is None:
+        return "<h2>Chosen config</h2><p>No complete trial yet.</p>"
     try:
-        doc = export.document(study, rec, "best", url, prev.as_dict() if prev else None)
+        records = [v.record for v in st.trials]
+        doc = export.document(study, rec, url, st.choice, records, st.estimate)
         text = export.dump(doc, "json")
     except SelectorError as e:
         text = str(e)
-    return f"<h2>Exported config (rule <code>best</code>)</h2><pre>{_e(text)}</pre>"
+    return f"<h2>Chosen config: {_e(st.choice.describe())}</h2><pre>{_e(text)}</pre>"
 
 
 def _page(name: str, sections: list[str]) -> str:
@@ -424,20 +437,19 @@ def _page(name: str, sections: list[str]) -> str:
 
 def render(url: str, name: str) -> tuple[str, int, int]:
     """The report's HTML, the number of trials and of figures."""
-    study, rec = open_study(url, name)
-    info = summary.status(url, name, top=0)
-    trials = complete_trials(study)
-    more, missing = optuna_figures(study) if trials else ({}, [])
-    figs = {**study_figures(trials, rec.spec.metric), **more}
+    study, rec = record.open_study(url, name)
+    st = summary.status(url, name)
+    more, missing = optuna_figures(study) if st.ranked else ({}, [])
+    figs = {**study_figures(st.ranked, rec.spec.metric), **more}
     sections = [
-        _summary(info, study),
-        _test_set(info["test_set"]),
-        _diagnosis(trials, info),
-        _top(trials),
+        _summary(st),
+        _test_set(st),
+        _diagnosis(st),
+        _top(st, rec),
         _figures_section(figs, missing),
-        _config(url, study, rec),
+        _config(url, study, rec, st),
     ]
-    return _page(name, sections), len(study.get_trials(deepcopy=False)), len(figs)
+    return _page(name, sections), len(st.trials), len(figs)
 
 
 def write(url: str, name: str, path: Path) -> Written:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,6 +244,34 @@ class SpaceSpec(BaseModel):
     grad_clip: Annotated[Param, _param_validator("grad_clip")] = _space_field("grad_clip")
     lr_schedule: Annotated[Param, _param_validator("lr_schedule")] = _space_field("lr_schedule")
 
+    @model_validator(mode="after")
+    def _batch_norm_needs_two_rows(self) -> SpaceSpec:
+        """Batch norm cannot train on a batch of one row: every such trial would fail."""
+        if _can_be(self.batch_size, 1) and _can_be(self.batch_norm, True):
+            raise ValueError(
+                "batch_size can be 1 while batch_norm can be true, and batch norm cannot train "
+                "on a batch of one row; make batch_size at least 2 or batch_norm false"
+            )
+        return self
+
+
+def _can_be(p: Param, value: Any) -> bool:
+    """Whether the searched parameter `p` can take `value`."""
+    if p.kind == "fixed":
+        return bool(p.value == value and type(p.value) is type(value))
+    if p.kind == "choice":
+        return any(c == value and type(c) is type(value) for c in p.choices)
+    return bool(p.low <= value <= p.high)
+
+
+def check_space_value(key: str, value: Any) -> None:
+    """Raise ValueError unless `value` is a valid value of the search-space parameter `key`
+    (a saved model's config is checked with the rules a study file is)."""
+    rule = SPACE_RULES.get(key)
+    if rule is None:
+        raise ValueError(f"unknown parameter {key!r}")
+    _check_value(rule, value)
+
 
 class StudySpec(_Strict):
     """A validated study file. `base_dir` resolves relative data paths; `raw` is the file's table."""
@@ -270,6 +299,13 @@ class StudySpec(_Strict):
             raise ValueError(
                 f"metric {v!r} is not supported{did}; use one of " + ", ".join(metrics.METRICS)
             )
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_given(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("is empty; give a database URL (sqlite:///path.db) or remove the key")
         return v
 
     @field_validator("direction")
@@ -356,6 +392,11 @@ def load(path: str | Path) -> StudySpec:
     """Read and validate a study file."""
     p = Path(path)
     try:
+        mode = p.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise SpecError(f"{p}: is a directory; give a study file (.toml)")
+        if not stat.S_ISREG(mode):  # a FIFO would block for ever, a device never end
+            raise SpecError(f"{p}: not a regular file (a pipe or device); give a study file")
         text = p.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise SpecError(f"{p}: no such study file") from None

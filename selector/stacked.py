@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,10 +56,11 @@ from selector.engine import (
     make_schedule,
     resolve_device,
 )
+from selector.errors import SpecError
 from selector.metrics import Task
 from selector.model import ACTIVATIONS, MLP, Block, build_mlp
 from selector.space import TrialConfig
-from selector.spec import TrainingSpec
+from selector.spec import Param, SpaceSpec, StudySpec, TrainingSpec
 
 CrossValidate = Callable[..., CVResult]
 
@@ -520,43 +520,54 @@ def cross_validate(config: TrialConfig, folds: Sequence[FoldData], **kwargs: Any
 # --- choosing the engine -------------------------------------------------------------------------
 
 
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    return int(pages * size)
+def memory_need(
+    folds: Sequence[FoldData], config: TrialConfig, n_out: int = 1
+) -> engine.MemoryNeed:
+    """`memory_estimate` by part (`engine.MemoryNeed`)."""
+    return stacked_need(
+        config,
+        folds=len(folds),
+        n_in=folds[0].X_train.shape[1],
+        n_train=max(f.X_train.shape[0] for f in folds),
+        n_val=max(f.X_val.shape[0] for f in folds),
+        n_out=n_out,
+    )
 
 
-def memory_estimate(folds: Sequence[FoldData], config: TrialConfig, n_out: int = 1) -> int:
-    """Bytes the stacked engine needs at its peak, roughly: the K stacked copies of the data, the
-    weights with their gradients, optimizer state and best-epoch snapshot, and the activations
-    of one training step and of one evaluation chunk."""
-    K = len(folds)
-    n_in = folds[0].X_train.shape[1]
-    n_tr = max(f.X_train.shape[0] for f in folds)
-    n_va = max(f.X_val.shape[0] for f in folds)
+def stacked_need(
+    config: TrialConfig, *, folds: int, n_in: int, n_train: int, n_val: int, n_out: int
+) -> engine.MemoryNeed:
+    """The stacked engine's peak for `folds` folds of `n_train` and `n_val` rows: the K stacked
+    copies of the data, the weights with their gradients, optimizer state and best-epoch
+    snapshot, and the activations of one training step and of one evaluation chunk."""
+    K = folds
     widths = config.widths()
     ins = [n_in, *widths]
     outs = [*widths, n_out]
     weights = sum(i * o + o for i, o in zip(ins, outs, strict=True))
     if config.residual:
         weights += sum(i * o for i, o in zip(ins[1:-1], widths[1:], strict=True) if i != o)
-    data = K * (n_tr + n_va) * (n_in + 1) * 4
-    params = K * weights * 4 * 6  # weights, grads, up to 3 optimizer states, snapshot
     per_row = n_in + 6 * sum(widths) + 2 * n_out  # pre-norm, normed, activated, mask, dropped, skip
-    step = K * config.batch_size * per_row * 4 * 2  # forward activations and their gradients
     chunk = max(64, EVAL_CHUNK_ELEMENTS // (K * max(n_in, *widths)))
-    evaluation = K * min(chunk, max(n_tr, n_va)) * (n_in + 3 * max(widths) + n_out) * 4
-    evaluation += K * max(n_tr, n_va) * n_out * 4 * 2  # outputs of all rows, float64 probabilities
-    return int(data + params + step + evaluation)
+    rows = max(n_train, n_val)
+    return engine.MemoryNeed(
+        data=K * (n_train + n_val) * (n_in + 1) * 4,
+        weights=K * weights * 4 * 6,  # weights, grads, up to 3 optimizer states, snapshot
+        batch=K * config.batch_size * per_row * 4 * 2,  # forward activations and their gradients
+        # one chunk through the layers, then the outputs of all rows and float64 probabilities
+        evaluation=K * min(chunk, rows) * (n_in + 3 * max(widths) + n_out) * 4
+        + K * rows * n_out * 4 * 2,
+    )
+
+
+def memory_estimate(folds: Sequence[FoldData], config: TrialConfig, n_out: int = 1) -> int:
+    """Bytes the stacked engine needs at its peak, roughly (`stacked_need`)."""
+    return memory_need(folds, config, n_out).total
+
+
+def _n_out(folds: Sequence[FoldData]) -> int:
+    y = folds[0].y_train
+    return int(y.max()) + 1 if np.issubdtype(y.dtype, np.integer) and len(y) else 1
 
 
 def fits(
@@ -568,13 +579,10 @@ def fits(
     budget: int | None = None,
 ) -> bool:
     """Whether the stacked engine's memory estimate fits in `budget` bytes (default: a share of the
-    device's free memory)."""
-    if n_out is None:
-        y = folds[0].y_train
-        n_out = int(y.max()) + 1 if np.issubdtype(y.dtype, np.integer) and len(y) else 1
-    need = memory_estimate(folds, config, n_out)
+    device's available memory)."""
+    need = memory_estimate(folds, config, _n_out(folds) if n_out is None else n_out)
     if budget is None:
-        budget = int(_free_bytes(resolve_device(device)) * MEMORY_SHARE)
+        budget = int(engine.available_memory(resolve_device(device)) * MEMORY_SHARE)
     return need <= budget
 
 
@@ -585,10 +593,17 @@ def choose_engine(
     *,
     budget: int | None = None,
 ) -> CrossValidate:
-    """The stacked `cross_validate` where its memory estimate fits, else the reference engine's."""
-    device = training.device if training is not None else "auto"
-    if len(folds) > 1 and fits(folds, config, device=device, budget=budget):
+    """The stacked `cross_validate` where its memory estimate fits (in `budget`, by default a
+    share of the available memory), else the reference engine's where its estimate fits in
+    `engine.REFERENCE_SHARE` of the available memory. A trial that fits in neither is refused
+    before anything is allocated (`TrialOutOfMemory`: the trial fails as `oom`)."""
+    device = resolve_device(training.device if training is not None else "auto")
+    if len(folds) > 1 and fits(folds, config, device=device.type, budget=budget):
         return cross_validate
+    need = engine.reference_memory(folds, config, _n_out(folds), device)
+    available = engine.available_memory(device)
+    if need.total > available * engine.REFERENCE_SHARE:
+        raise engine.out_of_memory(config, need, available, device, len(folds))
     return engine.cross_validate
 
 
@@ -599,14 +614,67 @@ def auto_cross_validate(
     return choose_engine(config, folds, training)(config, folds, training=training, **kwargs)
 
 
+# --- a search space that cannot fit at all ---------------------------------------------------------
+
+
+def smallest_config(space: SpaceSpec) -> TrialConfig:
+    """The config of the search space that needs the least memory: the smallest width, depth
+    and batch size, a funnel, no batch norm or residual links, the optimizer with the least
+    state, wherever the space allows them."""
+    fewest_states = min(_values(space.optimizer), key=lambda o: engine.OPTIMIZER_STATES.get(o, 2))
+    return TrialConfig(
+        width=int(min(_values(space.width))),
+        depth=int(min(_values(space.depth))),
+        batch_size=int(min(_values(space.batch_size))),
+        shape="funnel" if "funnel" in _values(space.shape) else str(_values(space.shape)[0]),
+        batch_norm=False not in _values(space.batch_norm),
+        residual=False not in _values(space.residual),
+        optimizer=str(fewest_states),
+    )
+
+
+def _values(p: Param) -> list[Any]:
+    """The values a parameter can take, as far as its smallest one goes: a range's low end."""
+    if p.kind == "fixed":
+        return [p.value]
+    if p.kind == "choice":
+        return list(p.choices)
+    return [p.low]
+
+
+def check_space_fits(spec: StudySpec, n_features: int, n_rows: int, n_out: int) -> None:
+    """Refuse a study whose search space cannot fit in memory even at its smallest config
+    (`SpecError`, naming the knobs): every trial would fail as `oom`. `n_features` are the
+    features after preprocessing, `n_rows` the dev rows that the folds split, `n_out` the
+    classes (1 for regression). Memory is this machine's, on the study's device."""
+    config = smallest_config(spec.space)
+    device = resolve_device(spec.training.device)
+    shape: dict[str, Any] = {
+        "folds": spec.cv.folds * spec.cv.repeats,
+        "n_in": n_features,
+        "n_train": n_rows - n_rows // spec.cv.folds,
+        "n_val": -(-n_rows // spec.cv.folds),
+        "n_out": n_out,
+    }
+    reference = engine.reference_need(config, copies_data=device.type != "cpu", **shape)
+    need = min(reference.total, stacked_need(config, **shape).total)
+    available = engine.available_memory(device)
+    if need > available * engine.REFERENCE_SHARE:
+        refusal = engine.out_of_memory(config, reference, available, device, shape["folds"])
+        raise SpecError(f"space: even the smallest config {refusal}")
+
+
 __all__ = [
     "StackedMLP",
     "StackedRun",
     "auto_cross_validate",
+    "check_space_fits",
     "choose_engine",
     "cross_validate",
     "dropout_mask",
     "fits",
     "memory_estimate",
+    "memory_need",
+    "smallest_config",
     "stacked_optimizer",
 ]

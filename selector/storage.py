@@ -6,28 +6,36 @@ SQLite files are made absolute, run in WAL mode with a generous busy timeout.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import functools
 import importlib.util
 import json
 import os
-import re
+import sqlite3
+import stat
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import optuna
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
+from selector import redact
 from selector.errors import StorageError
 
 DEFAULT_URL = "sqlite:///selector.db"
 SQLITE_TIMEOUT_S = 60
 SCHEMES = ("sqlite", "postgresql", "grpc")
+SQLITE_HEADER = b"SQLite format 3\x00"
+# The SQLite files this process opened, in order (a dict as an ordered set): what `retrying`
+# names when a full disk reaches it from an engine it did not open.
+_SQLITE_FILES: dict[Path, None] = {}
 
 
 @dataclass(frozen=True)
@@ -41,23 +49,34 @@ class Heartbeat:
 
 
 def resolve_url(cli: str | None = None, spec_storage: str | None = None) -> str:
+    """The storage URL to use. An empty `--storage` (an unset shell variable, most often) is
+    refused rather than read as "not given", which would send the study to the default file."""
+    if cli is not None and not cli.strip():
+        raise StorageError(
+            "--storage is empty (an unset shell variable?); give a database URL such as "
+            "sqlite:///path/to/file.db, or leave the option out"
+        )
     url = cli or os.environ.get("SELECTOR_STORAGE") or spec_storage or DEFAULT_URL
     return _absolute(url)
 
 
 def mask(url: str) -> str:
-    """The URL with its password hidden, for every message and record."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparseable storage URL>"
+    """The URL with every secret it carries hidden (the userinfo password, `?password=`,
+    `sslpassword`, `token`, `api_key`, ... in any case), also where it does not parse: for
+    every message, output and record (`selector.redact`)."""
+    return redact.mask_url(url)
+
+
+def scrub(text: str, url: str) -> str:
+    """A driver's message about `url`, with the secrets of `url` hidden wherever it echoes them."""
+    return redact.scrub(text, url)
 
 
 def _parse(url: str) -> URL:
     try:
         return make_url(url)
     except Exception:
-        shown = re.sub(r":[^:@/]*@", ":***@", url)  # a password, where the URL cannot be parsed
+        shown = mask(url)  # its secrets hidden, though it cannot be parsed
         raise StorageError(
             f"storage URL {shown!r} is not a URL; use sqlite:///path/to/file.db or "
             "postgresql://user@host:5432/dbname"
@@ -111,6 +130,7 @@ def check(url: str, *, must_exist: bool) -> None:
         )
     if path is not None:
         _check_sqlite(path, must_exist=must_exist)
+        _watch_sqlite(engine(url), path)
     elif backend == "postgresql":
         _check_server(url)
     elif backend == "grpc":
@@ -125,6 +145,8 @@ def _check_sqlite(path: Path, *, must_exist: bool) -> None:
         )
     if path.is_dir():
         raise StorageError(f"storage sqlite:///{path}: is a directory; name a database file")
+    if path.exists():
+        _check_sqlite_file(path)
     parent = path.parent
     if not parent.is_dir():
         raise StorageError(f"storage sqlite:///{path}: directory {parent} does not exist")
@@ -132,6 +154,105 @@ def _check_sqlite(path: Path, *, must_exist: bool) -> None:
         raise StorageError(
             f"storage sqlite:///{path}: not writable; choose a writable directory with --storage"
         )
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """An existing database file must be a regular, readable file that starts as SQLite files
+    do (an empty one becomes a new database). Pages garbled further in are caught when read
+    (`_sqlite_failed`)."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise StorageError(
+            f"storage sqlite:///{path}: not a regular file (a pipe or device); name a database file"
+        )
+    if not os.access(path, os.R_OK):
+        raise StorageError(
+            f"storage sqlite:///{path}: not readable; check the file's permissions, or choose "
+            "another file with --storage"
+        )
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(len(SQLITE_HEADER))
+    except OSError as e:
+        raise StorageError(f"storage sqlite:///{path}: cannot read ({e.strerror or e})") from None
+    if head and head != SQLITE_HEADER:
+        raise _sqlite_error(path, "corrupt")
+
+
+def _sqlite_failure(
+    e: BaseException, path: Path | None = None
+) -> Literal["full", "corrupt"] | None:
+    """Whether a chain of exceptions (Optuna's, SQLAlchemy's, sqlite3's) ends in a full disk
+    or a damaged database file. Only sqlite3's and the OS's own errors are read, never the
+    statement or parameters a message may quote. SQLite reports a full disk as an I/O error
+    where its shared-memory file cannot grow: that counts as full where `path`'s disk is."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno == errno.ENOSPC:
+            return "full"
+        if isinstance(x, sqlite3.Error):
+            text = str(x).lower()
+            if "database or disk is full" in text:
+                return "full"
+            if "malformed" in text or "not a database" in text:
+                return "corrupt"
+            if "disk i/o error" in text and path is not None and _no_space(path):
+                return "full"
+        todo += [x.__cause__, x.__context__, getattr(x, "orig", None)]
+    return None
+
+
+def _no_space(path: Path) -> bool:
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _damaged(path: Path) -> Literal["corrupt"] | None:
+    """SQLite's own check of every page, for when a file failed to open for another stated
+    reason (garbled pages can read back as nonsense, e.g. an impossible schema version)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            ok = conn.execute("PRAGMA quick_check(1)").fetchone() == ("ok",)
+    except sqlite3.Error:
+        ok = False
+    return None if ok else "corrupt"
+
+
+def _sqlite_error(path: Path | None, kind: Literal["full", "corrupt"]) -> StorageError:
+    where = f"storage sqlite:///{path}" if path is not None else "the SQLite database"
+    if kind == "full":
+        return StorageError(
+            f"{where}: the disk is full (database or disk is full); free space on it and run "
+            "again (finished trials are kept)"
+        )
+    return StorageError(
+        f"{where}: the file is not a SQLite database or is corrupt; restore it from a backup, "
+        "or give another file with --storage"
+    )
+
+
+def _sqlite_failed(ctx: Any) -> None:
+    """SQLAlchemy's `handle_error` hook on SQLite engines: a full disk or a corrupt file becomes
+    one `StorageError` naming the file, wherever the failing statement came from (Optuna's own
+    calls included), instead of a retried "transient" error and a traceback."""
+    database = ctx.engine.url.database if ctx.engine is not None else None
+    path = Path(database) if database else None
+    kind = _sqlite_failure(ctx.original_exception, path)
+    if kind is not None:
+        raise _sqlite_error(path, kind) from None
+
+
+def _watch_sqlite(eng: sa.Engine, path: Path) -> None:
+    """Hook `_sqlite_failed` into `eng` (once), and remember `path` for `retrying`."""
+    if not sa.event.contains(eng, "handle_error", _sqlite_failed):
+        sa.event.listen(eng, "handle_error", _sqlite_failed)
+    _SQLITE_FILES[path] = None
 
 
 def _check_server(url: str) -> None:
@@ -144,7 +265,7 @@ def _check_server(url: str) -> None:
             "pip install 'selector[postgres]'"
         ) from None
     except sa.exc.SQLAlchemyError as e:
-        first = str(getattr(e, "orig", e)).strip().splitlines()[0]
+        first = scrub(str(getattr(e, "orig", e)).strip().splitlines()[0], url)
         raise StorageError(f"storage {mask(url)}: cannot connect ({first})") from None
 
 
@@ -211,6 +332,7 @@ def _check_grpc(url: str) -> None:
         proxy.get_all_studies()
     except Exception as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = scrub(first, url)
         raise StorageError(
             f"storage {mask(url)}: no gRPC storage proxy answers ({first})"
         ) from None
@@ -245,20 +367,26 @@ def open_storage(
     check(url, must_exist=must_exist)
     if is_grpc(url):
         return _grpc_proxy(url)
-    if sqlite_path(url) is not None:
+    path = sqlite_path(url)
+    if path is not None:
         try:
             with engine(url).connect():
                 pass  # the connect hook switches the file to WAL before Optuna opens it
         except sa.exc.SQLAlchemyError as e:
-            first = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
+            first = scrub(str(getattr(e, "orig", e)).strip().splitlines()[0][:200], url)
             raise StorageError(f"storage {mask(url)}: cannot open ({first})") from None
     try:
-        return _rdb_storage(url, heartbeat)
+        store = _rdb_storage(url, heartbeat)
     except Exception as e:
-        first = str(getattr(e, "orig", e)).strip().splitlines()[0][:200]
+        if path is not None and (kind := _sqlite_failure(e, path) or _damaged(path)) is not None:
+            raise _sqlite_error(path, kind) from None
+        first = scrub(str(getattr(e, "orig", e)).strip().splitlines()[0][:200], url)
         raise StorageError(
             f"storage {mask(url)}: cannot open as an Optuna storage ({first})"
         ) from None
+    if path is not None:
+        _watch_sqlite(store.engine, path)
+    return store
 
 
 T = TypeVar("T")
@@ -272,11 +400,18 @@ RETRIES = 6
 
 def retrying(fn: Callable[[], T]) -> T:
     """Call `fn`, retrying transient database errors (a dropped connection, a restarted server)
-    with exponential backoff; the pool's pre-ping then hands out a fresh connection."""
+    with exponential backoff; the pool's pre-ping then hands out a fresh connection.
+
+    A full disk or a corrupt SQLite file is not transient: it fails at once, as one
+    `StorageError` naming the SQLite file this process opened last (engines opened through
+    `open_storage` raise it themselves, naming their own file)."""
     for attempt in range(RETRIES):
         try:
             return fn()
-        except TRANSIENT:
+        except TRANSIENT as e:
+            last = next(reversed(_SQLITE_FILES), None)
+            if (kind := _sqlite_failure(e, last)) is not None:
+                raise _sqlite_error(last, kind) from None
             if attempt == RETRIES - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
@@ -315,21 +450,58 @@ def orphaned_trial_ids(study: optuna.Study) -> list[int]:
         return [int(tid) for tid in conn.execute(query).scalars()]
 
 
+def stale_trial_ids(study: optuna.Study) -> list[int]:
+    """Running trials silent for longer than the grace period their own worker runs with (the
+    trial's `selector:heartbeat` system attr; this storage's grace for a trial without one).
+    A worker started with a longer grace is never reaped by one with a shorter grace.
+    SQL storages with heartbeats only; elsewhere Optuna's own check, with this storage's grace."""
+    rdb = _rdb_behind(study._storage)
+    if rdb is None or rdb.heartbeat_interval is None:
+        if rdb is None:
+            return []
+        return list(rdb._get_stale_trial_ids(study._study_id))
+    from optuna.storages._rdb import models
+
+    default = rdb.grace_period or 2 * rdb.heartbeat_interval
+    trials, beats, sys = (
+        models.TrialModel,
+        models.TrialHeartbeatModel,
+        models.TrialSystemAttributeModel,
+    )
+    query = (
+        sa.select(trials.trial_id, beats.heartbeat, sys.value_json, sa.func.now())
+        .join(beats, beats.trial_id == trials.trial_id)
+        .outerjoin(sys, (sys.trial_id == trials.trial_id) & (sys.key == "selector:heartbeat"))
+        .where(trials.study_id == study._study_id, trials.state == optuna.trial.TrialState.RUNNING)
+    )
+    with rdb.engine.connect() as conn:
+        rows = list(conn.execute(query))
+    out = []
+    for trial_id, beat, recorded, now in rows:
+        grace = json.loads(recorded).get("grace", default) if recorded else default
+        silent = now.replace(tzinfo=None) - beat.replace(tzinfo=None)
+        if silent > datetime.timedelta(seconds=float(grace)):
+            out.append(int(trial_id))
+    return out
+
+
 def write_trial(
     trial: optuna.Trial,
     *,
     user_attrs: Mapping[str, Any] | None = None,
+    system_attrs: Mapping[str, Any] | None = None,
     intermediate: Sequence[tuple[int, float]] = (),
 ) -> None:
-    """Record a running trial's user attrs and intermediate values (step, value) together.
+    """Record a running trial's user attrs, system attrs and intermediate values (step, value)
+    together.
 
-    On SQLite and PostgreSQL this is one transaction of three statements (the trial's state
-    check, one multi-row insert of the values, one multi-row upsert of the attrs) into Optuna's
+    On SQLite and PostgreSQL this is one transaction (the trial's state check, one multi-row
+    insert of the values, one multi-row upsert per kind of attrs) into Optuna's
     own tables, with the row formats `report` and `set_user_attr` write. One call per value costs
     a commit each: 20 epochs and 20 attrs took about 65 ms on SQLite that way. The trial's own
     cached copy is updated as theirs is. Other storages get one call per value. Steps already
     reported are skipped, as `report` skips them."""
-    attrs = dict(user_attrs or {})
+    attrs, system = dict(user_attrs or {}), dict(system_attrs or {})
     cached = trial._cached_frozen_trial
     values = dict(
         (int(s), float(v)) for s, v in intermediate if int(s) not in cached.intermediate_values
@@ -340,6 +512,8 @@ def write_trial(
             trial.report(value, step)
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        for key, value in system.items():
+            trial.storage.set_trial_system_attr(trial._trial_id, key, value)
         return
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
@@ -363,23 +537,28 @@ def write_trial(
                     }
                 )
             session.execute(sa.insert(models.TrialIntermediateValueModel), rows)
-        if attrs:
-            table = models.TrialUserAttributeModel
-            if rdb.engine.name == "sqlite":
-                from sqlalchemy.dialects.sqlite import insert
-            else:
-                from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
-            stmt = insert(table)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[table.trial_id, table.key],
-                set_={"value_json": stmt.excluded.value_json},
-            )
-            session.execute(
-                stmt,
-                [
-                    {"trial_id": tid, "key": k, "value_json": json.dumps(v)}
-                    for k, v in attrs.items()
-                ],
-            )
+        for table, pairs in (
+            (models.TrialUserAttributeModel, attrs),
+            (models.TrialSystemAttributeModel, system),
+        ):
+            if pairs:
+                session.execute(_upsert(rdb.engine.name, table), _attr_rows(tid, pairs))
     cached.intermediate_values.update(values)
     cached.user_attrs.update(attrs)
+    cached.system_attrs.update(system)
+
+
+def _upsert(dialect: str, table: Any) -> Any:
+    """INSERT ... ON CONFLICT (trial_id, key) DO UPDATE for an Optuna attribute table."""
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+    stmt = insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=[table.trial_id, table.key], set_={"value_json": stmt.excluded.value_json}
+    )
+
+
+def _attr_rows(trial_id: int, pairs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in pairs.items()]

@@ -12,23 +12,29 @@ import json
 import os
 import platform
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import sklearn
-import sqlalchemy as sa
 import torch
 
-from selector import __version__, data, db, storage, worker
+from selector import __version__, data, db, diagnose, metrics, record, storage, worker
 from selector.errors import RefusedError, StudyError
 from selector.objective import Objective
+from selector.record import (
+    ATTR_BASE_DIR,
+    ATTR_BASELINE,
+    ATTR_BUDGET,
+    ATTR_FINGERPRINTS,
+    ATTR_SPEC,
+    StudyRecord,
+)
 from selector.spec import StudySpec, canonical_json, from_record, hashed_part
 from selector.storage import Heartbeat
-
-ATTR_SPEC, ATTR_BASE_DIR = "selector:spec", "selector:base_dir"
-ATTR_FINGERPRINTS, ATTR_BUDGET = "selector:fingerprints", "selector:n_trials"
 
 
 def versions() -> dict[str, str]:
@@ -41,49 +47,6 @@ def versions() -> dict[str, str]:
     }
 
 
-@dataclass(frozen=True)
-class Record:
-    """A study's row in `selector_studies`."""
-
-    name: str
-    spec: StudySpec
-    spec_hash: str
-    fingerprints: dict[str, str]
-    n_trials: int
-    versions: dict[str, str]
-    created_at: dt.datetime
-
-
-def _row_to_record(row: Any, origin: str) -> Record:
-    raw = json.loads(row.spec_json)
-    return Record(
-        name=row.study_name,
-        spec=from_record(raw, row.base_dir, origin=origin),
-        spec_hash=row.spec_hash,
-        fingerprints={"data": row.data_fp, "split": row.split_fp, "folds": row.folds_fp},
-        n_trials=row.n_trials,
-        versions=json.loads(row.versions_json),
-        created_at=row.created_at,
-    )
-
-
-def find_record(url: str, name: str) -> Record | None:
-    with db.transaction(url) as conn:
-        row = conn.execute(sa.select(db.studies).where(db.studies.c.study_name == name)).first()
-    return None if row is None else _row_to_record(row, f"study {name!r} (recorded spec)")
-
-
-def load_record(url: str, name: str) -> Record:
-    """The record of an existing study; a clear error naming the studies that do exist if not."""
-    rec = find_record(url, name)
-    if rec is None:
-        with db.transaction(url) as conn:
-            names = [r[0] for r in conn.execute(sa.select(db.studies.c.study_name))]
-        known = f"; studies here: {', '.join(names)}" if names else "; this storage has no studies"
-        raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}")
-    return rec
-
-
 def _diff(old: Any, new: Any, path: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
@@ -93,7 +56,7 @@ def _diff(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path}: {canonical_json(old)} -> {canonical_json(new)}"]
 
 
-def _check_same(rec: Record, spec: StudySpec, prep: data.Prepared) -> None:
+def _check_same(rec: StudyRecord, spec: StudySpec, prep: data.Prepared) -> None:
     if rec.spec_hash != spec.spec_hash():
         changes = _diff(hashed_part(rec.spec.raw), hashed_part(spec.raw))
         raise StudyError(
@@ -111,23 +74,25 @@ def _check_same(rec: Record, spec: StudySpec, prep: data.Prepared) -> None:
         )
 
 
-def create_or_resume(spec: StudySpec, url: str) -> tuple[optuna.Study, data.Prepared, Record]:
+def create_or_resume(
+    spec: StudySpec, url: str
+) -> tuple[optuna.Study, data.Prepared, StudyRecord]:
     """Validate data and storage, then create the study or check that it is the same study."""
     prep = data.prepare(spec)
     optuna_storage = storage.open_storage(url, must_exist=False)
-    rec = find_record(url, spec.name)
+    rec = record.find_record(url, spec.name)
     if rec is not None:
         _check_same(rec, spec, prep)
         study = optuna.load_study(study_name=spec.name, storage=optuna_storage)
         if rec.n_trials != spec.n_trials:
             _set_budget(url, study, spec.n_trials)
-        return study, prep, load_record(url, spec.name)
+        return study, prep, record.load_record(url, spec.name)
     return _create(spec, url, optuna_storage, prep)
 
 
 def _create(
     spec: StudySpec, url: str, optuna_storage: optuna.storages.BaseStorage, prep: data.Prepared
-) -> tuple[optuna.Study, data.Prepared, Record]:
+) -> tuple[optuna.Study, data.Prepared, StudyRecord]:
     if spec.name in {s.study_name for s in optuna.get_all_study_summaries(optuna_storage, False)}:
         raise StudyError(
             f"an Optuna study named {spec.name!r} already exists in {storage.mask(url)} but was not "
@@ -153,10 +118,39 @@ def _create(
                     created_at=dt.datetime.now(dt.UTC),
                 )
             )
+            conn.execute(db.oof.insert(), _dev_rows(spec, prep))
     except BaseException:
         optuna.delete_study(study_name=spec.name, storage=optuna_storage)
         raise
-    return study, prep, load_record(url, spec.name)
+    return study, prep, record.load_record(url, spec.name)
+
+
+def _dev_rows(spec: StudySpec, prep: data.Prepared) -> list[dict[str, Any]]:
+    """The dev targets and each dev row's fold (of the first repeat), beside the trials'
+    out-of-fold predictions: what the bias-corrected estimate needs, without loading the data."""
+    dev = data.dev_set(prep)
+    fold_of_row = np.full(len(dev.y), -1, dtype=np.int16)
+    for k, (_, val) in enumerate(dev.folds[: spec.cv.folds]):
+        fold_of_row[val] = k
+    kind = "labels" if dev.task == "classification" else "values"
+    return [
+        {"study_name": spec.name, "trial_number": n, "kind": kind, "data": record.pack_oof(a, kind)}
+        for n, a, kind in (
+            (record.TARGET_ROW, dev.y, kind),
+            (record.FOLDS_ROW, fold_of_row, "labels"),
+        )
+    ]
+
+
+def baseline_score(spec: StudySpec, prep: data.Prepared) -> float:
+    """The mean CV score of the trivial predictor (`diagnose.trivial_scores`)."""
+    dev = data.dev_set(prep)
+    metric = metrics.get(spec.metric)
+    pairs = [(dev.y[tr], dev.y[va]) for tr, va in dev.folds]
+    scores = diagnose.trivial_scores(
+        pairs, task=dev.task, n_classes=dev.n_classes, score=metric.of_predictions
+    )
+    return float(np.mean(scores))
 
 
 def recorded(spec: StudySpec) -> dict[str, Any]:
@@ -178,6 +172,10 @@ def _describe(study: optuna.Study, spec: StudySpec, prep: data.Prepared) -> None
     study.set_user_attr(ATTR_BASE_DIR, spec.base_dir)
     study.set_user_attr(ATTR_FINGERPRINTS, prep.fingerprints.as_dict())
     study.set_user_attr(ATTR_BUDGET, spec.n_trials)
+    study.set_user_attr(ATTR_BASELINE, round(baseline_score(spec, prep), 6))
+    with warnings.catch_warnings():  # experimental in Optuna; optuna-dashboard shows the name
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([spec.metric])
 
 
 def _set_budget(url: str, study: optuna.Study, n_trials: int) -> None:
@@ -190,7 +188,7 @@ def _set_budget(url: str, study: optuna.Study, n_trials: int) -> None:
     study.set_user_attr(ATTR_BUDGET, n_trials)
 
 
-def register_worker(url: str, name: str) -> int:
+def register_worker(url: str, name: str, heartbeat: Heartbeat | None = None) -> int:
     """A worker id unique in the study (it seeds the worker's sampler): from the database's
     counter, or random where the storage is a gRPC proxy."""
     if storage.is_grpc(url):
@@ -202,6 +200,8 @@ def register_worker(url: str, name: str) -> int:
                 host=socket.gethostname(),
                 pid=os.getpid(),
                 started_at=dt.datetime.now(dt.UTC),
+                heartbeat_s=heartbeat.interval if heartbeat else None,
+                grace_s=heartbeat.grace if heartbeat else None,
             )
         )
         return int(result.inserted_primary_key[0])  # type: ignore[index]
@@ -215,16 +215,16 @@ def run(
     timeout: float | None = None,
     heartbeat: Heartbeat = Heartbeat(),
     progress: worker.Progress | None = None,
-) -> worker.RunSummary:
+) -> record.RunSummary:
     """Create or resume the study, then work on it in this process."""
     study, prep, _ = create_or_resume(spec, url)
-    limit = budget_limit(study, spec.name, spec.n_trials, n_trials)
+    limit = budget_limit(study, url, spec.n_trials, n_trials)
     objective = Objective(spec, data.dev_set(prep))
     return worker.work(
         spec,
         url,
         objective,
-        worker=register_worker(url, spec.name),
+        worker=register_worker(url, spec.name, heartbeat),
         limit=limit,
         timeout=timeout,
         heartbeat=heartbeat,
@@ -232,9 +232,24 @@ def run(
     )
 
 
-def budget_limit(study: optuna.Study, name: str, n_trials: int, cap: int | None) -> int:
-    """How many finished trials this run aims for: the study's n_trials, or `cap` more than now."""
-    done = worker.count(study)
+def check_not_sealed(url: str, name: str) -> None:
+    """After `final`, a study takes no more trials: its test score would no longer be an
+    unbiased estimate of a new choice."""
+    prev = record.stored_final(url, name) if not storage.is_grpc(url) else None
+    if prev is not None:
+        raise RefusedError(
+            f"study {name!r} is sealed: its test set was opened by `selector final` at "
+            f"{prev.claimed_at} (trial {prev.trial}); a test score is unbiased for one choice "
+            "only, so it runs no more trials — give the study file a new name to search again"
+        )
+
+
+def budget_limit(study: optuna.Study, url: str, n_trials: int, cap: int | None) -> int:
+    """How many finished trials this run aims for: the study's n_trials, or `cap` more than now.
+    Refused when the study is sealed or its budget is spent."""
+    name = study.study_name
+    check_not_sealed(url, name)
+    done = record.count(study)
     if done >= n_trials:
         raise RefusedError(
             f"study {name!r} already has {done} of its n_trials = {n_trials} finished trials; "
@@ -255,7 +270,9 @@ def join(
 ) -> Joined:
     """What a worker on any machine needs, from the study itself: the recorded study file, and
     data whose fingerprints match the study's (checked here)."""
-    study = _load(storage.open_storage(url, must_exist=True, heartbeat=heartbeat), url, name)
+    study = record.load_study(
+        storage.open_storage(url, must_exist=True, heartbeat=heartbeat), url, name
+    )
     attrs = study.user_attrs
     if ATTR_SPEC not in attrs:
         raise StudyError(f"study {name!r} in {storage.mask(url)} was not created by selector")
@@ -290,43 +307,24 @@ def work(
     timeout: float | None = None,
     heartbeat: Heartbeat = Heartbeat(),
     progress: worker.Progress | None = None,
-) -> worker.RunSummary:
+) -> record.RunSummary:
     """`selector worker`: join an existing study and run trials until its budget is spent
     (or `n_trials` more are finished, or the study holds `limit` finished trials)."""
     joined = join(url, name, data_path=data_path, heartbeat=heartbeat)
-    study = _load(storage.open_storage(url, must_exist=True, heartbeat=heartbeat), url, name)
+    study = record.load_study(
+        storage.open_storage(url, must_exist=True, heartbeat=heartbeat), url, name
+    )
     worker.reap_stale(study)
     if limit is None:
-        limit = budget_limit(study, name, joined.n_trials, n_trials)
+        limit = budget_limit(study, url, joined.n_trials, n_trials)
     objective = Objective(joined.spec, data.dev_set(joined.prep))
     return worker.work(
         joined.spec,
         url,
         objective,
-        worker=register_worker(url, name),
+        worker=register_worker(url, name, heartbeat),
         limit=limit,
         timeout=timeout,
         heartbeat=heartbeat,
         progress=progress,
     )
-
-
-def _load(store: optuna.storages.BaseStorage, url: str, name: str) -> optuna.Study:
-    try:
-        return optuna.load_study(study_name=name, storage=store)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(store, False)]
-        known = f"; studies here: {', '.join(names)}" if names else "; this storage has no studies"
-        raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}") from None
-
-
-def open_study(url: str, name: str, *, reap: bool = False) -> tuple[optuna.Study, Record]:
-    """An existing study for reading (status, export, final); never creates a database.
-    With `reap`, trials whose worker went silent are failed as stale (and queued for a retry)."""
-    optuna_storage = storage.open_storage(
-        url, must_exist=True, heartbeat=Heartbeat() if reap else None
-    )
-    study = _load(optuna_storage, url, name)
-    if reap:
-        worker.reap_stale(study)
-    return study, load_record(url, name)

@@ -1,115 +1,245 @@
-"""What `status` and `studies` show: read-only views of the database."""
+"""What `status`, `studies`, the report and the study note show: read-only views of the database.
+
+`status` gathers a study's state once, typed (`StudyStatus`): its trials as records with their
+diagnoses against the study as it is now, the choice, the expected test score of the choice and
+the test set's state. It never writes: trials that look stale are shown, and left for the
+workers (who know the heartbeat and grace they run with) to reap.
+"""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from selector import final, storage, study, worker
+from selector import diagnose, record, selection, storage
+from selector.diagnose import Diagnosis
+from selector.record import FinalResult, TrialRecord
+from selector.selection import Choice
 
 
-def _lockbox(url: str, name: str) -> dict[str, Any]:
-    prev = final.stored(url, name)
-    if prev is None:
-        return {"state": "sealed"}
-    state = "evaluated" if prev.state == "finished" else "evaluation started, not finished"
-    return {**prev.as_dict(), "state": state}
+@dataclass(frozen=True)
+class TrialView:
+    """A trial as the views show it: its record and, when complete, its diagnosis now."""
+
+    record: TrialRecord
+    diagnosis: Diagnosis | None
+
+    def as_dict(self) -> dict[str, Any]:
+        r, d = self.record, self.diagnosis
+        scored = bool(r.fold_scores)
+        return {
+            "number": r.number,
+            "state": r.state.name.lower(),
+            "value": r.value,
+            "cv_std": r.cv_std if scored else None,
+            "train_score": r.train_score if scored else None,
+            "gap": r.gap if scored else None,
+            "best_epoch": r.best_epoch,
+            "epochs_run": r.epochs_run,
+            "n_params": r.n_params,
+            "diagnosis": d.label if d else None,
+            "fit": d.fit if d else None,
+            "gradients": d.gradients if d else None,
+            "stopped_while_improving": d.still_improving if d else None,
+            "fail_reason": r.fail_reason,
+            "pruned_at_epoch": r.pruned_at_epoch,
+            "params": r.params,
+        }
 
 
-def _trial_row(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    a = t.user_attrs
-    return {
-        "trial": t.number,
-        "value": t.value,
-        "cv_std": a.get("cv_std"),
-        "train_score": a.get("train_score"),
-        "gap": a.get("gap"),
-        "best_epoch": a.get("best_epoch"),
-        "diagnosis": a.get("diagnosis"),
-        "gradients": a.get("gradient_health"),
-        "n_params": a.get("n_params"),
-        "params": t.params,
-    }
+@dataclass(frozen=True)
+class StudyStatus:
+    study: str
+    storage: str
+    metric: str
+    data: str | None
+    n_trials: int
+    folds: int | None
+    dev_rows: int | None
+    test_rows: int | None
+    baseline: float | None
+    states: dict[str, int]
+    failures: dict[str, int]
+    trials: list[TrialView]
+    choice: Choice | None
+    estimate: Any | None  # selector.estimate.Estimate
+    final: FinalResult | None
+    ranked: list[TrialView] = field(default_factory=list)
+
+    @property
+    def finished(self) -> int:
+        return self.states["complete"] + self.states["pruned"]
+
+    @property
+    def best(self) -> TrialView | None:
+        return self.ranked[0] if self.ranked else None
+
+    @property
+    def chosen(self) -> TrialView | None:
+        if self.choice is None:
+            return None
+        return next((v for v in self.trials if v.record.number == self.choice.trial), None)
+
+    @property
+    def lockbox(self) -> str:
+        return "sealed" if self.final is None else self.final.lockbox_state
+
+    def counts(self, what: str) -> Counter[str]:
+        """How many complete trials carry each fit label (`fit`) or gradient label."""
+        views = [v for v in self.ranked if v.diagnosis is not None]
+        return Counter(str(getattr(v.diagnosis, what)) for v in views)
+
+    def as_dict(self, top: int | None = None) -> dict[str, Any]:
+        est = self.estimate
+        return {
+            "study": self.study,
+            "storage": self.storage,
+            "metric": self.metric,
+            "direction": "maximize",
+            "data": self.data,
+            "n_trials": self.n_trials,
+            "finished": self.finished,
+            "states": self.states,
+            "failures": self.failures,
+            "baseline": self.baseline,
+            "best": self.best.as_dict() if self.best else None,
+            "choice": self.choice.as_dict() if self.choice else None,
+            "estimate": est.as_dict() if est is not None else None,
+            "test_set": {"state": self.lockbox, **(self.final.as_dict() if self.final else {})},
+            "top": [v.as_dict() for v in self.ranked[:top]] if top is not None else None,
+            "trials": [v.as_dict() for v in self.trials],
+        }
 
 
-def status(url: str, name: str, *, top: int = 5, reap: bool = False) -> dict[str, Any]:
-    """The study's state; with `reap`, trials whose worker went silent are failed first."""
-    s, rec = study.open_study(url, name, reap=reap)
-    trials = s.get_trials(deepcopy=False)
-    counts = {state.name.lower(): 0 for state in TrialState}
-    for t in trials:
-        counts[t.state.name.lower()] += 1
-    complete = sorted(
-        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: -worker.value_of(t)
-    )  # type: ignore[arg-type]
+def _counts(records: list[TrialRecord]) -> tuple[dict[str, int], dict[str, int]]:
+    states = {state.name.lower(): 0 for state in TrialState}
     failures: dict[str, int] = {}
-    for t in trials:
-        if t.state == TrialState.FAIL:
-            reason = worker.failure_reason(t)
-            failures[reason] = failures.get(reason, 0) + 1
-    return {
-        "study": name,
-        "storage": storage.mask(url),
-        "metric": rec.spec.metric,
-        "direction": rec.spec.study_direction,
-        "data": s.user_attrs.get("data"),
-        "n_trials": rec.n_trials,
-        "finished": counts["complete"] + counts["pruned"],
-        "states": counts,
-        "failures": failures,
-        "best": _trial_row(complete[0]) if complete else None,
-        "top": [_trial_row(t) for t in complete[:top]],
-        "test_set": _lockbox(url, name),
-    }
+    for r in records:
+        states[r.state.name.lower()] += 1
+        if r.state == TrialState.FAIL:
+            failures[str(r.fail_reason)] = failures.get(str(r.fail_reason), 0) + 1
+    return states, failures
+
+
+def status(url: str, name: str, *, estimate: bool = True) -> StudyStatus:
+    """The study's state, read once."""
+    study, rec = record.open_study(url, name)
+    records = record.trials(study)
+    attrs = study.user_attrs
+    baseline = attrs.get(record.ATTR_BASELINE)
+    labels = diagnose.of_study(
+        records, metric=rec.spec.metric, baseline=baseline, max_epochs=rec.spec.training.max_epochs
+    )
+    views = [TrialView(r, labels.get(r.number)) for r in records]
+    by_number = {v.record.number: v for v in views}
+    states, failures = _counts(records)
+    choice = selection.current(url, name, records)
+    final = record.stored_final(url, name) if not storage.is_grpc(url) else None
+    expected = (
+        selection.estimate(url, rec, records, choice.rule)
+        if estimate and choice is not None
+        else None
+    )
+    return StudyStatus(
+        study=name,
+        storage=storage.mask(url),
+        metric=rec.spec.metric,
+        data=attrs.get("data"),
+        n_trials=rec.n_trials,
+        folds=attrs.get("folds"),
+        dev_rows=attrs.get("dev_rows"),
+        test_rows=attrs.get("test_rows_held_out"),
+        baseline=baseline,
+        states=states,
+        failures=failures,
+        trials=views,
+        choice=choice,
+        estimate=expected,
+        final=final,
+        ranked=[by_number[r.number] for r in record.complete(records)],
+    )
 
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
-    return "-" if x is None else format(x, spec)
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
 
 
-def status_text(info: dict[str, Any]) -> str:
-    st = info["states"]
-    lines = [
-        f"study      {info['study']}  ({info['storage']})",
-        f"data       {info['data']}   metric {info['metric']} ({info['direction']})",
-        f"trials     {info['finished']}/{info['n_trials']} finished: {st['complete']} complete, "
-        f"{st['pruned']} pruned, {st['fail']} failed, {st['running']} running",
-    ]
-    if info["failures"]:
-        lines.append("failures   " + ", ".join(f"{k} {v}" for k, v in info["failures"].items()))
-    box = info["test_set"]
-    lines.append(
-        "test set   "
-        + (
-            f"evaluated: {box['metric']} = {_fmt(box['test_score'])} "
-            f"(trial {box['trial']}, {box['finished_at']})"
-            if box["state"] == "evaluated"
-            else box["state"]
+def estimate_line(st: StudyStatus) -> str:
+    """The expected test score of the choice beside its raw CV score (and the test score once
+    evaluated): one sentence every view shows."""
+    est, chosen = st.estimate, st.chosen
+    if chosen is None:
+        return "no complete trial yet"
+    raw = f"CV {_fmt(chosen.record.value)}"
+    if est is None:
+        expected = "expected test score unavailable (no out-of-fold predictions stored)"
+    else:
+        expected = (
+            f"expected test {_fmt(est.value)} [90% {_fmt(est.low)}, {_fmt(est.high)}] "
+            f"(bias-corrected over {est.n_candidates} trials)"
         )
-    )
-    if info["top"]:
+    test = ""
+    if st.final is not None and st.final.test_score is not None:
+        test = f"; test {_fmt(st.final.test_score)}"
+    return f"{raw}, {expected}{test}"
+
+
+def status_text(st: StudyStatus, top: int = 5) -> str:
+    s = st.states
+    lines = [
+        f"study      {st.study}  ({st.storage})",
+        f"data       {st.data}   metric {st.metric} (maximize)",
+        f"trials     {st.finished}/{st.n_trials} finished: {s['complete']} complete, "
+        f"{s['pruned']} pruned, {s['fail']} failed, {s['running']} running",
+    ]
+    if st.failures:
+        lines.append("failures   " + ", ".join(f"{k} {v}" for k, v in st.failures.items()))
+    if st.choice is not None:
+        lines.append(f"chosen     {st.choice.describe()}")
+        lines.append(f"estimate   {estimate_line(st)}")
+    lines.append("test set   " + lockbox_line(st))
+    if st.ranked and top:
         lines += [
             "",
             f"{'trial':>5}  {'cv mean':>8}  {'± std':>7}  {'train':>7}  {'gap':>7}  "
             f"{'epoch':>5}  {'params':>8}  diagnosis",
         ]
-        for r in info["top"]:
+        for v in st.ranked[:top]:
+            r = v.record
             lines.append(
-                f"{r['trial']:>5}  {_fmt(r['value']):>8}  {_fmt(r['cv_std']):>7}  "
-                f"{_fmt(r['train_score']):>7}  {_fmt(r['gap'], '+.4f'):>7}  "
-                f"{r['best_epoch'] or '-':>5}  {r['n_params'] or '-':>8}  "
-                f"{r['diagnosis']}, gradients {r['gradients']}"
+                f"{r.number:>5}  {_fmt(r.value):>8}  {_fmt(r.cv_std):>7}  "
+                f"{_fmt(r.train_score):>7}  {_fmt(r.gap, '+.4f'):>7}  "
+                f"{r.best_epoch or '-':>5}  {r.n_params or '-':>8}  "
+                f"{v.diagnosis.label if v.diagnosis else '-'}"
             )
     return "\n".join(lines)
+
+
+def lockbox_line(st: StudyStatus) -> str:
+    f = st.final
+    if f is None:
+        return "sealed: evaluated once, by `selector final`"
+    if f.state != "finished":
+        return f"evaluation started, not finished (claimed at {f.claimed_at})"
+    return (
+        f"evaluated at {f.finished_at}: {f.metric} = {_fmt(f.test_score)} on {f.test_rows} rows "
+        f"(trial {f.trial}, rule {f.rule})"
+    )
 
 
 def studies(url: str) -> list[dict[str, Any]]:
     optuna_storage = storage.open_storage(url, must_exist=True)
     out = []
     for s in optuna.get_all_study_summaries(optuna_storage, include_best_trial=True):
-        rec = study.find_record(url, s.study_name)
+        rec = record.find_record(url, s.study_name)
+        final = record.stored_final(url, s.study_name) if rec else None
         out.append(
             {
                 "study": s.study_name,
@@ -117,7 +247,11 @@ def studies(url: str) -> list[dict[str, Any]]:
                 "best": s.best_trial.value if s.best_trial else None,
                 "metric": rec.spec.metric if rec else None,
                 "n_trials": rec.n_trials if rec else None,
-                "test_set": _lockbox(url, s.study_name)["state"] if rec else "not a selector study",
+                "test_set": (
+                    ("sealed" if final is None else final.lockbox_state)
+                    if rec
+                    else "not a selector study"
+                ),
             }
         )
     return out

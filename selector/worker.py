@@ -10,16 +10,18 @@ free their place; a worker whose claim is refused waits while trials elsewhere m
 from __future__ import annotations
 
 import contextlib
+import copy
+import errno
 import fcntl
 import functools
 import math
 import os
+import stat
 import threading
 import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -29,14 +31,20 @@ from optuna.trial import FrozenTrial, TrialState
 
 from selector import interrupt, storage
 from selector.engine import derive_seed, resolve_device
-from selector.errors import SelectorError
+from selector.errors import SelectorError, StorageError
 from selector.objective import MEDIAN_WARMUP, Objective
+from selector.record import (
+    ACTIVE,
+    FINISHED,
+    HEARTBEAT_ATTR,
+    RunSummary,
+    count,
+    describe_failure,
+    summarize,
+)
 from selector.spec import StudySpec
 from selector.storage import Heartbeat
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# A waiting trial (a stale trial's retry) is not counted: `ask` runs it instead of a new one.
-ACTIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 POLL_S = 1.0
 
 Progress = Callable[[optuna.Study, FrozenTrial], None]
@@ -46,18 +54,6 @@ class FailureStreakError(SelectorError):
     """Too many consecutive trials failed; the worker stops with the last error."""
 
     exit_code = 1
-
-
-@dataclass
-class RunSummary:
-    study: str
-    metric: str
-    finished: int
-    budget: int
-    ran: int
-    best_value: float | None
-    best_trial: int | None
-    n_trials: int | None = None  # the study's own budget (the file's n_trials)
 
 
 def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
@@ -81,55 +77,43 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=MEDIAN_WARMUP)
 
 
-def value_of(trial: FrozenTrial) -> float:
-    """A complete trial's value (−inf for a trial without one, so it sorts last)."""
-    return float(trial.value) if trial.value is not None else float("-inf")
-
-
-def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int:
-    return len(study.get_trials(deepcopy=False, states=states))
-
-
-def failure_reason(trial: FrozenTrial) -> str:
-    """Why a trial failed. A failed trial without a recorded reason was reaped by the heartbeat
-    check: its worker died or went silent past the grace period."""
-    return str(trial.user_attrs.get("fail_reason", "stale"))
-
-
-def describe_failure(trial: FrozenTrial) -> str:
-    error = str(trial.user_attrs.get("error", "")).strip().splitlines()
-    return f"{failure_reason(trial)}: {error[-1] if error else 'no detail'}"
-
-
-def summarize(study: optuna.Study, budget: int, *, ran: int = 0) -> RunSummary:
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    best = max(complete, key=value_of) if complete else None
-    return RunSummary(
-        study=study.study_name,
-        metric=str(study.user_attrs.get("metric", "score")),
-        finished=count(study),
-        budget=budget,
-        ran=ran,
-        best_value=best.value if best else None,
-        best_trial=best.number if best else None,
-        n_trials=study.user_attrs.get("selector:n_trials"),
-    )
-
-
 # --- the budget lock -------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
 def budget_lock(url: str, name: str) -> Iterator[None]:
-    """Serialise budget claims of one study across processes and machines."""
+    """Serialise budget claims of one study across processes and machines.
+
+    Beside a SQLite file the lock is a file, opened without following a link planted at its
+    path (O_NOFOLLOW) and only if it is a regular file (a FIFO would block the worker)."""
     path = storage.sqlite_path(url)
     if path is not None:
-        with open(f"{path}.{name}.lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+        lock = f"{path}.{name}.lock"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(lock, flags | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            why = (
+                "is a symbolic link; remove it (selector creates it as a plain file)"
+                if e.errno == errno.ELOOP
+                else f"cannot be opened ({e.strerror}); free space or fix the permissions"
+            )
+            raise StorageError(
+                f"{lock}: the study's budget lock file {why}, and run again"
+            ) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise StorageError(
+                    f"{lock}: the study's budget lock file is not a regular file; remove it "
+                    "(selector creates it as a plain file) and run again"
+                )
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 yield
             finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
     elif storage.is_postgres(url):
         key = zlib.crc32(f"selector:{name}".encode()) - 2**31
         with storage.engine(url).begin() as conn:
@@ -188,11 +172,13 @@ def run_trial(
     state = TrialState.FAIL
     with beating(study, trial, heartbeat.interval):
         try:
-            value, state = objective(trial, {"worker": worker}), TrialState.COMPLETE
+            beat = {"interval": heartbeat.interval, "grace": heartbeat.grace}
+            value = objective(trial, {"worker": worker}, {HEARTBEAT_ATTR: beat})
+            state = TrialState.COMPLETE
         except optuna.TrialPruned:
             state = TrialState.PRUNED
-        except KeyboardInterrupt:
-            _tell(study, trial, None, TrialState.FAIL)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL, nothing left RUNNING
+            storage.retrying(lambda: _tell(study, trial, None, TrialState.FAIL))
             raise
         except Exception:  # recorded by the objective with its reason; the study goes on
             state = TrialState.FAIL
@@ -286,12 +272,22 @@ def work(
 
 
 def reap_stale(study: optuna.Study) -> None:
-    """Fail trials whose heartbeat stopped (their retry is queued by the storage's callback), and
-    trials that never beat at all (`storage.orphaned_trial_ids`): they never trained, so they are
-    failed without a retry. Both read as failure reason `stale`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    """Fail trials whose heartbeat stopped for longer than the grace their own worker runs with
+    (recorded with each trial, `storage.stale_trial_ids`; their retry is queued by the storage's
+    callback), and trials that never beat at all (`storage.orphaned_trial_ids`): they never
+    trained, so they are failed without a retry. Both read as failure reason `stale`."""
+    store: Any = study._storage
+    if getattr(store, "get_heartbeat_interval", lambda: None)() is None:
+        return
+    failed = []
+    for trial_id in storage.stale_trial_ids(study):
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            if store.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+    callback = store.get_heartbeat_stale_trial_callback()
+    for trial_id in failed:
+        if callback is not None:
+            callback(study, copy.deepcopy(store.get_trial(trial_id)))
     for trial_id in storage.orphaned_trial_ids(study):
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             study._storage.set_trial_state_values(trial_id, TrialState.FAIL)

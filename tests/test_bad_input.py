@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import random
 import shutil
 import sqlite3
 import subprocess
@@ -23,14 +24,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner, Result
 
-from selector import spec
+from selector import spec, storage
 from selector.cli import app
-from selector.errors import SpecError
+from selector.errors import SpecError, StorageError
 
 PENGUINS = Path(__file__).resolve().parents[1] / "data" / "penguins.csv"
 PASSWORD = "s3cr3t-pw"
@@ -58,10 +60,18 @@ CSV = {**IRIS, "data": {"path": "penguins.csv", "target": "species", "drop": ["y
 class Work:
     """A temporary directory with the study files, data files and sqlite URL of one case."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.root = root
         self.db = root / "s.db"
         self.cleanups: list[Callable[[], None]] = []
+        self.monkeypatch = monkeypatch
+
+    def created(self, changes: dict[str, Any] | None = None) -> str:
+        """A study file whose study `selector create` recorded in the case's database."""
+        s = self.study(changes)
+        result = CliRunner().invoke(app, ["create", s, "--storage", self.url])
+        assert result.exit_code == 0, result.output
+        return s
 
     @property
     def url(self) -> str:
@@ -133,7 +143,7 @@ class Call:
 def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Work]:
     monkeypatch.delenv("SELECTOR_STORAGE", raising=False)
     monkeypatch.chdir(tmp_path)  # a stray default `sqlite:///selector.db` would land here
-    w = Work(tmp_path.resolve())
+    w = Work(tmp_path.resolve(), monkeypatch)
     yield w
     for undo in reversed(w.cleanups):
         undo()
@@ -240,6 +250,13 @@ def study_is_directory(w: Work) -> Call:
     d = w.root / "studies.toml"
     d.mkdir()
     return Call(run(w, str(d)), [str(d), "directory"])
+
+
+def study_is_fifo(w: Work) -> Call:
+    """A FIFO would block the read for ever."""
+    fifo = w.root / "study.toml"
+    os.mkfifo(fifo)
+    return Call(run(w, str(fifo)), [str(fifo), "not a regular file"])
 
 
 def study_missing(w: Work) -> Call:
@@ -372,8 +389,26 @@ STUDY_CASES = [
     pytest.param(
         text_case("n_trials = " + "9" * 5000, "not valid TOML"), id="study-int-5000-digits"
     ),
+    pytest.param(
+        study_case(
+            {"space.batch_size": [1, 32], "space.batch_norm": [False, True]},
+            "batch_size can be 1",
+            "batch_norm",
+        ),
+        id="study-batch-1-with-batch-norm",
+    ),
+    pytest.param(
+        study_case(
+            {"space.batch_size": {"low": 1, "high": 64}, "space.batch_norm": True},
+            "batch_size can be 1",
+            "batch_norm",
+        ),
+        id="study-batch-range-from-1-with-batch-norm",
+    ),
+    pytest.param(study_case({"storage": ""}, "storage", "empty"), id="study-empty-storage"),
     pytest.param(study_is_directory, id="study-is-a-directory"),
     pytest.param(study_missing, id="study-missing-file"),
+    pytest.param(study_is_fifo, id="study-file-is-a-fifo"),
 ]
 
 
@@ -436,6 +471,61 @@ def rare_class(n: int) -> Callable[[pd.DataFrame], pd.DataFrame]:
 
 def assign(**cols: Any) -> Callable[[pd.DataFrame], pd.DataFrame]:
     return lambda df: df.assign(**cols)
+
+
+def at(col: str, row: int, value: Any) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """Set one cell; `row` counts from 1 after the header, as the messages do."""
+
+    def edit(df: pd.DataFrame) -> pd.DataFrame:
+        df.loc[row - 1, col] = value
+        return df
+
+    return edit
+
+
+def with_id(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(id=[f"penguin-{i:04d}" for i in range(len(df))])
+
+
+def third_text(df: pd.DataFrame) -> pd.DataFrame:
+    """A third of a numeric column's values written with their unit: hundreds of text levels."""
+    col = df["bill_length_mm"].astype(object)
+    every_third = df.index % 3 == 0
+    col[every_third] = [f"{v}mm" for v in col[every_third]]
+    return df.assign(bill_length_mm=col)
+
+
+def groups_with_gaps(df: pd.DataFrame) -> pd.DataFrame:
+    colony = pd.Series(np.arange(len(df)) % 7, dtype=float)
+    colony[[4, 20]] = np.nan
+    return df.assign(colony=colony)
+
+
+def create_case(
+    edit: Callable[[pd.DataFrame], pd.DataFrame], *names: str, memory: int | None = None
+) -> Callable[[Work], Call]:
+    """`selector create` on an edited penguins CSV, with `memory` bytes in the machine if given."""
+
+    def make(w: Work) -> Call:
+        if memory is not None:
+            w.monkeypatch.setattr("selector.data._memory_bytes", lambda: memory)
+        s, path = w.penguins(edit)
+        return Call(["create", s, "--storage", w.url], [path, *names])
+
+    return make
+
+
+def data_fifo(w: Work) -> Call:
+    """A FIFO as the data file would block the read for ever."""
+    os.mkfifo(w.root / "rows.csv")
+    s = w.study({"data.path": "rows.csv"}, base=CSV)
+    return Call(run(w, s), [str(w.root / "rows.csv"), "data.path", "not a regular file"])
+
+
+def data_device(w: Work) -> Call:
+    """/dev/zero as the data file would be read until the memory runs out."""
+    s = w.study({"data.path": "/dev/zero"}, base=CSV)
+    return Call(run(w, s), ["/dev/zero", "not a regular file"])
 
 
 DATA_CASES = [
@@ -512,6 +602,51 @@ DATA_CASES = [
         data_case(None, {"metric": "f1"}, "metric", "'f1'", "3 classes"),
         id="data-binary-metric-on-3-classes",
     ),
+    pytest.param(
+        create_case(with_id, "'id'", "344 distinct values", 'drop = ["year", "id"] in [data]'),
+        id="data-unique-id-column-refused-at-create",
+    ),
+    pytest.param(
+        create_case(
+            assign(site=[f"site-{i % 150}" for i in range(344)]),
+            "'site'",
+            "GiB",
+            'drop = ["year", "site"]',
+            memory=2**20,
+        ),
+        id="data-one-hot-beyond-the-memory-share",
+    ),
+    pytest.param(
+        data_case(at("bill_depth_mm", 8, 1e308), None, "'bill_depth_mm'", "1e+308", "row 8"),
+        id="data-feature-overflows-float32",
+    ),
+    pytest.param(
+        data_case(at("bill_depth_mm", 8, -np.inf), None, "'bill_depth_mm'", "row 8"),
+        id="data-inf-names-the-row",
+    ),
+    pytest.param(
+        data_case(
+            at("body_mass_g", 5, -1e300),
+            {"data.target": "body_mass_g", "data.task": "regression", "metric": "r2"},
+            "target 'body_mass_g'",
+            "row 5",
+        ),
+        id="data-regression-target-overflows-float32",
+    ),
+    pytest.param(
+        data_case(third_text, None, "'bill_length_mm'", "'39.1mm'", "row 1"),
+        id="data-numeric-column-with-a-third-text",
+    ),
+    pytest.param(
+        data_case(assign(colony="north"), {"data.groups": "colony"}, "'colony'", "constant"),
+        id="data-groups-constant",
+    ),
+    pytest.param(
+        data_case(groups_with_gaps, {"data.groups": "colony"}, "'colony'", "missing", "row 5"),
+        id="data-groups-with-missing-values",
+    ),
+    pytest.param(data_fifo, id="data-file-is-a-fifo"),
+    pytest.param(data_device, id="data-file-is-a-device"),
 ]
 
 
@@ -539,6 +674,40 @@ def readonly_dir(w: Work) -> Call:
 def not_a_database(w: Work) -> Call:
     w.write("s.db", b"this is not a database\n" * 200)
     return Call(run(w, w.study()), [str(w.db)])
+
+
+def garbled_database(w: Work) -> Call:
+    """A study's database with its pages after the schema overwritten (seeded, so each run
+    garbles the same bytes)."""
+    s = w.created()
+    data = bytearray(w.db.read_bytes())
+    page = 4096
+    data[2 * page :] = random.Random(0).randbytes(len(data) - 2 * page)
+    w.db.write_bytes(bytes(data))
+    return Call(run(w, s), [str(w.db), "not a SQLite database or is corrupt"])
+
+
+def unreadable_database(w: Work) -> Call:
+    s = w.created()
+    if os.geteuid() != 0:
+        w.db.chmod(0o200)
+        w.cleanups.append(lambda: w.db.chmod(0o644))
+    else:  # root reads any file: deny it as the permission bits would
+        real = os.access
+        w.monkeypatch.setattr(
+            os, "access", lambda p, mode: real(p, mode) and not (Path(p) == w.db and mode & os.R_OK)
+        )
+    return Call(run(w, s), [str(w.db), "not readable"])
+
+
+def linked_budget_lock(w: Work) -> Call:
+    """A symbolic link planted where the budget lock file goes: never followed."""
+    s = w.created()
+    target = w.root / "elsewhere.txt"
+    target.write_text("not selector's\n")
+    lock = Path(f"{w.db}.bad-input.lock")
+    lock.symlink_to(target)
+    return Call(run(w, s, "--workers", "1"), [str(lock), "symbolic link"])
 
 
 def status_missing_db(w: Work) -> Call:
@@ -616,6 +785,10 @@ STORAGE_CASES = [
     ),
     pytest.param(status_unknown_study, id="storage-status-unknown-study"),
     pytest.param(env_storage, id="storage-env-unknown-scheme"),
+    pytest.param(storage_case(lambda w: "", "--storage", "empty"), id="storage-empty-option"),
+    pytest.param(garbled_database, id="storage-sqlite-garbled-pages"),
+    pytest.param(unreadable_database, id="storage-sqlite-unreadable"),
+    pytest.param(linked_budget_lock, id="storage-budget-lock-is-a-symlink"),
     pytest.param(study_file_storage, id="storage-study-file-unknown-scheme-masked"),
 ]
 
@@ -624,7 +797,34 @@ def bad_option(w: Work) -> Call:
     return Call(["export", "bad-input", "--rule", "worst", "--storage", w.url], ["--rule", "worst"])
 
 
-CLI_CASES = [pytest.param(bad_option, id="cli-export-unknown-rule")]
+def export_to(target: Callable[[Work], Path], *names: str) -> Callable[[Work], Call]:
+    def make(w: Work) -> Call:
+        w.created()
+        out = target(w)
+        return Call(["export", "bad-input", "--storage", w.url, "-o", str(out)], [str(out), *names])
+
+    return make
+
+
+def a_directory(w: Work) -> Path:
+    (w.root / "out").mkdir()
+    return w.root / "out"
+
+
+def too_many_threads(w: Work) -> Call:
+    threads = str(4 * (os.cpu_count() or 1) + 1)
+    return Call(run(w, w.study(), "--threads", threads), [f"--threads {threads}", "cores"])
+
+
+CLI_CASES = [
+    pytest.param(bad_option, id="cli-export-unknown-rule"),
+    pytest.param(
+        export_to(lambda w: w.root / "no" / "such" / "best.json", "does not exist"),
+        id="cli-export-into-a-missing-directory",
+    ),
+    pytest.param(export_to(a_directory, "is a directory"), id="cli-export-onto-a-directory"),
+    pytest.param(too_many_threads, id="cli-threads-far-above-the-cores"),
+]
 
 
 @pytest.mark.parametrize("case", STUDY_CASES + DATA_CASES + STORAGE_CASES + CLI_CASES)
@@ -641,6 +841,133 @@ def test_bases_are_valid(work: Work, base: dict[str, Any]) -> None:
     result = CliRunner().invoke(app, ["create", work.study(base=base), "--storage", work.url])
     assert result.exit_code == 0, result.output
     assert db_contents(work.db)[2] == [("bad-input",)]
+
+
+def test_create_says_what_was_done_to_the_data(work: Work) -> None:
+    """Rows left out for a missing target and short rows padded are each one `note:` line."""
+    s, path = work.penguins(at("species", 3, np.nan))
+    lines = Path(path).read_text().splitlines()
+    lines[6] = ",".join(lines[6].split(",")[:5])  # data row 6 loses its last 3 fields
+    Path(path).write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(app, ["create", s, "--storage", work.url])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        f"note: {path}: 1 rows have fewer fields than the header's 8 (the first is row 6); "
+        "their missing fields were read as missing values",
+        f"note: {path}: 1 of 344 rows have no value in the target 'species' and were left out "
+        "(343 rows remain)",
+    ]
+
+
+def test_final_refuses_a_symlink_planted_at_the_model_directory(work: Work) -> None:
+    s = work.study()
+    ran = CliRunner().invoke(app, [*run(work, s), "--workers", "1"])
+    assert ran.exit_code == 0, ran.output
+    elsewhere = work.root / "elsewhere"
+    elsewhere.mkdir()
+    link = work.root / "selector-artifacts" / "bad-input"  # the trial notes made the parent
+    link.symlink_to(elsewhere)
+    result = CliRunner().invoke(app, ["final", "bad-input", "--storage", work.url])
+    assert_refused(result, Call([], [str(link), "symbolic link", "remove the link"]))
+    assert list(elsewhere.iterdir()) == [], "final wrote through the link"
+
+
+class DiskFull:
+    """Every write to a trial's rows fails as SQLite fails on a full disk (the error raised by
+    sqlite3, wrapped by SQLAlchemy as it wraps the real one), for all engines in the process;
+    only `ask` still gets its new trial row in, so the disk fills during the trial."""
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        head = " ".join(statement.split()).upper()
+        if head.startswith(("INSERT INTO TRIAL_", "UPDATE TRIAL")):
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def __enter__(self) -> DiskFull:
+        sa.event.listen(sa.engine.Engine, "before_cursor_execute", self)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", self)
+
+
+def assert_disk_full_reported(result: Result, db: Path) -> None:
+    out = result.output
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2, out
+    assert "Traceback" not in out
+    last = out.splitlines()[-1]
+    assert last.startswith(f"selector: storage sqlite:///{db}: the disk is full"), out
+    assert "free space" in last
+    assert not [line for line in out.splitlines() if line.startswith("selector: ")][:-1], out
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert db_contents(db)[0] == [("bad-input",)]
+
+
+def test_a_full_disk_during_run_is_one_line_naming_the_database(work: Work) -> None:
+    s = work.created({"n_trials": 3})
+    with DiskFull():
+        result = CliRunner().invoke(app, [*run(work, s), "--workers", "1"])
+    assert_disk_full_reported(result, work.db)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs, where root may mount one."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("needs root allowed to mount a tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_really_full_disk_during_run_is_one_line_naming_the_database(
+    work: Work, tiny_disk: Path
+) -> None:
+    work.db = tiny_disk / "s.db"
+    s = work.created({"n_trials": 200})
+    disk = os.statvfs(tiny_disk)
+    with (tiny_disk / "filler").open("wb") as fh:  # leaves 800 KiB: a few trials' worth
+        fh.write(b"\0" * (disk.f_bavail * disk.f_frsize - 800 * 1024))
+    result = CliRunner().invoke(app, ["run", s, "--storage", work.url, "--workers", "1"])
+    assert "trial 0: " in result.output, "the disk filled before the first trial"
+    assert_disk_full_reported(result, work.db)
+
+
+def test_retrying_turns_a_full_disk_into_one_storage_error_at_once(work: Work) -> None:
+    """A full disk is not transient: no retries, one `StorageError` naming the database."""
+    storage.check(work.url, must_exist=False)  # the SQLite file this process opened
+    calls = []
+
+    def write() -> None:
+        calls.append(1)
+        orig = sqlite3.OperationalError("database or disk is full")
+        raise sa.exc.OperationalError("INSERT INTO trial_values ...", {}, orig)
+
+    with pytest.raises(StorageError, match=f"storage sqlite:///{work.db}: the disk is full"):
+        storage.retrying(write)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "space",
+    [
+        {"batch_size": {"low": 2, "high": 64}, "batch_norm": [False, True]},
+        {"batch_size": [1, 32], "batch_norm": False},
+    ],
+    ids=["batches-of-2-or-more-with-batch-norm", "batches-of-1-without-batch-norm"],
+)
+def test_batch_norm_and_batch_size_that_can_train_are_accepted(space: dict[str, Any]) -> None:
+    parsed = spec.parse({**IRIS, "space": space}, origin="s.toml")
+    assert parsed.space.batch_size.kind in ("int", "choice")
 
 
 # --- a real process ----------------------------------------------------------------------------

@@ -85,6 +85,44 @@ def test_rows_with_missing_target_are_dropped(tmp_path: Path) -> None:
     df.to_csv(path, index=False)
     table = data.load_table(spec.DataSpec(path=str(path), target="species"), ".")
     assert len(table.y) == len(df) - 10
+    assert table.notes == (
+        f"{path}: 10 of 344 rows have no value in the target 'species' and were left out "
+        "(334 rows remain)",
+    )
+
+
+def test_rows_shorter_than_the_header_are_noted(tmp_path: Path) -> None:
+    path = tmp_path / "p.csv"
+    lines = PENGUINS.read_text().splitlines()
+    for row in (3, 7, 8):
+        lines[row] = ",".join(lines[row].split(",")[:6])
+    path.write_text("\n".join(lines) + "\n")
+    table = data.load_table(spec.DataSpec(path=str(path), target="species"), ".")
+    assert table.notes == (
+        f"{path}: 3 rows have fewer fields than the header's 8 (the first is row 3); their "
+        "missing fields were read as missing values",
+    )
+
+
+def test_a_complete_csv_gets_no_notes() -> None:
+    assert _prep(data={"source": None, "path": str(PENGUINS), "target": "species"}).notes == ()
+
+
+def test_codes_stored_as_text_stay_categorical(tmp_path: Path) -> None:
+    df = pd.read_csv(PENGUINS).dropna()
+    df["ring"] = [str(i % 5) for i in range(len(df))]  # numbers as text: a choice of the data
+    df["size"] = [("S", "M", "L", "1")[i % 4] for i in range(len(df))]  # mostly text
+    df.to_parquet(tmp_path / "p.parquet")
+    table = data.load_table(spec.DataSpec(path=str(tmp_path / "p.parquet"), target="species"), ".")
+    width, levels = data.encoded_width(table.X)
+    assert levels == {"island": 3, "sex": 2, "ring": 5, "size": 4}
+    assert width == 5 + 3 + 2 + 5 + 4  # 5 numeric columns (year included) and the levels
+
+
+def test_encoded_width_is_the_preprocessed_width() -> None:
+    prep = _prep(data={"source": None, "path": str(PENGUINS), "target": "species"})
+    fold = data.fold_data(data.dev_set(prep), 0)
+    assert data.encoded_width(prep.table.X)[0] == fold.X_train.shape[1]
 
 
 def test_task_inference_and_override() -> None:

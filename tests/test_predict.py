@@ -9,7 +9,9 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -196,3 +198,95 @@ def test_predict_on_a_regression_study(tmp_path: Path, url: str) -> None:
     )
     assert code == 0, out
     assert f"r2 = {printed} on {len(frame)} rows" in out
+
+
+def _json_edit(edit: Callable[[dict[str, Any]], object]) -> Callable[[Path], None]:
+    def tamper(path: Path) -> None:
+        doc = json.loads(path.read_text())
+        edit(doc)
+        path.write_text(json.dumps(doc))
+
+    return tamper
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _other_network(path: Path) -> None:
+    torch.save({"blocks.0.linear.weight": torch.zeros(3, 3)}, path)
+
+
+WEIGHTS, META, PRE = "model.pt", "model.json", "preprocess.json"
+DAMAGED = [
+    pytest.param(WEIGHTS, lambda p: p.write_bytes(b""), "cannot load the weights", id="pt-empty"),
+    pytest.param(WEIGHTS, _truncate, "cannot load the weights", id="pt-truncated"),
+    pytest.param(WEIGHTS, lambda p: torch.save([1, 2], p), "weight tensors", id="pt-not-a-table"),
+    pytest.param(WEIGHTS, _other_network, "do not fit the network", id="pt-other-network"),
+    pytest.param(META, _truncate, "unreadable", id="json-truncated"),
+    pytest.param(META, lambda p: p.write_text("[1, 2]"), "format 1", id="json-not-a-table"),
+    pytest.param(
+        META, _json_edit(lambda d: d.pop("classes")), "field classes", id="json-missing-key"
+    ),
+    pytest.param(
+        META, _json_edit(lambda d: d.update(n_in="9")), "field n_in", id="json-wrong-type"
+    ),
+    pytest.param(
+        META, _json_edit(lambda d: d["classes"].pop()), "2 classes", id="json-class-removed"
+    ),
+    pytest.param(
+        META,
+        _json_edit(lambda d: d["config"].update(activation="swish")),
+        "config.activation",
+        id="json-unknown-activation",
+    ),
+    pytest.param(
+        META, _json_edit(lambda d: d["config"].update(depth=0)), "config.depth", id="json-depth-0"
+    ),
+    pytest.param(
+        META, _json_edit(lambda d: d.update(y_std=float("nan"))), "scale", id="json-nan-scale"
+    ),
+    pytest.param(
+        PRE,
+        _json_edit(lambda d: d["categories"].pop()),
+        "categorical columns",
+        id="preprocess-category-list-removed",
+    ),
+    pytest.param(
+        PRE, _json_edit(lambda d: d["medians"].__setitem__(0, "x")), "medians.0", id="pre-text"
+    ),
+    pytest.param(
+        PRE, _json_edit(lambda d: d["scales"].__setitem__(0, 0.0)), "not positive", id="pre-0"
+    ),
+    pytest.param(
+        PRE, _json_edit(lambda d: d["numeric"].append("wingspan")), "numeric", id="pre-extra-col"
+    ),
+    pytest.param(PRE, _json_edit(lambda d: d.update(x=1)), "field x", id="pre-unknown-key"),
+]
+
+
+@pytest.mark.parametrize(("name", "tamper", "says"), DAMAGED)
+def test_predict_names_a_damaged_model_file_in_one_line(
+    finished: tuple[str, float, Path], name: str, tamper: Callable[[Path], None], says: str
+) -> None:
+    url, _, tmp = finished
+    path = tmp / "selector-artifacts" / "penguins-mlp" / name
+    saved = path.read_bytes()
+    out_csv = tmp / "damaged.csv"
+    try:
+        tamper(path)
+        code, out = _sel(
+            "predict",
+            "penguins-mlp",
+            str(tmp / "test_rows.csv"),
+            "--storage",
+            url,
+            "-o",
+            str(out_csv),
+        )
+    finally:
+        path.write_bytes(saved)
+    assert code == 2, out
+    assert len(out.splitlines()) == 1 and out.startswith(f"selector: {path}: "), out
+    assert says in out and "restore" in out, out
+    assert not out_csv.exists()

@@ -1,0 +1,425 @@
+"""What a study and its trials recorded, read back as typed records: the read side of selector.
+
+`TrialRecord` is the one shape of a trial's results. The objective writes it (`to_user_attrs`,
+`to_system_attrs`); every view reads it back with `from_trial`. User attrs hold the small facts a
+person looks at in optuna-dashboard or `optuna trials` (seeds, fold scores, train scores, epochs,
+seconds, the failure); the per-epoch curves and gradient norms go, packed, into the trial's system
+attrs (`selector:curves`), which the dashboard does not ship to the browser. The out-of-fold
+predictions of complete trials (what the bias-corrected estimate bootstraps) live in selector's own
+table `selector_oof`. The diagnosis is not recorded: it depends on the rest of the study, so every
+view computes it when it shows it (`selector.diagnose`).
+
+Everything here only reads the database (the study's record, its trials, the stored final result,
+the recorded choice), so `status`, `studies`, `export`, `report` and `dashboard` import neither
+torch nor the engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+import sqlalchemy as sa
+from optuna.trial import FrozenTrial, TrialState
+
+from selector import db, storage
+from selector.errors import StudyError
+from selector.space import TrialConfig, replay_config
+from selector.spec import SpaceSpec, StudySpec, from_record
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# A waiting trial (a stale trial's retry) is not counted: `ask` runs it instead of a new one.
+ACTIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+CURVES_ATTR = "selector:curves"
+HEARTBEAT_ATTR = "selector:heartbeat"
+ATTR_SPEC, ATTR_BASE_DIR = "selector:spec", "selector:base_dir"
+ATTR_FINGERPRINTS, ATTR_BUDGET = "selector:fingerprints", "selector:n_trials"
+ATTR_BASELINE = "baseline_score"
+
+
+# --- a study's record ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """A study's row in `selector_studies`."""
+
+    name: str
+    spec: StudySpec
+    spec_hash: str
+    fingerprints: dict[str, str]
+    n_trials: int
+    versions: dict[str, str]
+    created_at: dt.datetime
+
+
+def _row_to_record(row: Any, origin: str) -> StudyRecord:
+    return StudyRecord(
+        name=row.study_name,
+        spec=from_record(json.loads(row.spec_json), row.base_dir, origin=origin),
+        spec_hash=row.spec_hash,
+        fingerprints={"data": row.data_fp, "split": row.split_fp, "folds": row.folds_fp},
+        n_trials=row.n_trials,
+        versions=json.loads(row.versions_json),
+        created_at=row.created_at,
+    )
+
+
+def find_record(url: str, name: str) -> StudyRecord | None:
+    row = db.read_one(url, sa.select(db.studies).where(db.studies.c.study_name == name))
+    return None if row is None else _row_to_record(row, f"study {name!r} (recorded spec)")
+
+
+def load_record(url: str, name: str) -> StudyRecord:
+    """The record of an existing study; a clear error naming the studies that do exist if not."""
+    rec = find_record(url, name)
+    if rec is None:
+        names = [r[0] for r in db.read_all(url, sa.select(db.studies.c.study_name))]
+        known = f"; studies here: {', '.join(names)}" if names else "; this storage has no studies"
+        raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}")
+    return rec
+
+
+def load_study(store: optuna.storages.BaseStorage, url: str, name: str, **kw: Any) -> optuna.Study:
+    """`optuna.load_study`, with a clear error naming the studies that exist."""
+    try:
+        return optuna.load_study(study_name=name, storage=store, **kw)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(store, False)]
+        known = f"; studies here: {', '.join(names)}" if names else "; this storage has no studies"
+        raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}") from None
+
+
+def open_study(url: str, name: str) -> tuple[optuna.Study, StudyRecord]:
+    """An existing study for reading; never creates a database, never changes a trial."""
+    study = load_study(storage.open_storage(url, must_exist=True), url, name)
+    return study, load_record(url, name)
+
+
+# --- trial states ----------------------------------------------------------------------------
+
+
+def value_of(trial: FrozenTrial) -> float:
+    """A complete trial's value (−inf for a trial without one, so it sorts last)."""
+    return float(trial.value) if trial.value is not None else float("-inf")
+
+
+def count(study: optuna.Study, states: tuple[TrialState, ...] = FINISHED) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def failure_reason(trial: FrozenTrial) -> str:
+    """Why a trial failed. A failed trial without a recorded reason was reaped by the heartbeat
+    check: its worker died or went silent past the grace period."""
+    return str(trial.user_attrs.get("fail_reason", "stale"))
+
+
+def describe_failure(trial: FrozenTrial) -> str:
+    error = str(trial.user_attrs.get("error", "")).strip().splitlines()
+    return f"{failure_reason(trial)}: {error[-1] if error else 'no detail'}"
+
+
+# --- a trial's record ------------------------------------------------------------------------
+
+
+def _pack(array: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(np.ascontiguousarray(array, "<f4").tobytes())).decode()
+
+
+def _unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
+    raw = np.frombuffer(zlib.decompress(base64.b64decode(text)), "<f4")
+    return raw.astype(np.float64).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Per-epoch curves of a trial: each fold's validation score (K, E), the mean training loss
+    (E,), and each layer's gradient norm at the first batch of the epoch, mean over folds (E, L),
+    input layer first. Stored as float32."""
+
+    folds: np.ndarray
+    loss: np.ndarray
+    grads: np.ndarray
+
+    @property
+    def val(self) -> np.ndarray:
+        """The mean validation score per epoch (what the pruner and early stopping watched)."""
+        return self.folds.mean(axis=0) if self.folds.size else np.zeros(0)
+
+    def encode(self) -> dict[str, Any]:
+        k, e = self.folds.shape
+        layers = self.grads.shape[1] if self.grads.ndim == 2 else 0
+        return {
+            "v": 1,
+            "folds": k,
+            "epochs": e,
+            "layers": layers,
+            "scores": _pack(self.folds),
+            "loss": _pack(self.loss),
+            "grads": _pack(self.grads),
+        }
+
+    @classmethod
+    def decode(cls, d: dict[str, Any]) -> Curves:
+        k, e, layers = int(d["folds"]), int(d["epochs"]), int(d["layers"])
+        return cls(
+            _unpack(d["scores"], (k, e)), _unpack(d["loss"], (e,)), _unpack(d["grads"], (e, layers))
+        )
+
+
+def _round(x: float | None, digits: int = 6) -> float | None:
+    return None if x is None else (round(float(x), digits) if math.isfinite(x) else float(x))
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What one trial recorded. Fields a trial has not reached (a pruned or failed trial has no
+    fold scores) are empty or None."""
+
+    number: int
+    state: TrialState
+    value: float | None
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    fold_seeds: tuple[int, ...] = ()
+    worker: int | None = None
+    n_params: int | None = None
+    fold_scores: tuple[float, ...] = ()
+    train_fold_scores: tuple[float, ...] = ()
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    pruned_at_epoch: int | None = None
+    seconds: float | None = None
+    fail_reason: str | None = None
+    error: str | None = None
+    curves: Curves | None = None
+    datetime_complete: dt.datetime | None = None
+
+    # -- derived facts, never stored twice
+    @property
+    def complete(self) -> bool:
+        """A complete trial with its scores recorded."""
+        return self.state == TrialState.COMPLETE and self.value is not None and bool(self.fold_scores)
+
+    @property
+    def cv_std(self) -> float:
+        return float(np.std(self.fold_scores)) if self.fold_scores else float("nan")
+
+    @property
+    def standard_error(self) -> float:
+        """Standard error of the mean CV score (0 with fewer than two folds)."""
+        k = len(self.fold_scores)
+        return float(np.std(self.fold_scores, ddof=1) / math.sqrt(k)) if k >= 2 else 0.0
+
+    @property
+    def train_score(self) -> float:
+        return float(np.mean(self.train_fold_scores)) if self.train_fold_scores else float("nan")
+
+    @property
+    def gap(self) -> float:
+        """Generalization gap: train − validation score, mean over folds at the best epoch."""
+        return self.train_score - (self.value if self.value is not None else float("nan"))
+
+    @property
+    def fold_gaps(self) -> np.ndarray:
+        return np.subtract(self.train_fold_scores, self.fold_scores)
+
+    def config(self, space: SpaceSpec) -> TrialConfig:
+        """The trial's config, rebuilt from its params through the search space (as it was
+        sampled): the one way every command rebuilds a chosen config."""
+        return replay_config(self.params, space)
+
+    # -- storage
+    def to_user_attrs(self) -> dict[str, Any]:
+        """The user attrs this record sets (only the fields it has)."""
+        out: dict[str, Any] = {
+            "seed": self.seed,
+            "fold_seeds": list(self.fold_seeds) or None,
+            "worker": self.worker,
+            "n_params": self.n_params,
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epochs_run,
+            "pruned_at_epoch": self.pruned_at_epoch,
+            "seconds": _round(self.seconds, 3),
+            "fail_reason": self.fail_reason,
+            "error": self.error,
+        }
+        if self.fold_scores:
+            out |= {
+                "fold_scores": [_round(x) for x in self.fold_scores],
+                "train_fold_scores": [_round(x) for x in self.train_fold_scores],
+                # shown as columns in optuna-dashboard; derived, so never read back
+                "cv_std": _round(self.cv_std),
+                "train_score": _round(self.train_score),
+                "gap": _round(self.gap),
+            }
+        return {k: v for k, v in out.items() if v is not None}
+
+    def to_system_attrs(self) -> dict[str, Any]:
+        return {} if self.curves is None else {CURVES_ATTR: self.curves.encode()}
+
+    @classmethod
+    def from_trial(cls, t: FrozenTrial) -> TrialRecord:
+        a = t.user_attrs
+        packed = t.system_attrs.get(CURVES_ATTR)
+        return cls(
+            number=t.number,
+            state=t.state,
+            value=t.value,
+            params=dict(t.params),
+            seed=_int(a.get("seed")),
+            fold_seeds=tuple(int(s) for s in a.get("fold_seeds") or ()),
+            worker=_int(a.get("worker")),
+            n_params=_int(a.get("n_params")),
+            fold_scores=tuple(float(x) for x in a.get("fold_scores") or ()),
+            train_fold_scores=tuple(float(x) for x in a.get("train_fold_scores") or ()),
+            best_epoch=_int(a.get("best_epoch")),
+            epochs_run=_int(a.get("epochs_run")),
+            pruned_at_epoch=_int(a.get("pruned_at_epoch")),
+            seconds=a.get("seconds"),
+            fail_reason=(failure_reason(t) if t.state == TrialState.FAIL else None),
+            error=a.get("error"),
+            curves=Curves.decode(packed) if isinstance(packed, dict) else None,
+            datetime_complete=t.datetime_complete,
+        )
+
+
+def _int(x: Any) -> int | None:
+    return None if x is None else int(x)
+
+
+def trials(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -> list[TrialRecord]:
+    """Every trial of the study (or those in `states`) as records, in trial-number order."""
+    return [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False, states=states)]
+
+
+def complete(records: list[TrialRecord]) -> list[TrialRecord]:
+    """The complete trials with their scores, best first (ties: the earlier trial)."""
+    done = [r for r in records if r.complete]
+    return sorted(done, key=lambda r: (-float(r.value), r.number))  # type: ignore[arg-type]
+
+
+# --- out-of-fold predictions -----------------------------------------------------------------
+
+
+# Rows of `selector_oof` that are not trials: the dev targets and each dev row's fold.
+TARGET_ROW, FOLDS_ROW = -1, -2
+
+
+def pack_oof(pred: np.ndarray, kind: str) -> bytes:
+    """Out-of-fold predictions, compactly: labels as int16, probabilities as float16, values as
+    float32 (an npy header keeps dtype and shape)."""
+    import io
+
+    dtype = {"labels": np.int16, "proba": np.float16, "values": np.float32}[kind]
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(pred).astype(dtype), allow_pickle=False)
+    return zlib.compress(buf.getvalue())
+
+
+def unpack_oof(blob: bytes) -> np.ndarray:
+    import io
+
+    return np.load(io.BytesIO(zlib.decompress(blob)), allow_pickle=False)  # type: ignore[no-any-return]
+
+
+def read_oof(url: str, name: str, numbers: list[int]) -> dict[int, np.ndarray]:
+    """The stored out-of-fold predictions of the given trials (those that have them)."""
+    if not numbers or storage.is_grpc(url):
+        return {}
+    rows = db.read_all(
+        url,
+        sa.select(db.oof.c.trial_number, db.oof.c.data).where(
+            db.oof.c.study_name == name, db.oof.c.trial_number.in_(numbers)
+        ),
+    )
+    return {int(r.trial_number): unpack_oof(r.data) for r in rows}
+
+
+# --- the stored final result -----------------------------------------------------------------
+
+
+@dataclass
+class FinalResult:
+    study: str
+    state: str
+    rule: str
+    trial: int
+    metric: str
+    cv_score: float | None
+    test_score: float | None
+    test_rows: int | None
+    claimed_at: str
+    finished_at: str | None
+    artifact: str | None
+    resumed_at: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @property
+    def lockbox_state(self) -> str:
+        return "evaluated" if self.state == "finished" else "evaluation started, not finished"
+
+
+def _final_result(row: Any) -> FinalResult:
+    return FinalResult(
+        study=row.study_name,
+        state=row.state,
+        rule=row.rule,
+        trial=row.trial_number,
+        metric=row.metric,
+        cv_score=row.cv_score,
+        test_score=row.test_score,
+        test_rows=row.test_rows,
+        claimed_at=row.claimed_at.isoformat(),
+        finished_at=row.finished_at.isoformat() if row.finished_at else None,
+        artifact=row.artifact,
+        resumed_at=row.resumed_at.isoformat() if row.resumed_at else None,
+    )
+
+
+def stored_final(url: str, name: str) -> FinalResult | None:
+    """The study's test-set evaluation (claimed or finished), or None while it is sealed."""
+    row = db.read_one(url, sa.select(db.final).where(db.final.c.study_name == name))
+    return None if row is None else _final_result(row)
+
+
+# --- a run's summary -------------------------------------------------------------------------
+
+
+@dataclass
+class RunSummary:
+    study: str
+    metric: str
+    finished: int
+    budget: int
+    ran: int
+    best_value: float | None
+    best_trial: int | None
+    n_trials: int | None = None  # the study's own budget (the file's n_trials)
+
+
+def summarize(study: optuna.Study, budget: int, *, ran: int = 0) -> RunSummary:
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = max(done, key=value_of) if done else None
+    return RunSummary(
+        study=study.study_name,
+        metric=str(study.user_attrs.get("metric", "score")),
+        finished=count(study),
+        budget=budget,
+        ran=ran,
+        best_value=best.value if best else None,
+        best_trial=best.number if best else None,
+        n_trials=study.user_attrs.get(ATTR_BUDGET),
+    )
