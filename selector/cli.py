@@ -395,7 +395,9 @@ def export(
             try:
                 output.write_text(text)
             except OSError as e:
-                raise SelectorError(f"{output}: cannot write the export ({e.strerror or e})") from None
+                raise SelectorError(
+                    f"{output}: cannot write the export ({e.strerror or e})"
+                ) from None
             typer.echo(f"wrote {output}: {choice.describe()}")
 
     guarded(body)

@@ -112,9 +112,9 @@ ID_SHARE = 0.5
 # A text column whose values are mostly numbers (more than NUMERIC_SHARE of them) is a numeric
 # column with typos or markers in it, not a category: refused, naming the first text value.
 NUMERIC_SHARE = 0.5
-# The most of this machine's memory one worker's preprocessed folds may take (several workers
-# run on one machine, each with its own copy).
-MEMORY_SHARE = 0.25
+# The most of this machine's memory one worker's preprocessed folds may take: beyond it even
+# `--workers 1` would not train (each of several workers on a machine holds its own copy).
+MEMORY_SHARE = 0.5
 
 
 def _read_file(path: Path, field: str) -> pd.DataFrame:

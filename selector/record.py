@@ -207,7 +207,9 @@ class TrialRecord:
     @property
     def complete(self) -> bool:
         """A complete trial with its scores recorded."""
-        return self.state == TrialState.COMPLETE and self.value is not None and bool(self.fold_scores)
+        return (
+            self.state == TrialState.COMPLETE and self.value is not None and bool(self.fold_scores)
+        )
 
     @property
     def cv_std(self) -> float:
@@ -268,13 +270,36 @@ class TrialRecord:
 
     @classmethod
     def from_trial(cls, t: FrozenTrial) -> TrialRecord:
-        a = t.user_attrs
-        packed = t.system_attrs.get(CURVES_ATTR)
-        return cls(
+        return cls.from_parts(
             number=t.number,
             state=t.state,
             value=t.value,
             params=dict(t.params),
+            user_attrs=t.user_attrs,
+            system_attrs=t.system_attrs,
+            datetime_complete=t.datetime_complete,
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        *,
+        number: int,
+        state: TrialState,
+        value: float | None,
+        params: dict[str, Any],
+        user_attrs: dict[str, Any],
+        system_attrs: dict[str, Any],
+        datetime_complete: dt.datetime | None = None,
+    ) -> TrialRecord:
+        """A record from what Optuna stores of a trial (by `from_trial` or `read_trials`)."""
+        a = user_attrs
+        packed = system_attrs.get(CURVES_ATTR)
+        return cls(
+            number=number,
+            state=state,
+            value=value,
+            params=params,
             seed=_int(a.get("seed")),
             fold_seeds=tuple(int(s) for s in a.get("fold_seeds") or ()),
             worker=_int(a.get("worker")),
@@ -285,10 +310,10 @@ class TrialRecord:
             epochs_run=_int(a.get("epochs_run")),
             pruned_at_epoch=_int(a.get("pruned_at_epoch")),
             seconds=a.get("seconds"),
-            fail_reason=(failure_reason(t) if t.state == TrialState.FAIL else None),
+            fail_reason=str(a.get("fail_reason", "stale")) if state == TrialState.FAIL else None,
             error=a.get("error"),
             curves=Curves.decode(packed) if isinstance(packed, dict) else None,
-            datetime_complete=t.datetime_complete,
+            datetime_complete=datetime_complete,
         )
 
 
@@ -299,6 +324,113 @@ def _int(x: Any) -> int | None:
 def trials(study: optuna.Study, states: tuple[TrialState, ...] | None = None) -> list[TrialRecord]:
     """Every trial of the study (or those in `states`) as records, in trial-number order."""
     return [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False, states=states)]
+
+
+def read_trials(url: str, name: str) -> tuple[dict[str, Any], list[TrialRecord]]:
+    """The study's user attrs and every trial as a record, for read-only views: a handful of
+    SQL queries on Optuna's own tables (its schema, read as its storage writes it), about 20x
+    faster than `study.get_trials` at 500 trials, which loads every attribute and intermediate
+    value through the ORM and checks the schema's version first. Through a gRPC proxy, Optuna's
+    own calls."""
+    if storage.is_grpc(url):
+        study = load_study(storage.open_storage(url, must_exist=True), url, name)
+        return dict(study.user_attrs), trials(study)
+    from optuna.storages._rdb import models as m
+
+    storage.check(url, must_exist=True)
+    with storage.engine(url).connect() as conn:
+        study_id = conn.execute(
+            sa.select(m.StudyModel.study_id).where(m.StudyModel.study_name == name)
+        ).scalar()
+        if study_id is None:
+            raise StudyError(f"no study {name!r} in {storage.mask(url)}")
+        attrs = _attrs(
+            conn, m.StudyUserAttributeModel, m.StudyUserAttributeModel.study_id == study_id
+        )
+        rows = list(
+            conn.execute(
+                sa.select(
+                    m.TrialModel.trial_id,
+                    m.TrialModel.number,
+                    m.TrialModel.state,
+                    m.TrialModel._datetime_complete_utc,
+                ).where(m.TrialModel.study_id == study_id)
+            )
+        )
+        of_study = sa.select(m.TrialModel.trial_id).where(m.TrialModel.study_id == study_id)
+        user = _by_trial(conn, m.TrialUserAttributeModel, of_study)
+        system = _by_trial(conn, m.TrialSystemAttributeModel, of_study, key=CURVES_ATTR)
+        params = _params(conn, of_study)
+        values = {
+            tid: m.TrialValueModel.stored_repr_to_value(v, kind)
+            for tid, v, kind in conn.execute(
+                sa.select(
+                    m.TrialValueModel.trial_id,
+                    m.TrialValueModel.value,
+                    m.TrialValueModel.value_type,
+                ).where(m.TrialValueModel.trial_id.in_(of_study), m.TrialValueModel.objective == 0)
+            )
+        }
+    out = [
+        TrialRecord.from_parts(
+            number=number,
+            state=state,
+            value=values.get(tid),
+            params=params.get(tid, {}),
+            user_attrs=user.get(tid, {}),
+            system_attrs=system.get(tid, {}),
+            datetime_complete=_local(done),
+        )
+        for tid, number, state, done in rows
+    ]
+    return attrs, sorted(out, key=lambda r: r.number)
+
+
+def _local(utc: dt.datetime | None) -> dt.datetime | None:
+    """Optuna's stored naive UTC as the naive local time its FrozenTrials carry."""
+    if utc is None:
+        return None
+    return utc.replace(tzinfo=dt.UTC).astimezone().replace(tzinfo=None)
+
+
+def _attrs(conn: sa.Connection, model: Any, where: Any) -> dict[str, Any]:
+    return {
+        k: json.loads(v)
+        for k, v in conn.execute(sa.select(model.key, model.value_json).where(where))
+    }
+
+
+def _by_trial(
+    conn: sa.Connection, model: Any, of_study: Any, key: str | None = None
+) -> dict[int, dict[str, Any]]:
+    query = sa.select(model.trial_id, model.key, model.value_json).where(
+        model.trial_id.in_(of_study)
+    )
+    if key is not None:
+        query = query.where(model.key == key)
+    out: dict[int, dict[str, Any]] = {}
+    for tid, k, v in conn.execute(query):
+        out.setdefault(tid, {})[k] = json.loads(v)
+    return out
+
+
+def _params(conn: sa.Connection, of_study: Any) -> dict[int, dict[str, Any]]:
+    """Each trial's params in their external form (a categorical's choice, not its index)."""
+    from optuna.distributions import json_to_distribution
+    from optuna.storages._rdb import models as m
+
+    dists: dict[str, Any] = {}
+    out: dict[int, dict[str, Any]] = {}
+    query = sa.select(
+        m.TrialParamModel.trial_id,
+        m.TrialParamModel.param_name,
+        m.TrialParamModel.param_value,
+        m.TrialParamModel.distribution_json,
+    ).where(m.TrialParamModel.trial_id.in_(of_study))
+    for tid, name, value, dj in conn.execute(query):
+        dist = dists.get(dj) or dists.setdefault(dj, json_to_distribution(dj))
+        out.setdefault(tid, {})[name] = dist.to_external_repr(value)
+    return out
 
 
 def complete(records: list[TrialRecord]) -> list[TrialRecord]:

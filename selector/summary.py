@@ -110,7 +110,7 @@ class StudyStatus:
             "best": self.best.as_dict() if self.best else None,
             "choice": self.choice.as_dict() if self.choice else None,
             "estimate": est.as_dict() if est is not None else None,
-            "test_set": {"state": self.lockbox, **(self.final.as_dict() if self.final else {})},
+            "test_set": {**(self.final.as_dict() if self.final else {}), "state": self.lockbox},
             "top": [v.as_dict() for v in self.ranked[:top]] if top is not None else None,
             "trials": [v.as_dict() for v in self.trials],
         }
@@ -128,9 +128,8 @@ def _counts(records: list[TrialRecord]) -> tuple[dict[str, int], dict[str, int]]
 
 def status(url: str, name: str, *, estimate: bool = True) -> StudyStatus:
     """The study's state, read once."""
-    study, rec = record.open_study(url, name)
-    records = record.trials(study)
-    attrs = study.user_attrs
+    attrs, records = record.read_trials(url, name)
+    rec = record.load_record(url, name)
     baseline = attrs.get(record.ATTR_BASELINE)
     labels = diagnose.of_study(
         records, metric=rec.spec.metric, baseline=baseline, max_epochs=rec.spec.training.max_epochs

@@ -105,7 +105,7 @@ def _running_and_training(db: Path) -> bool:
         _count(
             db,
             "SELECT COUNT(*) FROM trials t JOIN trial_user_attributes a "
-            "ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'config'",
+            "ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'seed'",
         )
         > 0
     )
