@@ -178,6 +178,7 @@ def evaluate(
             f"study {name!r}: the data differ from when the study was created "
             f"({prep.table.origin}); the test set cannot be evaluated on other data"
         )
+    artifact_dir(url, name)  # a planted link is refused before the test set is claimed
     if not resume_crashed:
         _claim(url, name, choice.rule, trial.number, rec.spec.metric, float(trial.value))  # type: ignore[arg-type]
     refit = _refit_and_score(rec, prep, trial)
@@ -198,9 +199,8 @@ def evaluate(
         )
     result = stored_final(url, name)
     assert result is not None
-    (out / "config.json").write_text(
-        json.dumps({**doc, "test": result.as_dict()}, indent=2, default=str)
-    )
+    full = {**doc, "test": result.as_dict()}
+    artifact.write_file(out, "config.json", json.dumps(full, indent=2, default=str).encode())
     return Evaluated(result, choice, remark)
 
 

@@ -343,7 +343,11 @@ def read_trials(url: str, name: str) -> tuple[dict[str, Any], list[TrialRecord]]
             sa.select(m.StudyModel.study_id).where(m.StudyModel.study_name == name)
         ).scalar()
         if study_id is None:
-            raise StudyError(f"no study {name!r} in {storage.mask(url)}")
+            names = list(conn.execute(sa.select(m.StudyModel.study_name)).scalars())
+            known = (
+                f"; studies here: {', '.join(names)}" if names else "; this storage has no studies"
+            )
+            raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}")
         attrs = _attrs(
             conn, m.StudyUserAttributeModel, m.StudyUserAttributeModel.study_id == study_id
         )

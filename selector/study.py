@@ -74,9 +74,7 @@ def _check_same(rec: StudyRecord, spec: StudySpec, prep: data.Prepared) -> None:
         )
 
 
-def create_or_resume(
-    spec: StudySpec, url: str
-) -> tuple[optuna.Study, data.Prepared, StudyRecord]:
+def create_or_resume(spec: StudySpec, url: str) -> tuple[optuna.Study, data.Prepared, StudyRecord]:
     """Validate data and storage, then create the study or check that it is the same study."""
     prep = data.prepare(spec)
     optuna_storage = storage.open_storage(url, must_exist=False)
@@ -167,6 +165,7 @@ def _describe(study: optuna.Study, spec: StudySpec, prep: data.Prepared) -> None
     study.set_user_attr("folds", spec.cv.folds * spec.cv.repeats)
     study.set_user_attr("dev_rows", len(prep.dev))
     study.set_user_attr("test_rows_held_out", len(prep.test))
+    study.set_user_attr("data_notes", list(prep.notes))
     # what a worker on any machine (even through a gRPC proxy) needs to join
     study.set_user_attr(ATTR_SPEC, recorded(spec))
     study.set_user_attr(ATTR_BASE_DIR, spec.base_dir)

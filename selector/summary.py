@@ -63,6 +63,7 @@ class StudyStatus:
     dev_rows: int | None
     test_rows: int | None
     baseline: float | None
+    data_notes: list[str]
     states: dict[str, int]
     failures: dict[str, int]
     trials: list[TrialView]
@@ -107,6 +108,7 @@ class StudyStatus:
             "states": self.states,
             "failures": self.failures,
             "baseline": self.baseline,
+            "data_notes": self.data_notes,
             "best": self.best.as_dict() if self.best else None,
             "choice": self.choice.as_dict() if self.choice else None,
             "estimate": est.as_dict() if est is not None else None,
@@ -154,6 +156,7 @@ def status(url: str, name: str, *, estimate: bool = True) -> StudyStatus:
         dev_rows=attrs.get("dev_rows"),
         test_rows=attrs.get("test_rows_held_out"),
         baseline=baseline,
+        data_notes=[str(n) for n in attrs.get("data_notes") or []],
         states=states,
         failures=failures,
         trials=views,
@@ -195,6 +198,7 @@ def status_text(st: StudyStatus, top: int = 5) -> str:
     lines = [
         f"study      {st.study}  ({st.storage})",
         f"data       {st.data}   metric {st.metric} (maximize)",
+        *(f"           note: {n}" for n in st.data_notes),
         f"trials     {st.finished}/{st.n_trials} finished: {s['complete']} complete, "
         f"{s['pruned']} pruned, {s['fail']} failed, {s['running']} running",
     ]

@@ -180,6 +180,10 @@ def run_trial(
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL, nothing left RUNNING
             storage.retrying(lambda: _tell(study, trial, None, TrialState.FAIL))
             raise
+        except SelectorError:  # the storage itself failed (a full disk): stop, nothing RUNNING
+            with contextlib.suppress(Exception):
+                _tell(study, trial, None, TrialState.FAIL)
+            raise
         except Exception:  # recorded by the objective with its reason; the study goes on
             state = TrialState.FAIL
     return storage.retrying(lambda: _tell(study, trial, value, state))
