@@ -82,12 +82,14 @@ def refusal(prev: FinalResult | None) -> str:
         return "the test set was already claimed"
     if prev.state == "finished":
         return (
-            f"the test set of study {prev.study!r} was already evaluated at {prev.finished_at}: "
+            f"the test set of study {prev.study!r} was already evaluated at "
+            f"{record.shown_time(prev.finished_at)}: "
             f"{prev.metric} = {prev.test_score:.4f} (trial {prev.trial}, rule {prev.rule}); "
             "it is evaluated only once"
         )
     return (
-        f"the test set of study {prev.study!r} was claimed at {prev.claimed_at} but the "
+        f"the test set of study {prev.study!r} was claimed at {record.shown_time(prev.claimed_at)} "
+        "but the "
         "evaluation did not finish (evaluation started, not finished); it will not be evaluated "
         "silently a second time: `selector final --resume-crashed` finishes it, on the record"
     )

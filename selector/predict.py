@@ -17,6 +17,7 @@ import torch
 
 from selector import artifact, data, engine, final, metrics, record, storage
 from selector.errors import DataError, RefusedError, SelectorError
+from selector.record import FinalResult
 
 
 @dataclass
@@ -26,10 +27,16 @@ class Predictions:
     score: float | None = None  # when the target column is present
     scored_rows: int = 0
     unknown: dict[str, list[Any]] = field(default_factory=dict)  # unseen categories per column
+    final: FinalResult | None = None  # the evaluation that made the model
 
 
 def model_dir(url: str, name: str) -> Path:
     """Where `selector final` saved the study's model; a clear refusal before it ran."""
+    return Path(_evaluated(url, name).artifact)  # type: ignore[arg-type]
+
+
+def _evaluated(url: str, name: str) -> FinalResult:
+    """The study's finished evaluation; a clear refusal before it ran."""
     storage.check(url, must_exist=True)
     record.load_record(url, name)
     prev = record.stored_final(url, name)
@@ -40,7 +47,7 @@ def model_dir(url: str, name: str) -> Path:
         )
     if prev.state != "finished" or prev.artifact is None:
         raise RefusedError(final.refusal(prev))
-    return Path(prev.artifact)
+    return prev
 
 
 def read_rows(path: Path) -> pd.DataFrame:
@@ -101,12 +108,15 @@ def apply(bundle: artifact.Bundle, rows: pd.DataFrame) -> Predictions:
 
 
 def predict_file(url: str, name: str, path: Path) -> Predictions:
-    bundle = artifact.load(model_dir(url, name))
+    evaluated = _evaluated(url, name)
+    bundle = artifact.load(Path(evaluated.artifact))  # type: ignore[arg-type]
     rows = read_rows(path)
     try:
-        return apply(bundle, rows)
+        result = apply(bundle, rows)
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
+    result.final = evaluated
+    return result
 
 
 def write(result: Predictions, path: Path) -> None:
@@ -119,9 +129,15 @@ def write(result: Predictions, path: Path) -> None:
 def describe(result: Predictions, path: Path) -> list[str]:
     """What `selector predict` prints."""
     m = result.meta
+    f = result.final
+    tested = (
+        f"; rule {f.rule}, test {f.metric} = {f.test_score:.4f} on {f.test_rows} held-out rows"
+        if f is not None and f.test_score is not None
+        else ""
+    )
     lines = [
         f"wrote {path}: {len(result.table)} predictions of the final model "
-        f"(study {m.study!r}, trial {m.trial})"
+        f"(study {m.study!r}, trial {m.trial}{tested})"
     ]
     if result.score is not None:
         lines.append(

@@ -45,6 +45,15 @@ ATTR_FINGERPRINTS, ATTR_BUDGET = "selector:fingerprints", "selector:n_trials"
 ATTR_BASELINE = "baseline_score"
 
 
+def shown_time(iso: str | None) -> str:
+    """A stored time as messages show it: to the second, in UTC (databases store naive UTC)."""
+    if not iso:
+        return "-"
+    t = dt.datetime.fromisoformat(iso)
+    t = t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
+    return t.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 # --- a study's record ------------------------------------------------------------------------
 
 
@@ -139,7 +148,7 @@ def _unpack(text: str, shape: tuple[int, ...]) -> np.ndarray:
     return raw.astype(np.float64).reshape(shape)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Curves:
     """Per-epoch curves of a trial: each fold's validation score (K, E), the mean training loss
     (E,), and each layer's gradient norm at the first batch of the epoch, mean over folds (E, L),
@@ -148,6 +157,14 @@ class Curves:
     folds: np.ndarray
     loss: np.ndarray
     grads: np.ndarray
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Curves):
+            return NotImplemented
+        pairs = ((self.folds, other.folds), (self.loss, other.loss), (self.grads, other.grads))
+        return all(np.array_equal(a, b) for a, b in pairs)
+
+    __hash__ = None  # type: ignore[assignment]
 
     @property
     def val(self) -> np.ndarray:

@@ -28,6 +28,7 @@ from selector.record import (
     TrialRecord,
     complete,
     read_oof,
+    shown_time,
     stored_final,
 )
 
@@ -40,8 +41,8 @@ RULE_HELP = (
 # Candidates of the bias-corrected estimate: the top trials by mean CV score. A trial further
 # down almost never wins a bootstrap sample's selection.
 TOP_CANDIDATES = 100
-# Bootstrap samples of the estimate: its interval's percentiles move by about 0.002 between 500
-# and 1000 samples on digits; every view uses the same number (and seed), so all show one value.
+# Bootstrap samples of the estimate; every view uses the same number and seed, so all show the
+# same value.
 N_BOOT = 500
 
 
@@ -49,9 +50,7 @@ def choose(records: list[TrialRecord], rule: Rule, study: str = "") -> TrialReco
     """The trial the rule picks among the complete trials."""
     done = complete(records)
     if not done:
-        raise RefusedError(
-            f"study {study!r} has no complete trial yet; run `selector run` first"
-        )
+        raise RefusedError(f"study {study!r} has no complete trial yet; run `selector run` first")
     best = done[0]
     if rule == "best":
         return best
@@ -77,9 +76,9 @@ class Choice:
     def describe(self) -> str:
         how = {
             "final": "evaluated on the test set",
-            "export": f"recorded by export at {self.at}",
+            "export": f"recorded by export at {shown_time(self.at)}",
             None: "not recorded yet",
-        }.get(self.by, f"recorded by {self.by} at {self.at}")
+        }.get(self.by, f"recorded by {self.by} at {shown_time(self.at)}")
         return f"trial {self.trial} (rule {self.rule}, {how})"
 
     def as_dict(self) -> dict[str, Any]:
@@ -152,8 +151,8 @@ def estimate(
     if not candidates:
         return None
     keep = fold >= 0  # rows outside the first repeat's folds (none without groups) are left out
-    candidates = [
-        Candidate(c.trial, c.oof[keep], c.n_params, c.best_epoch) for c in candidates
-    ]
+    candidates = [Candidate(c.trial, c.oof[keep], c.n_params, c.best_epoch) for c in candidates]
     seed = rec.spec.seed
-    return bbc_cv(candidates, y[keep], fold[keep], rec.spec.metric, rule=rule, n_boot=n_boot, seed=seed)
+    return bbc_cv(
+        candidates, y[keep], fold[keep], rec.spec.metric, rule=rule, n_boot=n_boot, seed=seed
+    )

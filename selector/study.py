@@ -238,7 +238,7 @@ def check_not_sealed(url: str, name: str) -> None:
     if prev is not None:
         raise RefusedError(
             f"study {name!r} is sealed: its test set was opened by `selector final` at "
-            f"{prev.claimed_at} (trial {prev.trial}); a test score is unbiased for one choice "
+            f"{record.shown_time(prev.claimed_at)} (trial {prev.trial}); a test score is unbiased for one choice "
             "only, so it runs no more trials — give the study file a new name to search again"
         )
 

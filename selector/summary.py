@@ -230,9 +230,9 @@ def lockbox_line(st: StudyStatus) -> str:
     if f is None:
         return "sealed: evaluated once, by `selector final`"
     if f.state != "finished":
-        return f"evaluation started, not finished (claimed at {f.claimed_at})"
+        return f"evaluation started, not finished (claimed at {record.shown_time(f.claimed_at)})"
     return (
-        f"evaluated at {f.finished_at}: {f.metric} = {_fmt(f.test_score)} on {f.test_rows} rows "
+        f"evaluated at {record.shown_time(f.finished_at)}: {f.metric} = {_fmt(f.test_score)} on {f.test_rows} rows "
         f"(trial {f.trial}, rule {f.rule})"
     )
 

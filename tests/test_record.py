@@ -1,0 +1,91 @@
+"""The typed trial record: what the objective writes is what every view reads back, small."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from selector import record, spec, study
+from selector.record import Curves, TrialRecord
+from tests.conftest import small_raw
+
+
+@pytest.fixture
+def ran(url: str) -> str:
+    study.run(spec.parse(small_raw(n_trials=3), origin="t.toml"), url)
+    return url
+
+
+def test_curves_pack_and_unpack_as_float32() -> None:
+    rng = np.random.default_rng(0)
+    c = Curves(rng.random((5, 7)), rng.random(7), rng.random((7, 3)))
+    back = Curves.decode(json.loads(json.dumps(c.encode())))
+    for a, b in ((c.folds, back.folds), (c.loss, back.loss), (c.grads, back.grads)):
+        assert np.array_equal(a.astype(np.float32), b)
+    assert np.allclose(back.val, c.folds.mean(axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kind", "pred"),
+    [
+        ("labels", np.array([0, 3, 2, 1])),
+        ("proba", np.array([[0.25, 0.75], [0.5, 0.5]])),
+        ("values", np.array([1.5, -2.25, 1e6])),
+    ],
+)
+def test_out_of_fold_predictions_round_trip(kind: str, pred: np.ndarray) -> None:
+    back = record.unpack_oof(record.pack_oof(pred, kind))
+    assert back.shape == pred.shape and np.allclose(back, pred, rtol=1e-3)
+
+
+def test_the_objective_writes_what_from_trial_reads(ran: str) -> None:
+    s, rec = record.open_study(ran, "iris-small")
+    for t in s.get_trials(states=(TrialState.COMPLETE,)):
+        r = TrialRecord.from_trial(t)
+        assert r.complete and r.value == pytest.approx(np.mean(r.fold_scores), abs=1e-6)
+        assert len(r.fold_scores) == len(r.train_fold_scores) == 3
+        assert r.curves is not None and r.curves.folds.shape == (3, r.epochs_run)
+        assert r.curves.grads.shape[0] == r.epochs_run
+        assert np.allclose(
+            r.curves.val, [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
+        )
+        assert r.config(rec.spec.space).depth == t.params["depth"]
+        assert {k: v for k, v in r.to_user_attrs().items() if k != "seconds"} == {
+            k: v for k, v in t.user_attrs.items() if k in r.to_user_attrs() and k != "seconds"
+        }
+
+
+def test_read_trials_reads_what_optuna_reads(ran: str) -> None:
+    s, _ = record.open_study(ran, "iris-small")
+    attrs, fast = record.read_trials(ran, "iris-small")
+    assert attrs == s.user_attrs
+    assert fast == record.trials(s)
+
+
+def test_user_attrs_stay_small(ran: str) -> None:
+    s, _ = record.open_study(ran, "iris-small")
+    for t in s.get_trials():
+        assert len(json.dumps(t.user_attrs)) < 700, t.user_attrs
+        assert not {"config", "diagnosis", "fold_curves", "grad_norms"} & set(t.user_attrs)
+
+
+def test_the_dev_targets_and_folds_are_recorded_beside_the_predictions(ran: str) -> None:
+    s, rec = record.open_study(ran, "iris-small")
+    numbers = [t.number for t in s.get_trials(states=(TrialState.COMPLETE,))]
+    stored = record.read_oof(ran, "iris-small", [record.TARGET_ROW, record.FOLDS_ROW, *numbers])
+    y, folds = stored.pop(record.TARGET_ROW), stored.pop(record.FOLDS_ROW)
+    assert len(y) == len(folds) == 120 and set(folds.tolist()) == {0, 1, 2}
+    assert set(stored) == set(numbers)
+    for pred in stored.values():
+        assert pred.shape == y.shape  # accuracy scores labels: one label per dev row
+        assert set(np.unique(pred)) <= {0, 1, 2}
+
+
+def test_a_trial_without_scores_is_not_complete() -> None:
+    r = TrialRecord(number=0, state=TrialState.COMPLETE, value=0.5)
+    assert not r.complete and r.to_user_attrs() == {}
+    assert optuna.trial.TrialState.FAIL != r.state
