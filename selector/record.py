@@ -407,6 +407,34 @@ def read_trials(url: str, name: str) -> tuple[dict[str, Any], list[TrialRecord]]
     return attrs, sorted(out, key=lambda r: r.number)
 
 
+def silent_trials(url: str, name: str, default_grace: int = 120) -> list[int]:
+    """Running trials whose heartbeat is older than the grace their worker recorded (or
+    `default_grace`): their worker looks lost. Reading only; the workers reap them."""
+    if storage.is_grpc(url):
+        return []
+    from optuna.storages._rdb import models as m
+
+    trials, beats, sys_attrs = m.TrialModel, m.TrialHeartbeatModel, m.TrialSystemAttributeModel
+    query = (
+        sa.select(trials.number, beats.heartbeat, sys_attrs.value_json, sa.func.now())
+        .join(beats, beats.trial_id == trials.trial_id)
+        .join(m.StudyModel, m.StudyModel.study_id == trials.study_id)
+        .outerjoin(
+            sys_attrs,
+            (sys_attrs.trial_id == trials.trial_id) & (sys_attrs.key == HEARTBEAT_ATTR),
+        )
+        .where(m.StudyModel.study_name == name, trials.state == TrialState.RUNNING)
+    )
+    with storage.engine(url).connect() as conn:
+        rows = list(conn.execute(query))
+    out = []
+    for number, beat, recorded, now in rows:
+        grace = json.loads(recorded).get("grace", default_grace) if recorded else default_grace
+        if (now.replace(tzinfo=None) - beat.replace(tzinfo=None)).total_seconds() > grace:
+            out.append(int(number))
+    return sorted(out)
+
+
 def _local(utc: dt.datetime | None) -> dt.datetime | None:
     """Optuna's stored naive UTC as the naive local time its FrozenTrials carry."""
     if utc is None:

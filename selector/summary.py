@@ -64,6 +64,7 @@ class StudyStatus:
     test_rows: int | None
     baseline: float | None
     data_notes: list[str]
+    silent: list[int]  # running trials silent past their grace: their worker looks lost
     states: dict[str, int]
     failures: dict[str, int]
     trials: list[TrialView]
@@ -107,6 +108,7 @@ class StudyStatus:
             "finished": self.finished,
             "states": self.states,
             "failures": self.failures,
+            "silent_running": self.silent,
             "baseline": self.baseline,
             "data_notes": self.data_notes,
             "best": self.best.as_dict() if self.best else None,
@@ -157,6 +159,7 @@ def status(url: str, name: str, *, estimate: bool = True) -> StudyStatus:
         test_rows=attrs.get("test_rows_held_out"),
         baseline=baseline,
         data_notes=[str(n) for n in attrs.get("data_notes") or []],
+        silent=record.silent_trials(url, name) if states["running"] else [],
         states=states,
         failures=failures,
         trials=views,
@@ -204,6 +207,13 @@ def status_text(st: StudyStatus, top: int = 5) -> str:
     ]
     if st.failures:
         lines.append("failures   " + ", ".join(f"{k} {v}" for k, v in st.failures.items()))
+    if st.silent:
+        shown = ", ".join(str(n) for n in st.silent)
+        lines.append(
+            f"silent     trial{'s' if len(st.silent) > 1 else ''} {shown}: no heartbeat within "
+            "the grace its worker runs with (the worker looks lost); the next worker reaps and "
+            "retries it"
+        )
     if st.choice is not None:
         lines.append(f"chosen     {st.choice.describe()}")
         lines.append(f"estimate   {estimate_line(st)}")
