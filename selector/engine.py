@@ -470,12 +470,13 @@ def reference_need(
     copied only onto another device (on the CPU the tensors share the folds' arrays)."""
     widths = config.widths()
     params = count_params(config, n_in, n_out)
-    copies = 3 + OPTIMIZER_STATES.get(config.optimizer, 2)  # weights, grads, snapshot, state
+    copies = 3 + OPTIMIZER_STATES.get(config.optimizer, 2)  # weights, grads, snapshot, states
     per_row = n_in + 6 * sum(widths) + 2 * n_out  # as `stacked.memory_estimate` counts a step
     rows = max(n_train, n_val)
     return MemoryNeed(
         data=folds * (n_train + n_val) * (n_in + 1) * 4 if copies_data else 0,
-        weights=folds * params * 4 * copies,
+        # plus the temporaries of the fold being stepped (a foreach optimizer's, about 2 copies)
+        weights=(folds * copies + 2) * params * 4,
         batch=min(config.batch_size, n_train) * per_row * 4 * 2,
         evaluation=rows * (n_in + 3 * max(widths) + n_out) * 4 + rows * n_out * 8 * 2,
     )

@@ -53,7 +53,7 @@ def _child(
     errors: Any,
 ) -> None:
     worker.use_threads(threads)
-    interrupt.defer()  # Ctrl-C reaches every worker: each stops at its next safe point
+    interrupt.defer()  # a Ctrl-C or SIGTERM (its own or the parent's): the next safe point
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         study.work(url, name, limit=limit, timeout=timeout, heartbeat=heartbeat)

@@ -595,16 +595,24 @@ def choose_engine(
 ) -> CrossValidate:
     """The stacked `cross_validate` where its memory estimate fits (in `budget`, by default a
     share of the available memory), else the reference engine's where its estimate fits in
-    `engine.REFERENCE_SHARE` of the available memory. A trial that fits in neither is refused
-    before anything is allocated (`TrialOutOfMemory`: the trial fails as `oom`)."""
+    `engine.REFERENCE_SHARE` of the available memory, else (without a `budget`) the stacked one
+    where it fits in that share. A trial that fits in neither is refused before anything is
+    allocated (`TrialOutOfMemory`: the trial fails as `oom`)."""
     device = resolve_device(training.device if training is not None else "auto")
-    if len(folds) > 1 and fits(folds, config, device=device.type, budget=budget):
+    stacks = len(folds) > 1
+    if stacks and fits(folds, config, device=device.type, budget=budget):
         return cross_validate
-    need = engine.reference_memory(folds, config, _n_out(folds), device)
+    n_out = _n_out(folds)
     available = engine.available_memory(device)
-    if need.total > available * engine.REFERENCE_SHARE:
-        raise engine.out_of_memory(config, need, available, device, len(folds))
-    return engine.cross_validate
+    limit = available * engine.REFERENCE_SHARE
+    reference = engine.reference_memory(folds, config, n_out, device)
+    if reference.total <= limit:
+        return engine.cross_validate
+    stacked = memory_need(folds, config, n_out)
+    if stacks and budget is None and stacked.total <= limit:
+        return cross_validate
+    need = min(reference, stacked, key=lambda n: n.total) if stacks else reference
+    raise engine.out_of_memory(config, need, available, device, len(folds))
 
 
 def auto_cross_validate(

@@ -22,7 +22,7 @@ import optuna
 import sklearn
 import torch
 
-from selector import __version__, data, db, diagnose, metrics, record, storage, worker
+from selector import __version__, data, db, diagnose, metrics, record, stacked, storage, worker
 from selector.errors import RefusedError, StudyError
 from selector.objective import Objective
 from selector.record import (
@@ -91,6 +91,7 @@ def create_or_resume(spec: StudySpec, url: str) -> tuple[optuna.Study, data.Prep
 def _create(
     spec: StudySpec, url: str, optuna_storage: optuna.storages.BaseStorage, prep: data.Prepared
 ) -> tuple[optuna.Study, data.Prepared, StudyRecord]:
+    _check_fits(spec, prep)
     if spec.name in {s.study_name for s in optuna.get_all_study_summaries(optuna_storage, False)}:
         raise StudyError(
             f"an Optuna study named {spec.name!r} already exists in {storage.mask(url)} but was not "
@@ -121,6 +122,15 @@ def _create(
         optuna.delete_study(study_name=spec.name, storage=optuna_storage)
         raise
     return study, prep, record.load_record(url, spec.name)
+
+
+def _check_fits(spec: StudySpec, prep: data.Prepared) -> None:
+    """Refuse a search space whose smallest config cannot fit in this machine's memory: every
+    trial would fail as `oom`."""
+    dev = data.dev_set(prep)
+    n_features = data.fold_data(dev, 0).X_train.shape[1]
+    n_out = dev.n_classes if dev.task == "classification" else 1
+    stacked.check_space_fits(spec, n_features, len(dev.y), n_out)
 
 
 def _dev_rows(spec: StudySpec, prep: data.Prepared) -> list[dict[str, Any]]:
