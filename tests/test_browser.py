@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from selector import dashboard, report, spec, storage, study
+from selector import dashboard, report, spec, storage, study, summary
 from tests.conftest import small_raw
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -124,13 +124,19 @@ def test_dashboard_trial_count_equals_the_database(
         assert page.errors == []
 
 
-def test_a_trials_note_and_its_learning_curves_are_visible(served: str, page: Page) -> None:
+def test_a_trials_note_and_its_learning_curves_are_visible(
+    served: str, ran: tuple[str, Path], page: Page
+) -> None:
+    # the note shows the diagnosis against the study now (publishing rewrote any stale one)
+    view = next(v for v in summary.status(ran[0], NAME).trials if v.record.number == 0)
+    assert view.diagnosis is not None
     with page.screenshot_on_failure() as p:
         p.goto(f"{served}/dashboard/studies/1/trials")
-        p.get_by_text(re.compile(r"^Trial 0: (good fit|overfit|underfit), gradients")).wait_for(
+        p.get_by_text(re.compile(rf"^Trial 0: {re.escape(view.diagnosis.label)}$")).wait_for(
             timeout=TIMEOUT_MS
         )
         assert p.get_by_text("Generalization gap").first.is_visible()
+        assert p.get_by_text(f"Gradients {view.diagnosis.gradients}").first.is_visible()
         figure = p.locator('img[alt="learning curves of every fold"]').first
         figure.wait_for(timeout=TIMEOUT_MS)
         p.wait_for_function(

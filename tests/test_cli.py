@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -37,6 +38,14 @@ def test_run_status_export_final(study_file: Path, url: str, tmp_path: Path) -> 
     code, out = _sel("run", str(study_file), "--storage", url)
     assert code == 0, out
     assert "2/2 trials finished; best accuracy" in out
+    # one progress line per trial (stderr is not a terminal): scores and epochs, no diagnosis
+    progress = [ln for ln in out.splitlines() if ln.startswith("[")]
+    assert len(progress) == 2, out
+    for line in progress:
+        assert re.fullmatch(
+            r"\[\d/2\] trial \d+: \d\.\d{4} ± \d\.\d{4} at epoch \d+ of \d+ \(train \d\.\d{4}\)",
+            line,
+        ), line
 
     code, out = _sel("status", str(study_file), "--storage", url, "--json")
     info = json.loads(out)
@@ -66,6 +75,26 @@ def test_run_status_export_final(study_file: Path, url: str, tmp_path: Path) -> 
     assert code == 1 and "already evaluated" in again
     code, out = _sel("status", "iris-small", "--storage", url, "--json")
     assert json.loads(out)["test_set"]["state"] == "evaluated"
+
+
+def test_final_before_the_budget_is_spent_needs_early_and_seals_the_study(
+    study_file: Path, url: str
+) -> None:
+    assert _sel("run", str(study_file), "--storage", url, "--n-trials", "1")[0] == 0
+    code, out = _sel("final", "iris-small", "--storage", url)
+    assert code == 1 and "1 of its n_trials = 2 finished trials" in out and "--early" in out
+    code, out = _sel("status", "iris-small", "--storage", url, "--json")
+    assert json.loads(out)["test_set"]["state"] == "sealed"  # the refusal opened nothing
+
+    code, out = _sel("final", "iris-small", "--storage", url, "--early")
+    assert code == 0 and "test accuracy = " in out, out
+    # sealed: no trial may run after the test set was opened, from either command
+    code, out = _sel("run", str(study_file), "--storage", url)
+    assert code == 1 and "is sealed" in out, out
+    code, out = _sel("worker", "iris-small", "--storage", url)
+    assert code == 1 and "is sealed" in out, out
+    trials = optuna.load_study(study_name="iris-small", storage=url).trials
+    assert len(trials) == 1
 
 
 def test_run_again_after_budget_is_refused_with_exit_1(study_file: Path, url: str) -> None:

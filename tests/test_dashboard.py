@@ -20,8 +20,9 @@ from optuna.trial import TrialState
 from optuna_dashboard import get_note, save_note
 from typer.testing import CliRunner
 
-from selector import dashboard, final, notes, spec, storage, study
+from selector import dashboard, diagnose, final, notes, record, spec, storage, study, summary
 from selector.cli import app
+from selector.record import TrialRecord
 from tests.conftest import small_raw
 
 runner = CliRunner()
@@ -60,6 +61,25 @@ def _trial_notes(url: str, name: str = "iris-small") -> dict[int, str]:
         t.number: get_note(optuna.Trial(s, t._trial_id))
         for t in s.get_trials(states=(TrialState.COMPLETE,))
     }
+
+
+def _labels(url: str, name: str = "iris-small") -> tuple[dict[int, str | None], dict[int, str]]:
+    """Each complete trial's note heading, and its diagnosis against the study now."""
+    st = storage.open_storage(url, must_exist=True)
+    s = optuna.load_study(study_name=name, storage=st)
+    system = st.get_study_system_attrs(s._study_id)
+    ids = {t.number: t._trial_id for t in s.get_trials(deepcopy=False)}
+    now = {
+        v.record.number: v.diagnosis.label
+        for v in summary.status(url, name).ranked
+        if v.diagnosis is not None
+    }
+    return {n: notes.note_label(system, ids[n]) for n in now}, now
+
+
+def _relabelled(url: str) -> int:
+    shown, now = _labels(url)
+    return sum(shown[n] != now[n] for n in now)
 
 
 # --- pre-checks ------------------------------------------------------------------------------
@@ -108,9 +128,20 @@ def test_each_trial_writes_its_note_and_learning_curve_figure(shared: tuple[str,
     assert len(written) == 3
     t = optuna.load_study(study_name="iris-small", storage=ran).trials[0]
     note = written[t.number]
-    assert f"### Trial {t.number}: {t.user_attrs['diagnosis']}" in note
-    assert f"**{t.value:.4f}** ± {t.user_attrs['cv_std']:.4f}" in note
-    assert f"{t.user_attrs['gap']:+.4f}" in note and "Gradients" in note
+    # written when it finished: its diagnosis against the study then (trial 0: itself alone)
+    r, rec = TrialRecord.from_trial(t), record.load_record(ran, "iris-small")
+    ctx = diagnose.context(
+        [r],
+        metric=rec.spec.metric,
+        baseline=optuna.load_study(study_name="iris-small", storage=ran).user_attrs[
+            record.ATTR_BASELINE
+        ],
+        max_epochs=rec.spec.training.max_epochs,
+    )
+    d = diagnose.diagnose(r, ctx)
+    assert f"### Trial {t.number}: {d.label}" in note
+    assert f"**{t.value:.4f}** ± {r.cv_std:.4f}" in note
+    assert f"{r.gap:+.4f}" in note and f"**Gradients** {d.gradients}: per layer" in note
     artifact = next(k for k in t.system_attrs if k.startswith("artifacts:"))
     artifact_id = artifact.removeprefix("artifacts:")
     assert f"/artifacts/1/{t._trial_id}/{artifact_id})" in note
@@ -164,9 +195,32 @@ def test_publish_writes_figures_the_study_note_and_missing_trial_notes(
     s = optuna.load_study(study_name="iris-small", storage=url)
     assert "**Test set** sealed" in get_note(s)
     assert dashboard.publish(url, st, "iris-small").study_note is False  # nothing changed
-    result = final.evaluate(url, "iris-small")
+    result = final.evaluate(url, "iris-small").result
     dashboard.publish(url, st, "iris-small")
     assert f"accuracy = {result.test_score:.4f} on 30 rows" in get_note(s)
+
+
+def test_a_trial_note_is_rewritten_when_its_diagnosis_changes(ran: str) -> None:
+    st, _ = dashboard.studies(ran)
+    dashboard.publish(ran, st, "iris-small")
+    shown, now = _labels(ran)
+    assert shown == now  # every note shows the diagnosis against the study now
+    s = optuna.load_study(
+        study_name="iris-small", storage=st, sampler=optuna.samplers.RandomSampler()
+    )
+    trial = s.trials[0]
+    before = _trial_notes(ran)[trial.number]
+    figure = before[before.index("![learning curves") :].split("\n")[0]
+    # as if written when the study stood elsewhere: another label than the one now
+    other = next(f for f in diagnose.FITS if not now[trial.number].startswith(f))
+    notes.annotate_finished(s, trial, diagnose.Diagnosis(other, "healthy", False))
+    assert _labels(ran)[0][trial.number] == other
+    assert dashboard.publish(ran, st, "iris-small").trial_notes == 1
+    after = _trial_notes(ran)[trial.number]
+    assert after.startswith(f"### Trial {trial.number}: {now[trial.number]}\n")
+    assert figure in after  # the figure stays
+    assert _labels(ran)[0] == now
+    assert dashboard.publish(ran, st, "iris-small").trial_notes == 0
 
 
 def test_a_study_note_edited_by_someone_is_left_alone(ran: str) -> None:
@@ -184,6 +238,7 @@ def test_dashboard_command_serves_the_study_until_ctrl_c(
     shared: tuple[str, Path], tmp_path: Path
 ) -> None:
     ran, port = shared[0], free_port()
+    relabel = _relabelled(ran)  # notes whose trial's diagnosis changed since they were written
     errors = (tmp_path / "stderr").open("w+")
     proc = subprocess.Popen(
         [
@@ -205,7 +260,7 @@ def test_dashboard_command_serves_the_study_until_ctrl_c(
     try:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(2)]
-        assert "study 'iris-small': 3 figures, 0 trial notes added" in lines[0], lines
+        assert f"study 'iris-small': 3 figures, {relabel} trial notes written" in lines[0], lines
         assert f"at http://127.0.0.1:{port}/dashboard/studies/1 (Ctrl-C stops)" in lines[1]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=10) as r:
             summaries = json.load(r)["study_summaries"]
@@ -245,9 +300,11 @@ def test_notes_figures_report_and_predict_on_postgresql_with_a_bare_url(
         n.startswith("### Trial") and "/artifacts/" not in n for n in _trial_notes(bare).values()
     )
     st, _ = dashboard.studies(bare)
+    relabel = _relabelled(bare)
     assert dashboard.publish(bare, st, "iris-small") == dashboard.Published(
-        "iris-small", 3, 0, True
+        "iris-small", 3, relabel, True
     )
+    assert _relabelled(bare) == 0
     assert _sel("report", "iris-small", "--storage", bare, "-o", "r.html")[0] == 0
     code, out = _sel("final", "iris-small", "--storage", bare)
     assert code == 0, out

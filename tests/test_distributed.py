@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from selector import spec, storage, study, worker
+from selector import record, spec, storage, study, worker
 from tests.conftest import PENGUINS, small_raw, write_study
 
 FAST = {"max_epochs": 2, "patience": 2, "device": "cpu"}
@@ -167,7 +167,7 @@ def test_killed_worker_trial_goes_stale_and_is_retried(pg_url: str) -> None:
     victim = _worker(pg_url)
     _wait(
         lambda: any(
-            t.state == TrialState.RUNNING and "config" in t.user_attrs for t in _trials(pg_url)
+            t.state == TrialState.RUNNING and "seed" in t.user_attrs for t in _trials(pg_url)
         )
     )
     victim.send_signal(signal.SIGKILL)
@@ -180,7 +180,7 @@ def test_killed_worker_trial_goes_stale_and_is_retried(pg_url: str) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     trials = _trials(pg_url)
     stale = trials[killed.number]
-    assert stale.state == TrialState.FAIL and worker.failure_reason(stale) == "stale"
+    assert stale.state == TrialState.FAIL and record.failure_reason(stale) == "stale"
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retry) == 1 and retry[0].params == killed.params
     assert retry[0].state in worker.FINISHED
@@ -259,7 +259,15 @@ def _proxy_up(url: str) -> bool:
         return False
 
 
-def test_status_reaps_a_trial_whose_worker_died(url: str) -> None:
+def _cli(*args: str) -> int:
+    from typer.testing import CliRunner
+
+    from selector.cli import app
+
+    return CliRunner().invoke(app, list(args)).exit_code
+
+
+def test_status_never_reaps_a_trial_whose_worker_died_a_worker_does(url: str) -> None:
     from selector import summary
 
     _create(url)
@@ -270,7 +278,15 @@ def test_status_reaps_a_trial_whose_worker_died(url: str) -> None:
     sa_engine = storage.engine(url)
     with sa_engine.begin() as conn:  # the heartbeat is old: its worker died long ago
         conn.execute(sa.text("UPDATE trial_heartbeats SET heartbeat = '2000-01-01 00:00:00'"))
-    info = summary.status(url, "iris-small", reap=True)
+    for _ in range(2):  # read-only: shown as running (and silent), left for the workers
+        info = summary.status(url, "iris-small").as_dict()
+        assert info["states"]["running"] == 1 and info["failures"] == {}
+        assert info["silent_running"] == [trial.number]
+        assert info["states"]["fail"] == 0 and info["states"]["waiting"] == 0
+    code = _cli("status", "iris-small", "--storage", url)
+    assert code == 0 and _trials(url)[trial.number].state == TrialState.RUNNING
+    worker.reap_stale(s)
+    info = summary.status(url, "iris-small").as_dict()
     assert info["states"]["running"] == 0 and info["failures"] == {"stale": 1}
     assert info["states"]["waiting"] == 1  # queued for its retry
 
@@ -308,5 +324,5 @@ def _orphan_is_reaped(url: str) -> None:
     worker.reap_stale(st)
     states = {t.number: t.state for t in _trials(url)}
     assert states == {orphan.number: TrialState.FAIL, fresh.number: TrialState.RUNNING}
-    assert worker.failure_reason(_trials(url)[orphan.number]) == "stale"
+    assert record.failure_reason(_trials(url)[orphan.number]) == "stale"
     assert worker.claim(st, url, 2) is not None  # its place is free again

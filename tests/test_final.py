@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
+import numpy as np
+import optuna
 import pytest
 import sqlalchemy as sa
 
-from selector import data, db, engine, final, spec, study
-from selector.errors import LockboxError
+from selector import data, db, engine, export, final, record, selection, spec, study
+from selector.errors import LockboxError, RefusedError
+from selector.record import TrialRecord
 from tests.conftest import small_raw
 
 
@@ -29,7 +33,7 @@ def _rows(url: str) -> list[Any]:
 
 
 def test_final_scores_the_test_set_once_and_records_it(ran: str) -> None:
-    result = final.evaluate(ran, "iris-small")
+    result = final.evaluate(ran, "iris-small").result
     assert result.state == "finished" and 0.0 <= result.test_score <= 1.0  # type: ignore[operator]
     assert result.test_rows == 30
     assert (final.artifact_dir(ran, "iris-small") / "model.pt").exists()
@@ -37,7 +41,7 @@ def test_final_scores_the_test_set_once_and_records_it(ran: str) -> None:
 
 
 def test_final_refuses_second_evaluation(ran: str) -> None:
-    first = final.evaluate(ran, "iris-small")
+    first = final.evaluate(ran, "iris-small").result
     with pytest.raises(LockboxError, match="already evaluated") as err:
         final.evaluate(ran, "iris-small")
     assert err.value.exit_code == 1
@@ -81,7 +85,7 @@ def test_final_on_a_regression_study(url: str) -> None:
         space={"width": 32, "lr": 0.01, "optimizer": "adam"},
     )
     study.run(spec.parse(raw, origin="d.toml"), url)
-    result = final.evaluate(url, "diabetes")
+    result = final.evaluate(url, "diabetes").result
     assert 0.0 < result.test_score < 1.0  # type: ignore[operator]
 
 
@@ -126,8 +130,77 @@ def test_resume_crashed_records_the_resumed_evaluation(
     with pytest.raises(RuntimeError):
         final.evaluate(ran, "iris-small", "one-se")
     monkeypatch.undo()
-    result = final.evaluate(ran, "iris-small", resume_crashed=True)
+    result = final.evaluate(ran, "iris-small", resume_crashed=True).result
     assert result.state == "finished" and result.resumed_at is not None
     assert result.rule == "one-se"  # the claimed rule and trial, not the command line's
     with pytest.raises(LockboxError, match="already evaluated"):
         final.evaluate(ran, "iris-small", resume_crashed=True)
+
+
+def test_final_refuses_before_the_budget_is_spent_unless_early(url: str) -> None:
+    s = spec.parse(small_raw(n_trials=3), origin="t.toml")
+    study.run(s, url, n_trials=2)
+    with pytest.raises(RefusedError, match="2 of its n_trials = 3 finished trials") as err:
+        final.evaluate(url, "iris-small")
+    assert err.value.exit_code == 1 and "--early" in str(err.value)
+    assert _rows(url) == []  # nothing claimed
+    done = final.evaluate(url, "iris-small", early=True)
+    assert done.result.state == "finished"
+    # the study is sealed: no trial runs after the test set was opened
+    with pytest.raises(RefusedError, match="is sealed") as err:
+        study.run(s, url)
+    assert err.value.exit_code == 1
+    with pytest.raises(RefusedError, match="is sealed"):
+        study.work(url, "iris-small")
+    assert record.count(optuna.load_study(study_name="iris-small", storage=url)) == 2
+
+
+def _export(url: str, rule: selection.Rule | None) -> selection.Choice:
+    s, _ = record.open_study(url, "iris-small")
+    return export.choose_for_export(url, "iris-small", record.trials(s), rule)
+
+
+def _add_better_trial(url: str) -> int:
+    """A complete trial better than every other (the best one's record, higher scores)."""
+    s = optuna.load_study(study_name="iris-small", storage=url)
+    best = s.best_trial
+    r = TrialRecord.from_trial(best)
+    better = dataclasses.replace(r, fold_scores=tuple(min(1.0, x + 0.5) for x in r.fold_scores))
+    s.add_trial(
+        optuna.trial.create_trial(
+            value=float(np.mean(better.fold_scores)),
+            params=best.params,
+            distributions=best.distributions,
+            user_attrs=better.to_user_attrs(),
+        )
+    )
+    return len(s.trials) - 1
+
+
+def test_final_evaluates_the_choice_export_recorded(ran: str) -> None:
+    exported = _export(ran, "one-se")
+    assert exported.by == "export"
+    newer = _add_better_trial(ran)  # finished after the export: the recorded choice stands
+    done = final.evaluate(ran, "iris-small")
+    assert (done.choice.rule, done.choice.trial) == ("one-se", exported.trial)
+    assert (done.result.rule, done.result.trial) == ("one-se", exported.trial)
+    assert newer != exported.trial
+    chosen = selection.recorded(ran, "iris-small")  # evaluating it changed no record
+    assert chosen is not None and (chosen.by, chosen.trial) == ("export", exported.trial)
+
+
+def test_final_remarks_when_the_recorded_rule_now_picks_another_trial(ran: str) -> None:
+    exported = _export(ran, "best")
+    newer = _add_better_trial(ran)
+    done = final.evaluate(ran, "iris-small")
+    assert done.choice.trial == exported.trial == done.result.trial
+    assert done.remark is not None and f"rule best now picks trial {newer}" in done.remark
+
+
+def test_final_with_a_rule_chooses_anew_and_records_it(ran: str) -> None:
+    _export(ran, "best")
+    newer = _add_better_trial(ran)
+    done = final.evaluate(ran, "iris-small", "best")
+    assert done.choice.trial == newer == done.result.trial and done.remark is None
+    chosen = selection.recorded(ran, "iris-small")
+    assert chosen is not None and (chosen.by, chosen.trial) == ("final", newer)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import html
 import math
 import random
@@ -11,16 +11,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from typer.testing import CliRunner
 
-from selector import final, report, spec, study
+from selector import final, report, spec, study, summary
 from selector.cli import app
 from selector.model import count_params
-from selector.space import TrialConfig
+from selector.record import TrialRecord
+from selector.spec import SpaceSpec
 from tests.conftest import small_raw, write_study
 
 runner = CliRunner()
@@ -62,8 +64,9 @@ def test_report_is_one_self_contained_file(ran: tuple[Path, str], tmp_path: Path
         "Top 3 trials",
         "Diagnosis of the complete trials",
         "fold scores",
-        "Exported config",
+        "Chosen config: trial ",
         '"rule": "best"',
+        "expected test score",
         "sealed",
     ):
         assert text in page, text
@@ -73,7 +76,7 @@ def test_report_shows_the_test_score_and_the_optimism_once_final_ran(
     ran: tuple[Path, str], tmp_path: Path
 ) -> None:
     _, url = ran
-    result = final.evaluate(url, "iris-small")
+    result = final.evaluate(url, "iris-small").result
     report.write(url, "iris-small", tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert f"accuracy = {result.test_score:.4f} on 30 rows" in page
@@ -84,21 +87,26 @@ def test_report_shows_the_test_score_and_the_optimism_once_final_ran(
 def test_figures_hold_the_trials_real_values(ran: tuple[Path, str]) -> None:
     _, url = ran
     s = optuna.load_study(study_name="iris-small", storage=url)
-    trials = report.complete_trials(s)
-    figs = report.study_figures(trials, "accuracy")
+    views = summary.status(url, "iris-small").ranked
+    figs = report.study_figures(views, "accuracy")
     points = {
         (x, y, e)
         for tr in figs["cv-scores"].data
         for x, y, e in zip(tr.x, tr.y, tr.error_y.array, strict=True)
     }
+    trials = s.get_trials(states=(TrialState.COMPLETE,))
     expected = {
-        (t.number, round(float(t.value), 5), round(t.user_attrs["cv_std"], 5))  # type: ignore[arg-type]
+        (t.number, round(float(t.value), 5), round(float(np.std(t.user_attrs["fold_scores"])), 5))  # type: ignore[arg-type]
         for t in trials
     }
-    assert points == expected
-    best = trials[0]
+    assert points == expected and len(points) == 3
+    best = views[0].record
+    assert best.number == s.best_trial.number
     curve = figs["top-curves"].data[0]
-    assert list(curve.y) == [round(v, 5) for v in best.user_attrs["val_curve"]]
+    assert best.curves is not None
+    assert list(curve.y) == [round(v, 5) for v in best.curves.val]
+    stored = s.best_trial.intermediate_values  # the per-epoch mean CV score, as reported
+    assert list(curve.y) == pytest.approx([stored[e] for e in sorted(stored)], abs=2e-5)
 
 
 def test_report_of_a_study_without_a_complete_trial(tmp_path: Path, url: str) -> None:
@@ -107,7 +115,9 @@ def test_report_of_a_study_without_a_complete_trial(tmp_path: Path, url: str) ->
     code, out = _sel("report", "iris-small", "--storage", url, "-o", str(tmp_path / "r.html"))
     assert code == 0, out
     page = (tmp_path / "r.html").read_text()
-    assert "No complete trial yet." in page and "has no complete trial yet" in page
+    assert "<h2>Figures</h2><p>No complete trial yet.</p>" in page
+    assert "<h2>Chosen config</h2><p>No complete trial yet.</p>" in page
+    assert "<td>no complete trial yet</td>" in page  # no expected test score either
 
 
 def test_report_bad_input_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
@@ -127,33 +137,34 @@ def _sample(dist: Any, rng: random.Random) -> Any:
     return round(x) if isinstance(dist, IntDistribution) else float(x)
 
 
-def _clone(src: FrozenTrial, rng: random.Random) -> FrozenTrial:
-    """A trial like `src` (the attrs our objective records) with other params and scores."""
-    params = {k: _sample(d, rng) for k, d in src.distributions.items()}
-    attrs = copy.deepcopy(src.user_attrs)
-    attrs["config"] = {**attrs["config"], **params}
-    attrs["n_params"] = count_params(TrialConfig(**attrs["config"]), 4, 3)
+def _clone(
+    src: TrialRecord, space: SpaceSpec, dists: dict[str, Any], rng: random.Random
+) -> FrozenTrial:
+    """A trial like `src` (what our objective records) with other params and scores."""
+    params = {k: _sample(d, rng) for k, d in dists.items()}
+    n_params = count_params(dataclasses.replace(src, params=params).config(space), 4, 3)
     state = rng.choices([TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL], [80, 17, 3])[0]
     if state != TrialState.COMPLETE:
-        keep = {"config", "seed", "n_params", "seconds"}
-        attrs = {k: v for k, v in attrs.items() if k in keep}
+        attrs: dict[str, Any] = {"seed": src.seed, "n_params": n_params, "seconds": src.seconds}
         attrs |= (
             {"pruned_at_epoch": 4} if state == TrialState.PRUNED else {"fail_reason": "diverged"}
         )
-        return create_trial(
-            state=state, params=params, distributions=src.distributions, user_attrs=attrs
-        )
+        return create_trial(state=state, params=params, distributions=dists, user_attrs=attrs)
     shift = rng.uniform(-0.3, 0.0)
-    for key in ("fold_scores", "val_curve"):
-        attrs[key] = [min(1.0, max(0.0, v + shift)) for v in attrs[key]]
-    attrs["fold_curves"] = [
-        [min(1.0, max(0.0, v + shift)) for v in c] for c in attrs["fold_curves"]
-    ]
-    attrs["gap"] = attrs["train_score"] - sum(attrs["fold_scores"]) / len(attrs["fold_scores"])
-    attrs["diagnosis"] = rng.choice(["good fit", "overfit", "underfit"])
-    value = sum(attrs["fold_scores"]) / len(attrs["fold_scores"])
+    assert src.curves is not None
+    clone = dataclasses.replace(
+        src,
+        params=params,
+        n_params=n_params,
+        fold_scores=tuple(min(1.0, max(0.0, v + shift)) for v in src.fold_scores),
+        curves=dataclasses.replace(src.curves, folds=np.clip(src.curves.folds + shift, 0.0, 1.0)),
+    )
     return create_trial(
-        value=value, params=params, distributions=src.distributions, user_attrs=attrs
+        value=float(np.mean(clone.fold_scores)),
+        params=params,
+        distributions=dists,
+        user_attrs=clone.to_user_attrs(),
+        system_attrs=clone.to_system_attrs(),
     )
 
 
@@ -173,11 +184,18 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> str:
             "activation": ["relu", "tanh", "gelu"],
         },
     )
-    study.run(spec.parse(raw, origin="big.toml"), url)
+    big_spec = spec.parse(raw, origin="big.toml")
+    study.run(big_spec, url)
     s = optuna.load_study(study_name="big", storage=url)
     real = s.get_trials(states=(TrialState.COMPLETE,))
+    records = [TrialRecord.from_trial(t) for t in real]
     rng = random.Random(0)
-    s.add_trials([_clone(real[k % len(real)], rng) for k in range(197)])
+    s.add_trials(
+        [
+            _clone(records[k % len(real)], big_spec.space, real[0].distributions, rng)
+            for k in range(197)
+        ]
+    )
     return url
 
 
@@ -186,5 +204,7 @@ def test_report_of_200_trials_takes_under_10_s_and_5_mb(big: str, tmp_path: Path
     written = report.write(big, "big", tmp_path / "r.html")
     seconds = time.perf_counter() - start
     assert written.trials == 200 and written.figures == 6
+    page = (tmp_path / "r.html").read_text()
+    assert "Top 10 trials" in page and "Learning curves of the top 5 trials" in page
     assert seconds < 10, seconds
     assert (tmp_path / "r.html").stat().st_size < 5_000_000

@@ -37,27 +37,32 @@ def test_a_study_runs_and_is_evaluated_on_postgresql(pg_url: str) -> None:
     s = spec.parse(small_raw(n_trials=2), origin="t.toml")
     assert study.run(s, pg_url).finished == 2
     assert len(optuna.load_study(study_name="iris-small", storage=pg_url).trials) == 2
-    result = final.evaluate(pg_url, "iris-small")
+    result = final.evaluate(pg_url, "iris-small").result
     assert result.state == "finished"
     with pytest.raises(final.LockboxError):
         final.evaluate(pg_url, "iris-small")
 
 
 def _write_both_ways(url: str) -> tuple[optuna.trial.FrozenTrial, optuna.trial.FrozenTrial]:
-    """The same attrs and scores written by `write_trial` (one transaction) and by Optuna's
-    one-call-per-value API, read back through Optuna."""
+    """The same attrs, system attrs and scores written by `write_trial` (one transaction) and by
+    Optuna's one-call-per-value API, read back through Optuna."""
     study_ = optuna.create_study(storage=storage.open_storage(url, must_exist=False))
     attrs = {"config": {"width": 32, "lr": 1e-3}, "curve": [0.5, float("nan")], "label": "ok"}
     scores = [(1, 0.25), (2, float("nan")), (3, float("inf")), (4, -float("inf"))]
     batched, one_by_one = study_.ask(), study_.ask()
+    system = {"selector:curves": {"v": 1, "scores": "eJwDAAAAAAE="}, "selector:heartbeat": 1}
     storage.write_trial(batched, user_attrs={"label": "first"})  # an upsert overwrites it
-    storage.write_trial(batched, user_attrs=attrs, intermediate=scores[:2])
+    storage.write_trial(batched, system_attrs={"selector:heartbeat": 0})
+    storage.write_trial(batched, user_attrs=attrs, system_attrs=system, intermediate=scores[:2])
     storage.write_trial(batched, intermediate=[(2, 9.0), *scores[2:]])  # step 2: kept, as report
     for key, value in attrs.items():
         one_by_one.set_user_attr(key, value)
+    for key, value in system.items():
+        one_by_one.storage.set_trial_system_attr(one_by_one._trial_id, key, value)
     for step, value in scores:
         one_by_one.report(value, step)
     assert batched.user_attrs == one_by_one.user_attrs  # the trials' own cached copies
+    assert batched._cached_frozen_trial.system_attrs == system  # its cached copy too
     a, b = (
         storage.retrying(lambda t=t: study_._storage.get_trial(t._trial_id))
         for t in (batched, one_by_one)
@@ -69,6 +74,8 @@ def _same(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> None:
     import json
 
     assert json.dumps(a.user_attrs) == json.dumps(b.user_attrs)
+    assert json.dumps(a.system_attrs) == json.dumps(b.system_attrs)
+    assert a.system_attrs["selector:heartbeat"] == 1
     assert json.dumps(a.intermediate_values) == json.dumps(b.intermediate_values)
     assert list(a.intermediate_values) == [1, 2, 3, 4]
 
@@ -87,14 +94,20 @@ def test_write_trial_refuses_a_finished_trial_and_writes_nothing(url: str) -> No
     trial = study_.ask()
     study_.tell(trial, 1.0)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
-        storage.write_trial(trial, user_attrs={"late": 1}, intermediate=[(1, 0.5)])
+        storage.write_trial(
+            trial, user_attrs={"late": 1}, system_attrs={"late": 1}, intermediate=[(1, 0.5)]
+        )
     frozen = study_.trials[0]
     assert "late" not in frozen.user_attrs and frozen.intermediate_values == {}
+    assert "late" not in frozen.system_attrs
 
 
 def test_write_trial_on_other_storages_calls_optuna_per_value() -> None:
     study_ = optuna.create_study()  # in memory: no SQL database behind it
     trial = study_.ask()
-    storage.write_trial(trial, user_attrs={"a": 1}, intermediate=[(1, 0.5), (2, 0.6)])
+    storage.write_trial(
+        trial, user_attrs={"a": 1}, system_attrs={"b": 2}, intermediate=[(1, 0.5), (2, 0.6)]
+    )
     assert study_.trials[0].user_attrs == {"a": 1}
+    assert study_.trials[0].system_attrs == {"b": 2}
     assert study_.trials[0].intermediate_values == {1: 0.5, 2: 0.6}
