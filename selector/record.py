@@ -343,59 +343,96 @@ def trials(study: optuna.Study, states: tuple[TrialState, ...] | None = None) ->
     return [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False, states=states)]
 
 
+# Optuna's RDB tables, as far as the read-only views read them (Core only: importing Optuna's ORM
+# models costs about 0.13 s, a third of `import optuna`). Optuna stores enums by name.
+_optuna = sa.MetaData()
+_c = sa.Column
+_studies_t = sa.Table("studies", _optuna, _c("study_id", sa.Integer), _c("study_name", sa.String))
+_study_attrs_t = sa.Table(
+    "study_user_attributes", _optuna, _c("study_id", sa.Integer), _c("key"), _c("value_json")
+)
+_trials_t = sa.Table(
+    "trials",
+    _optuna,
+    _c("trial_id", sa.Integer),
+    _c("number", sa.Integer),
+    _c("study_id", sa.Integer),
+    _c("state", sa.String),
+    _c("datetime_complete", sa.DateTime),
+)
+_user_attrs_t = sa.Table(
+    "trial_user_attributes", _optuna, _c("trial_id", sa.Integer), _c("key"), _c("value_json")
+)
+_system_attrs_t = sa.Table(
+    "trial_system_attributes", _optuna, _c("trial_id", sa.Integer), _c("key"), _c("value_json")
+)
+_params_t = sa.Table(
+    "trial_params",
+    _optuna,
+    _c("trial_id", sa.Integer),
+    _c("param_name"),
+    _c("param_value", sa.Float),
+    _c("distribution_json"),
+)
+_values_t = sa.Table(
+    "trial_values",
+    _optuna,
+    _c("trial_id", sa.Integer),
+    _c("objective", sa.Integer),
+    _c("value", sa.Float),
+    _c("value_type", sa.String),
+)
+_beats_t = sa.Table(
+    "trial_heartbeats", _optuna, _c("trial_id", sa.Integer), _c("heartbeat", sa.DateTime)
+)
+_INF = {"INF_POS": math.inf, "INF_NEG": -math.inf}
+
+
 def read_trials(url: str, name: str) -> tuple[dict[str, Any], list[TrialRecord]]:
     """The study's user attrs and every trial as a record, for read-only views: a handful of
-    SQL queries on Optuna's own tables (its schema, read as its storage writes it), about 20x
-    faster than `study.get_trials` at 500 trials, which loads every attribute and intermediate
-    value through the ORM and checks the schema's version first. Through a gRPC proxy, Optuna's
-    own calls."""
+    SQL queries on Optuna's own tables (its schema, read as its storage writes it; a test checks
+    the result against `study.get_trials`), several times faster than `study.get_trials` at 500
+    trials, which loads every attribute and intermediate value through the ORM after checking
+    the schema's version. Through a gRPC proxy, Optuna's own calls."""
     if storage.is_grpc(url):
         study = load_study(storage.open_storage(url, must_exist=True), url, name)
         return dict(study.user_attrs), trials(study)
-    from optuna.storages._rdb import models as m
-
     storage.check(url, must_exist=True)
     with storage.engine(url).connect() as conn:
-        study_id = conn.execute(
-            sa.select(m.StudyModel.study_id).where(m.StudyModel.study_name == name)
-        ).scalar()
-        if study_id is None:
-            names = list(conn.execute(sa.select(m.StudyModel.study_name)).scalars())
-            known = (
-                f"; studies here: {', '.join(names)}" if names else "; this storage has no studies"
+        study_id = _study_id(conn, url, name)
+        attrs = {
+            k: json.loads(v)
+            for k, v in conn.execute(
+                sa.select(_study_attrs_t.c.key, _study_attrs_t.c.value_json).where(
+                    _study_attrs_t.c.study_id == study_id
+                )
             )
-            raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}")
-        attrs = _attrs(
-            conn, m.StudyUserAttributeModel, m.StudyUserAttributeModel.study_id == study_id
-        )
+        }
+        t = _trials_t.c
         rows = list(
             conn.execute(
-                sa.select(
-                    m.TrialModel.trial_id,
-                    m.TrialModel.number,
-                    m.TrialModel.state,
-                    m.TrialModel._datetime_complete_utc,
-                ).where(m.TrialModel.study_id == study_id)
+                sa.select(t.trial_id, t.number, t.state, t.datetime_complete).where(
+                    t.study_id == study_id
+                )
             )
         )
-        of_study = sa.select(m.TrialModel.trial_id).where(m.TrialModel.study_id == study_id)
-        user = _by_trial(conn, m.TrialUserAttributeModel, of_study)
-        system = _by_trial(conn, m.TrialSystemAttributeModel, of_study, key=CURVES_ATTR)
+        of_study = sa.select(t.trial_id).where(t.study_id == study_id)
+        user = _by_trial(conn, _user_attrs_t, of_study)
+        system = _by_trial(conn, _system_attrs_t, of_study, key=CURVES_ATTR)
         params = _params(conn, of_study)
+        v = _values_t.c
         values = {
-            tid: m.TrialValueModel.stored_repr_to_value(v, kind)
-            for tid, v, kind in conn.execute(
-                sa.select(
-                    m.TrialValueModel.trial_id,
-                    m.TrialValueModel.value,
-                    m.TrialValueModel.value_type,
-                ).where(m.TrialValueModel.trial_id.in_(of_study), m.TrialValueModel.objective == 0)
+            tid: _INF.get(kind, value)
+            for tid, value, kind in conn.execute(
+                sa.select(v.trial_id, v.value, v.value_type).where(
+                    v.trial_id.in_(of_study), v.objective == 0
+                )
             )
         }
     out = [
         TrialRecord.from_parts(
             number=number,
-            state=state,
+            state=TrialState[state],
             value=values.get(tid),
             params=params.get(tid, {}),
             user_attrs=user.get(tid, {}),
@@ -407,32 +444,45 @@ def read_trials(url: str, name: str) -> tuple[dict[str, Any], list[TrialRecord]]
     return attrs, sorted(out, key=lambda r: r.number)
 
 
+def _study_id(conn: sa.Connection, url: str, name: str) -> int:
+    s = _studies_t.c
+    study_id = conn.execute(sa.select(s.study_id).where(s.study_name == name)).scalar()
+    if study_id is None:
+        names = list(conn.execute(sa.select(s.study_name)).scalars())
+        known = f"; studies here: {', '.join(names)}" if names else "; this storage has no studies"
+        raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}")
+    return int(study_id)
+
+
 def silent_trials(url: str, name: str, default_grace: int = 120) -> list[int]:
     """Running trials whose heartbeat is older than the grace their worker recorded (or
     `default_grace`): their worker looks lost. Reading only; the workers reap them."""
     if storage.is_grpc(url):
         return []
-    from optuna.storages._rdb import models as m
-
-    trials, beats, sys_attrs = m.TrialModel, m.TrialHeartbeatModel, m.TrialSystemAttributeModel
-    query = (
-        sa.select(trials.number, beats.heartbeat, sys_attrs.value_json, sa.func.now())
-        .join(beats, beats.trial_id == trials.trial_id)
-        .join(m.StudyModel, m.StudyModel.study_id == trials.study_id)
-        .outerjoin(
-            sys_attrs,
-            (sys_attrs.trial_id == trials.trial_id) & (sys_attrs.key == HEARTBEAT_ATTR),
-        )
-        .where(m.StudyModel.study_name == name, trials.state == TrialState.RUNNING)
-    )
+    t, b, a = _trials_t.c, _beats_t.c, _system_attrs_t.c
     with storage.engine(url).connect() as conn:
+        study_id = _study_id(conn, url, name)
+        query = (
+            sa.select(t.number, b.heartbeat, a.value_json, sa.func.now())
+            .select_from(_trials_t)
+            .join(_beats_t, b.trial_id == t.trial_id)
+            .outerjoin(_system_attrs_t, (a.trial_id == t.trial_id) & (a.key == HEARTBEAT_ATTR))
+            .where(t.study_id == study_id, t.state == TrialState.RUNNING.name)
+        )
         rows = list(conn.execute(query))
     out = []
     for number, beat, recorded, now in rows:
         grace = json.loads(recorded).get("grace", default_grace) if recorded else default_grace
-        if (now.replace(tzinfo=None) - beat.replace(tzinfo=None)).total_seconds() > grace:
+        if (_naive(now) - _naive(beat)).total_seconds() > grace:
             out.append(int(number))
     return sorted(out)
+
+
+def _naive(t: Any) -> dt.datetime:
+    """A database time as a naive UTC datetime (SQLite's CURRENT_TIMESTAMP is text)."""
+    if isinstance(t, str):
+        t = dt.datetime.fromisoformat(t)
+    return t.replace(tzinfo=None)  # type: ignore[no-any-return]
 
 
 def _local(utc: dt.datetime | None) -> dt.datetime | None:
@@ -442,21 +492,13 @@ def _local(utc: dt.datetime | None) -> dt.datetime | None:
     return utc.replace(tzinfo=dt.UTC).astimezone().replace(tzinfo=None)
 
 
-def _attrs(conn: sa.Connection, model: Any, where: Any) -> dict[str, Any]:
-    return {
-        k: json.loads(v)
-        for k, v in conn.execute(sa.select(model.key, model.value_json).where(where))
-    }
-
-
 def _by_trial(
-    conn: sa.Connection, model: Any, of_study: Any, key: str | None = None
+    conn: sa.Connection, table: sa.Table, of_study: Any, key: str | None = None
 ) -> dict[int, dict[str, Any]]:
-    query = sa.select(model.trial_id, model.key, model.value_json).where(
-        model.trial_id.in_(of_study)
-    )
+    c = table.c
+    query = sa.select(c.trial_id, c.key, c.value_json).where(c.trial_id.in_(of_study))
     if key is not None:
-        query = query.where(model.key == key)
+        query = query.where(c.key == key)
     out: dict[int, dict[str, Any]] = {}
     for tid, k, v in conn.execute(query):
         out.setdefault(tid, {})[k] = json.loads(v)
@@ -466,16 +508,13 @@ def _by_trial(
 def _params(conn: sa.Connection, of_study: Any) -> dict[int, dict[str, Any]]:
     """Each trial's params in their external form (a categorical's choice, not its index)."""
     from optuna.distributions import json_to_distribution
-    from optuna.storages._rdb import models as m
 
+    c = _params_t.c
     dists: dict[str, Any] = {}
     out: dict[int, dict[str, Any]] = {}
-    query = sa.select(
-        m.TrialParamModel.trial_id,
-        m.TrialParamModel.param_name,
-        m.TrialParamModel.param_value,
-        m.TrialParamModel.distribution_json,
-    ).where(m.TrialParamModel.trial_id.in_(of_study))
+    query = sa.select(c.trial_id, c.param_name, c.param_value, c.distribution_json).where(
+        c.trial_id.in_(of_study)
+    )
     for tid, name, value, dj in conn.execute(query):
         dist = dists.get(dj) or dists.setdefault(dj, json_to_distribution(dj))
         out.setdefault(tid, {})[name] = dist.to_external_repr(value)

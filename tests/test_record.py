@@ -66,6 +66,15 @@ def test_read_trials_reads_what_optuna_reads(ran: str) -> None:
     assert fast == record.trials(s)
 
 
+@pytest.mark.postgres
+def test_read_trials_reads_what_optuna_reads_on_postgresql(pg_url: str) -> None:
+    study.run(spec.parse(small_raw(n_trials=2), origin="t.toml"), pg_url)
+    s, _ = record.open_study(pg_url, "iris-small")
+    attrs, fast = record.read_trials(pg_url, "iris-small")
+    assert attrs == s.user_attrs and fast == record.trials(s)
+    assert record.silent_trials(pg_url, "iris-small") == []
+
+
 def test_user_attrs_stay_small(ran: str) -> None:
     s, _ = record.open_study(ran, "iris-small")
     for t in s.get_trials():
