@@ -48,9 +48,7 @@ def _trial(rng: np.random.Generator, number: int, k: int, epochs: int) -> optuna
         epochs_run=e,
         pruned_at_epoch=e if pruned else None,
         seconds=float(rng.random() * 3),
-        curves=None
-        if pruned
-        else Curves(rng.random((k, e)), rng.random(e), rng.random((e, 4))),
+        curves=None if pruned else Curves(rng.random((k, e)), rng.random(e), rng.random((e, 4))),
     )
     params = {
         "depth": int(rng.integers(1, 5)),

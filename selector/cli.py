@@ -6,28 +6,100 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
+from typer.models import CommandFunctionType
 
 try:  # typer vendors click since 0.25
+    from typer._click import Context, Parameter
     from typer._click.exceptions import UsageError
 except ImportError:  # pragma: no cover
+    from click import Context, Parameter  # type: ignore[no-redef,assignment]
     from click.exceptions import UsageError  # type: ignore[no-redef]
 
-from selector.errors import SelectorError
+from selector import __version__, metrics
+from selector.errors import BudgetSpent, SelectorError
 from selector.interrupt import Terminated, deferred, exit_code
 from selector.redact import scrub
 
-app = typer.Typer(
+
+def _plain(params: list[Parameter]) -> list[Parameter]:
+    """Help as a person reads it: a flag without a value placeholder (`--json`, not
+    `--json <bool>`), an argument by its name in capitals (`STUDY`, not `{study}`)."""
+    for p in params:
+        if isinstance(p, TyperArgument) and p.metavar is None and p.name:
+            p.metavar = p.name.upper()
+        elif isinstance(p, TyperOption) and p.is_flag and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+def _usage(p: Parameter) -> str:
+    name = str(p.metavar or p.name or "").upper()
+    name = name if p.required else f"[{name}]"
+    return name + ("..." if p.nargs != 1 else "")
+
+
+class _Command(TyperCommand):
+    """A command whose help and usage line show flags and arguments plainly (`_plain`)."""
+
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _plain(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: Context) -> list[str]:
+        args = [_usage(p) for p in self.get_params(ctx) if isinstance(p, TyperArgument)]
+        return [self.options_metavar, *args] if self.options_metavar else args
+
+
+class _Group(TyperGroup):
+    """The `selector` group: `--help` and `--version` shown as the flags they are."""
+
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _plain(super().get_params(ctx))
+
+
+class _App(typer.Typer):
+    """Every command of the app is a `_Command`."""
+
+    def command(  # type: ignore[override]
+        self, *args: Any, **kwargs: Any
+    ) -> Callable[[CommandFunctionType], CommandFunctionType]:
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _App(
     name="selector",
+    cls=_Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     help="Hyperparameter search and model selection for PyTorch MLPs on tabular data.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"selector {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit"
+        ),
+    ] = False,
+) -> None:
+    """Hyperparameter search and model selection for PyTorch MLPs on tabular data."""
+
 
 StorageOpt = Annotated[
     str | None,
@@ -68,13 +140,11 @@ def _quiet_optuna() -> None:
 
 
 def _study_target(study: str, storage_opt: str | None) -> tuple[str, str]:
-    """(study name, storage URL) from a study name or a study file."""
-    from selector import spec, storage
+    """(study name, storage URL) from a study name or a study file, as the API resolves them."""
+    from selector import api
 
-    if study.endswith(".toml") or Path(study).is_file():
-        s = spec.load(study)
-        return s.name, storage.resolve_url(storage_opt, s.storage)
-    return study, storage.resolve_url(storage_opt)
+    name, url, _ = api.resolve(study, storage_opt)
+    return name, url
 
 
 @app.command()
@@ -162,11 +232,35 @@ def _report_run(summary: Any) -> None:
     best = (
         "no complete trial"
         if summary.best_value is None
-        else f"best {summary.metric} = {summary.best_value:.4f} (trial {summary.best_trial})"
+        else f"best {metrics.shown(summary.metric, summary.best_value)} (trial {summary.best_trial})"
     )
     total = summary.n_trials or summary.budget
     now = f" ({summary.ran} in this run)" if summary.ran != summary.finished else ""
     typer.echo(f"study {summary.study!r}: {summary.finished}/{total} trials finished{now}; {best}")
+
+
+def _run_then_report(trials: Callable[[], Any], *, strict: bool) -> None:
+    """Run trials and print the run's summary. A study whose n_trials are all finished has
+    nothing to do: one line saying so and exit 0, so that a script may run it again at will;
+    with --strict the refusal, exit 1. (A sealed study is refused either way.)"""
+    try:
+        summary = trials()
+    except BudgetSpent as e:
+        if strict:
+            raise
+        typer.echo(e.nothing_to_do)
+        return
+    _report_run(summary)
+
+
+StrictOpt = Annotated[
+    bool,
+    typer.Option(
+        "--strict",
+        help="Exit 1 when the study's n_trials are all finished already (default: say there is "
+        "nothing to do and exit 0)",
+    ),
+]
 
 
 @app.command()
@@ -187,44 +281,32 @@ def run(
     threads: ThreadsOpt = None,
     heartbeat: HeartbeatOpt = 10,
     grace: GraceOpt = 120,
+    strict: StrictOpt = False,
 ) -> None:
     """Create or resume the study and run trials until its n_trials are finished."""
 
     def body() -> None:
-        from selector import spec
+        from selector import api, spec
         from selector import storage as st
 
         _check_threads(threads)
         s = spec.load(study_file)
-        from selector import launch, progress, study, worker
-
         _quiet_optuna()
         url = st.resolve_url(storage, s.storage)
         hb = _heartbeat(heartbeat, grace)
-        n_workers = workers or worker.default_workers(s, n_trials)
-        with progress.Bar(s.n_trials) as bar:
-            if n_workers == 1:
-                worker.use_threads(threads or worker.torch_threads(1))
-                summary = study.run(
-                    s,
-                    url,
-                    n_trials=n_trials,
-                    timeout=timeout,
-                    heartbeat=hb,
-                    progress=bar.update,
-                )
-            else:
-                summary = launch.run(
-                    s,
-                    url,
-                    workers=n_workers,
-                    n_trials=n_trials,
-                    timeout=timeout,
-                    heartbeat=hb,
-                    threads=threads,  # None: the cores shared out among the workers started
-                    progress=bar.update,
-                )
-        _report_run(summary)
+
+        def trials() -> Any:  # workers, threads, progress: as the Python API runs a study
+            return api.run(
+                s,
+                storage=url,
+                n_trials=n_trials,
+                timeout=timeout,
+                workers=workers,
+                threads=threads,
+                heartbeat=hb,
+            )
+
+        _run_then_report(trials, strict=strict)
 
     guarded(lambda: _deferring(body))
 
@@ -248,6 +330,7 @@ def worker(
     threads: ThreadsOpt = None,
     heartbeat: HeartbeatOpt = 10,
     grace: GraceOpt = 120,
+    strict: StrictOpt = False,
 ) -> None:
     """Join an existing study from any machine and run trials until its budget is spent."""
 
@@ -263,17 +346,20 @@ def worker(
         hb = _heartbeat(heartbeat, grace)
         if threads is not None:
             wk.use_threads(threads)
-        with progress.Bar(None) as bar:
-            summary = st_study.work(
-                url,
-                study,
-                data_path=str(data) if data else None,
-                n_trials=n_trials,
-                timeout=timeout,
-                heartbeat=hb,
-                progress=bar.update,
-            )
-        _report_run(summary)
+
+        def trials() -> Any:
+            with progress.Bar(None) as bar:
+                return st_study.work(
+                    url,
+                    study,
+                    data_path=str(data) if data else None,
+                    n_trials=n_trials,
+                    timeout=timeout,
+                    heartbeat=hb,
+                    progress=bar.update,
+                )
+
+        _run_then_report(trials, strict=strict)
 
     guarded(lambda: _deferring(body))
 
@@ -320,11 +406,10 @@ def status(
     test set's state. Reads only: a stale trial is left for the workers to reap."""
 
     def body() -> None:
-        from selector import summary
+        from selector import api, summary
 
         _quiet_optuna()
-        name, url = _study_target(study, storage)
-        info = summary.status(url, name)
+        info = api.status(study, storage=storage)
         typer.echo(
             json.dumps(info.as_dict(top), indent=2, default=str)
             if as_json
@@ -356,6 +441,7 @@ RuleOpt = Annotated[
     str | None,
     typer.Option(
         "--rule",
+        metavar="best|one-se",
         help="How to choose the trial — best: the highest mean CV score; one-se: the simplest "
         "trial (fewest parameters, then epochs) within one standard error of the best "
         "(default: the study's recorded choice, else best)",
@@ -368,39 +454,73 @@ def export(
     study: StudyArg,
     storage: StorageOpt = None,
     rule: RuleOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="json | yaml | toml")] = "json",
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            metavar="json|yaml|toml",
+            help="Default: from the -o file's extension (.json, .yaml or .yml, .toml); else json",
+        ),
+    ] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="onnx: write the final model (saved by `selector final`) as one ONNX graph, "
+            "preprocessing included, instead of the config (needs -o)",
+        ),
+    ] = None,
 ) -> None:
     """Export the chosen config with its CV scores, expected test score and provenance; records
-    the choice, which `selector final` then evaluates."""
+    the choice, which `selector final` then evaluates. With --model onnx: the final model."""
 
     def body() -> None:
+        if model is not None:
+            _export_model(study, storage, model, rule, output)
+            return
+        from selector import api, selection
         from selector import export as ex
-        from selector import record, selection
 
         _check_choice("--rule", rule, selection.RULES)
         _check_choice("--format", fmt, ex.FORMATS)
+        kind = ex.format_for(fmt, output)  # type: ignore[arg-type]
         if output is not None:  # before the choice is recorded: a bad -o changes nothing
             _check_output(output)
         _quiet_optuna()
-        name, url = _study_target(study, storage)
-        s, rec = record.open_study(url, name)
-        records = record.trials(s)
-        choice = ex.choose_for_export(url, name, records, rule)  # type: ignore[arg-type]
-        estimate = selection.estimate(url, rec, records, choice.rule)
-        text = ex.dump(ex.document(s, rec, url, choice, records, estimate), fmt)  # type: ignore[arg-type]
+        doc = api.export(study, storage=storage, rule=rule, path=output, format=kind)  # type: ignore[arg-type]
         if output is None:
-            typer.echo(text, nl=False)
+            typer.echo(ex.dump(doc, kind), nl=False)
         else:
-            try:
-                output.write_text(text)
-            except OSError as e:
-                raise SelectorError(
-                    f"{output}: cannot write the export ({e.strerror or e})"
-                ) from None
-            typer.echo(f"wrote {output}: {choice.describe()}")
+            typer.echo(f"wrote {output}: {doc['chosen']}")
 
     guarded(body)
+
+
+MODEL_FORMATS = ("onnx",)
+
+
+def _export_model(
+    study: str, storage: str | None, kind: str, rule: str | None, output: Path | None
+) -> None:
+    """`export --model onnx`: the model `selector final` saved, as one ONNX file."""
+    _check_choice("--model", kind, MODEL_FORMATS)
+    if rule is not None:
+        raise SelectorError(
+            "--rule: --model exports the model `selector final` evaluated, whose trial is "
+            "chosen already; leave --rule out"
+        )
+    if output is None:
+        raise SelectorError(
+            f"--model {kind} writes a binary file: give it -o FILE (e.g. -o model.onnx)"
+        )
+    _check_output(output)
+    from selector import onnx_export
+
+    _quiet_optuna()
+    name, url = _study_target(study, storage)
+    for line in onnx_export.describe(onnx_export.export_final(url, name, output)):
+        typer.echo(line)
 
 
 def _check_output(path: Path) -> None:
@@ -442,19 +562,21 @@ def final_cmd(
     refit on all dev rows and scored; the study is sealed."""
 
     def body() -> None:
-        from selector import final, record, selection
+        from selector import final, progress, record, selection
 
         _check_choice("--rule", rule, selection.RULES)
         _quiet_optuna()
         name, url = _study_target(study, storage)
         try:
-            done = final.evaluate(
-                url,
-                name,
-                rule,  # type: ignore[arg-type]
-                early=early,
-                resume_crashed=resume_crashed,
-            )
+            with progress.RefitBar() as bar:
+                done = final.evaluate(
+                    url,
+                    name,
+                    rule,  # type: ignore[arg-type]
+                    early=early,
+                    resume_crashed=resume_crashed,
+                    progress=bar,
+                )
         except SelectorError as e:
             prev = record.stored_final(url, name) if e.exit_code == 1 else None
             if prev is not None and as_json:
@@ -465,13 +587,14 @@ def final_cmd(
             typer.echo(json.dumps({**result.as_dict(), "choice": done.choice.as_dict()}, indent=2))
             return
         typer.echo(
-            f"study {name!r}: {done.choice.describe()}: CV {result.metric} = {result.cv_score:.4f}"
+            f"study {name!r}: {done.choice.describe()}: "
+            f"CV {metrics.shown(result.metric, result.cv_score)}"
         )
         if done.remark:
             typer.echo(f"note: {done.remark}")
         typer.echo(
-            f"test {result.metric} = {result.test_score:.4f} on {result.test_rows} held-out "
-            f"rows (evaluated once; the study is sealed; model saved in {result.artifact})"
+            f"test {metrics.shown(result.metric, result.test_score)} on {result.test_rows} "
+            f"held-out rows (evaluated once; the study is sealed; model saved in {result.artifact})"
         )
 
     guarded(body)
@@ -488,6 +611,9 @@ def report(
     """Write a self-contained HTML report: summary, top trials, diagnosis, figures, config."""
 
     def body() -> None:
+        started = time.perf_counter()  # the seconds printed are the command's, imports included
+        if sys.stderr.isatty():
+            _err(f"writing {output}...")
         from selector import report as rp
 
         _quiet_optuna()
@@ -495,7 +621,7 @@ def report(
         w = rp.write(url, name, output)
         typer.echo(
             f"wrote {w.path}: {w.bytes / 1e6:.1f} MB, {w.trials} trials, {w.figures} figures "
-            f"({w.seconds:.1f} s)"
+            f"({time.perf_counter() - started:.1f} s)"
         )
 
     guarded(body)
@@ -543,15 +669,23 @@ def predict(
     output: Annotated[Path, typer.Option("-o", "--output", help="CSV file to write")] = Path(
         "predictions.csv"
     ),
+    with_input: Annotated[
+        bool,
+        typer.Option(
+            "--with-input",
+            help="Write every input column too, between `row` and the predictions",
+        ),
+    ] = False,
 ) -> None:
-    """Apply the final model (saved by `selector final`) to new rows."""
+    """Apply the final model (saved by `selector final`) to new rows. The CSV starts with `row`,
+    the input row's position (0-based), to join the predictions back on."""
 
     def body() -> None:
         from selector import predict as pr
 
         _quiet_optuna()
         name, url = _study_target(study, storage)
-        result = pr.predict_file(url, name, data_file)
+        result = pr.predict_file(url, name, data_file, with_input=with_input)
         pr.write(result, output)
         for line in pr.describe(result, output):
             typer.echo(line)
@@ -584,6 +718,36 @@ def replay(
             typer.echo(f"  {verdict}")
         if not r.identical:
             raise typer.Exit(1)
+
+    guarded(body)
+
+
+@app.command("learning-curve")
+def learning_curve(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    sizes: Annotated[
+        str,
+        typer.Option(
+            "--sizes",
+            help="Shares of each fold's training rows to train on, comma-separated, in (0, 1] "
+            "(the validation rows stay whole)",
+        ),
+    ] = "0.1,0.25,0.5,0.75,1.0",
+    as_json: JsonOpt = False,
+) -> None:
+    """Cross-validate the chosen trial's config on growing shares of each fold's training rows
+    and record the curve in the study (the report shows it): would more data help? Dev rows
+    only; the test set stays sealed."""
+
+    def body() -> None:
+        from selector import learning
+
+        shares = learning.parse_sizes(sizes)  # a bad --sizes is refused before anything is read
+        _quiet_optuna()
+        name, url = _study_target(study, storage)
+        curve = learning.compute(url, name, shares)
+        typer.echo(json.dumps(curve.as_dict(), indent=2) if as_json else learning.text(curve))
 
     guarded(body)
 

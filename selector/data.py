@@ -336,8 +336,8 @@ def _read(ds: DataSpec, base_dir: str) -> tuple[pd.DataFrame, str, str, list[str
     if ds.source is not None:
         frame, target = _sklearn_frame(ds.source.removeprefix("sklearn:"))
         return frame, target, ds.source, []
-    assert ds.path is not None and ds.target is not None
-    path = Path(ds.path) if Path(ds.path).is_absolute() else Path(base_dir) / ds.path
+    path = ds.file(base_dir)
+    assert path is not None and ds.target is not None
     frame = _read_file(path, "data.path")
     notes = _short_rows(path, frame, str(path)) if _is_csv(path) else []
     return frame, ds.target, str(path), notes
@@ -408,6 +408,8 @@ def load_table(ds: DataSpec, base_dir: str) -> Table:
 def _split(table: Table, spec: StudySpec) -> tuple[np.ndarray, np.ndarray]:
     idx = np.arange(len(table.y))
     ts, seed = spec.data.test_size, spec.seed
+    if ts == 0:  # no test set: every row is a dev row
+        return idx, idx[:0]
     if table.groups is not None:
         gss = GroupShuffleSplit(n_splits=1, test_size=ts, random_state=seed)
         try:

@@ -390,8 +390,10 @@ def fit(
     max_epochs: int,
     seed: int,
     device: str = "auto",
+    on_epoch: Callable[[int], None] | None = None,
 ) -> MLP:
-    """Train one model on `fold`'s training rows for exactly `epochs` epochs (the final refit)."""
+    """Train one model on `fold`'s training rows for exactly `epochs` epochs (the final refit);
+    `on_epoch(epoch)` after each, for the progress a person waits on."""
     n_out = n_classes if task == "classification" else 1
     run = FoldRun(
         config,
@@ -407,6 +409,8 @@ def fit(
         loss, _ = run.train_epoch()
         if not math.isfinite(loss):
             raise TrialDiverged(epoch, 0)
+        if on_epoch is not None:
+            on_epoch(epoch)
     run.model.eval()
     return run.model
 

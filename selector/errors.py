@@ -46,6 +46,25 @@ class LockboxError(RefusedError):
     """The held-out test set was already claimed for this study."""
 
 
+class BudgetSpent(RefusedError):
+    """The study's n_trials are all finished already. `selector run` and `worker` report that
+    there is nothing to do and exit 0 (a script may run them again at will); `--strict` keeps
+    the refusal, exit 1."""
+
+    def __init__(self, study: str, finished: int, n_trials: int) -> None:
+        super().__init__(
+            f"study {study!r} already has {finished} of its n_trials = {n_trials} finished "
+            "trials; raise n_trials in the study file to run more"
+        )
+        self.study = study
+        self.finished = finished
+        self.n_trials = n_trials
+
+    @property
+    def nothing_to_do(self) -> str:
+        return f"study {self.study!r}: nothing to do, all {self.n_trials} trials finished"
+
+
 class TrialDiverged(Exception):
     """The training loss became non-finite; the trial ends at once as FAIL (reason `diverged`)."""
 

@@ -8,6 +8,7 @@ bias-corrected estimate) and, once `final` ran, the test score of that same tria
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 import optuna
@@ -15,12 +16,15 @@ import tomli_w
 import yaml
 
 from selector import record, selection, storage
-from selector.errors import RefusedError
+from selector.errors import RefusedError, SelectorError
 from selector.record import StudyRecord, TrialRecord
 from selector.selection import Choice, Rule
+from selector.spec import StudySpec
 
 Format = Literal["json", "yaml", "toml"]
 FORMATS: tuple[Format, ...] = ("json", "yaml", "toml")
+EXTENSIONS: dict[str, Format] = {".json": "json", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml"}
+NOT_EVALUATED = {"state": "not evaluated"}  # a TOML export's test block before `final`
 
 
 def choose_for_export(url: str, name: str, records: list[TrialRecord], rule: Rule | None) -> Choice:
@@ -82,6 +86,7 @@ def document(
         "seed": trial.seed,
         "data": {
             **spec.data.model_dump(exclude_none=True),
+            **_data_file(spec),
             "seed": spec.seed,
             "fingerprints": rec.fingerprints,
         },
@@ -89,6 +94,25 @@ def document(
         "storage": storage.mask(url),
         "test": test,
     }
+
+
+def _data_file(spec: StudySpec) -> dict[str, str]:
+    """The data file as an absolute path: the export is read far from the study file, whose
+    directory a relative `path` is relative to."""
+    path = spec.data.file(spec.base_dir)
+    return {} if path is None else {"path": str(path)}
+
+
+def format_for(fmt: Format | None, output: Path | None) -> Format:
+    """The export's format: `--format`, else the output file's extension, else JSON. A
+    `--format` that the extension contradicts (`-o best.yml --format json`) is refused."""
+    implied = EXTENSIONS.get(output.suffix.lower()) if output is not None else None
+    if fmt is not None and implied is not None and fmt != implied:
+        raise SelectorError(
+            f"{output}: the extension says {implied}, --format says {fmt}; "
+            "make them agree, or leave --format out"
+        )
+    return fmt or implied or "json"
 
 
 def _drop_none(obj: Any) -> Any:
@@ -102,6 +126,6 @@ def _drop_none(obj: Any) -> Any:
 def dump(doc: dict[str, Any], fmt: Format) -> str:
     if fmt == "yaml":
         return str(yaml.safe_dump(doc, sort_keys=False))
-    if fmt == "toml":
-        return tomli_w.dumps(_drop_none(doc))
+    if fmt == "toml":  # TOML has no null: the test block says its state instead of vanishing
+        return tomli_w.dumps(_drop_none({**doc, "test": doc.get("test") or NOT_EVALUATED}))
     return json.dumps(doc, indent=2, default=str) + "\n"

@@ -13,7 +13,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 import sqlalchemy as sa
@@ -84,7 +84,7 @@ def refusal(prev: FinalResult | None) -> str:
         return (
             f"the test set of study {prev.study!r} was already evaluated at "
             f"{record.shown_time(prev.finished_at)}: "
-            f"{prev.metric} = {prev.test_score:.4f} (trial {prev.trial}, rule {prev.rule}); "
+            f"{metrics.shown(prev.metric, prev.test_score)} (trial {prev.trial}, rule {prev.rule}); "
             "it is evaluated only once"
         )
     return (
@@ -105,6 +105,15 @@ def artifact_dir(url: str, name: str) -> Path:
     artifact.check_directory(out.parent)
     artifact.check_directory(out)
     return out
+
+
+class RefitProgress(Protocol):
+    """Told what the refit does, which takes seconds to minutes: its trial, rows and epochs
+    before it starts, then each epoch as it ends."""
+
+    def start(self, trial: int, rows: int, epochs: int) -> None: ...
+
+    def epoch(self, epoch: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -154,14 +163,20 @@ def evaluate(
     *,
     early: bool = False,
     resume_crashed: bool = False,
+    progress: RefitProgress | None = None,
 ) -> Evaluated:
     """Claim the lockbox, refit the chosen trial's config on all dev rows, score the test rows
     once. The chosen trial is the study's recorded choice (`export` records it) unless `rule`
     chooses anew; refused while the budget is not spent unless `early`.
 
     `resume_crashed` finishes an evaluation whose process died after its claim (explicitly, once,
-    recorded in `resumed_at`); it never re-opens a finished one."""
+    recorded in `resumed_at`); it never re-opens a finished one. `progress` hears of the refit."""
     study, rec = record.open_study(url, name)
+    if rec.spec.data.test_size == 0:
+        raise RefusedError(
+            f"study {name!r} holds back no test set (data.test_size = 0): there is nothing to "
+            "evaluate; its expected test score is in `selector status`"
+        )
     records = record.trials(study)
     remark = None
     if resume_crashed:
@@ -183,7 +198,7 @@ def evaluate(
     artifact_dir(url, name)  # a planted link is refused before the test set is claimed
     if not resume_crashed:
         _claim(url, name, choice.rule, trial.number, rec.spec.metric, float(trial.value))  # type: ignore[arg-type]
-    refit = _refit_and_score(rec, prep, trial)
+    refit = _refit_and_score(rec, prep, trial, progress)
     meta = _meta(rec, prep, refit, trial)
     doc = export.document(study, rec, url, Choice(choice.rule, trial.number, "final"), records)
     out = _save(url, name, refit, meta, doc)
@@ -217,8 +232,13 @@ class Refit:
     config: TrialConfig
 
 
-def _refit_and_score(rec: StudyRecord, prep: data.Prepared, trial: TrialRecord) -> Refit:
+def _refit_and_score(
+    rec: StudyRecord, prep: data.Prepared, trial: TrialRecord, progress: RefitProgress | None
+) -> Refit:
     dev, test = data.dev_set(prep), data.test_set(prep)
+    epochs = int(trial.best_epoch or 1)
+    if progress is not None:
+        progress.start(trial.number, len(dev.y), epochs)
     config = trial.config(rec.spec.space)
     pre, (x_dev, x_test) = data.fit_transform(dev.X, test.X)
     y_dev = dev.y.astype("float32") if dev.task == "regression" else dev.y
@@ -238,10 +258,11 @@ def _refit_and_score(rec: StudyRecord, prep: data.Prepared, trial: TrialRecord) 
         fold,
         task=dev.task,
         n_classes=dev.n_classes,
-        epochs=int(trial.best_epoch or 1),
+        epochs=epochs,
         max_epochs=rec.spec.training.max_epochs,
         seed=engine.derive_seed(rec.spec.seed, FINAL_SEED_TAG),
         device=rec.spec.training.device,
+        on_epoch=progress.epoch if progress is not None else None,
     )
     x = torch.as_tensor(x_test, device=next(model.parameters()).device)
     pred = engine.predict(model, x, task=dev.task, y_mean=mean, y_std=std)

@@ -7,6 +7,7 @@ validation and every read-only command use the metric table without it (about 1 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -100,3 +101,44 @@ METRICS: dict[str, Metric] = {
 
 def get(name: str) -> Metric:
     return METRICS[name]
+
+
+# What a person reads for the scores scikit-learn negates (errors, lower is better): the error's
+# own name and value, `RMSE = 20.61`, not `neg_root_mean_squared_error = -20.6058`.
+ERROR_NAMES = {
+    "neg_root_mean_squared_error": "RMSE",
+    "neg_mean_squared_error": "MSE",
+    "neg_mean_absolute_error": "MAE",
+    "neg_log_loss": "log loss",
+}
+SIGNIFICANT = 4  # digits of an error shown; a greater-is-better score shows 4 decimals
+
+
+def label(name: str) -> str:
+    """The name a person reads for metric `name`: `RMSE` for `neg_root_mean_squared_error`."""
+    return ERROR_NAMES.get(name, name)
+
+
+def shown_value(name: str, score: float | None) -> str:
+    """A score as a person reads it: an error with its sign undone, to 4 significant digits
+    (`20.61`, `0.05234`, `12346`); any other score to 4 decimals (`0.9855`); `-` for none."""
+    if score is None or not math.isfinite(score):
+        return "-" if score is None else str(score)
+    if name not in ERROR_NAMES:
+        return f"{score:.4f}"
+    error = -score
+    digits = SIGNIFICANT - 1 - math.floor(math.log10(abs(error))) if error else SIGNIFICANT - 1
+    return f"{error:.{max(0, digits)}f}"
+
+
+def shown(name: str, score: float | None) -> str:
+    """Metric and score as a person reads them: `RMSE = 20.61`, `log loss = 0.05234`,
+    `accuracy = 0.9855` (the `name = value` of every line a script may already parse).
+    Machine-readable outputs (JSON) keep the raw, greater-is-better score."""
+    return f"{label(name)} = {shown_value(name, score)}"
+
+
+def shown_range(name: str, low: float, high: float) -> str:
+    """An interval of scores, lower bound first once an error's sign is undone."""
+    a, b = (high, low) if name in ERROR_NAMES else (low, high)
+    return f"{shown_value(name, a)}, {shown_value(name, b)}"

@@ -19,6 +19,8 @@ from selector import artifact, data, engine, final, metrics, record, storage
 from selector.errors import DataError, RefusedError, SelectorError
 from selector.record import FinalResult
 
+ROW = "row"  # the first column of the predictions: the input row's position, 0-based
+
 
 @dataclass
 class Predictions:
@@ -88,12 +90,29 @@ def _score(meta: artifact.Meta, rows: pd.DataFrame, pred: np.ndarray) -> tuple[f
 
 
 def _table(meta: artifact.Meta, pred: np.ndarray) -> pd.DataFrame:
+    """`row` (the input row's position, 0-based, to join on), the prediction and, for a
+    classifier, each class's probability."""
+    out = pd.DataFrame({ROW: np.arange(len(pred))})
     if meta.task == "regression":
-        return pd.DataFrame({"prediction": pred})
-    out = pd.DataFrame({"prediction": np.asarray(meta.classes, dtype=object)[pred.argmax(axis=1)]})
+        out["prediction"] = pred
+        return out
+    out["prediction"] = np.asarray(meta.classes, dtype=object)[pred.argmax(axis=1)]
     for k, c in enumerate(meta.classes):
         out[f"proba_{c}"] = pred[:, k]
     return out
+
+
+def beside_input(table: pd.DataFrame, rows: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """`row`, then every input column as read, then the predictions: `--with-input`. An input
+    column named like an output column is refused rather than written twice."""
+    clash = [c for c in rows.columns if c in table.columns]
+    if clash:
+        raise DataError(
+            f"{path}: column {clash[0]!r} has the name of an output column; rename it in the "
+            "file, or leave out --with-input"
+        )
+    inputs = rows.reset_index(drop=True)
+    return pd.concat([table[[ROW]], inputs, table.drop(columns=[ROW])], axis=1)
 
 
 def apply(bundle: artifact.Bundle, rows: pd.DataFrame) -> Predictions:
@@ -107,7 +126,8 @@ def apply(bundle: artifact.Bundle, rows: pd.DataFrame) -> Predictions:
     return Predictions(_table(m, pred), m, score, n, unknown)
 
 
-def predict_file(url: str, name: str, path: Path) -> Predictions:
+def predict_file(url: str, name: str, path: Path, *, with_input: bool = False) -> Predictions:
+    """The final model's predictions for the rows of `path`; with `with_input`, beside them."""
     evaluated = _evaluated(url, name)
     bundle = artifact.load(Path(evaluated.artifact))  # type: ignore[arg-type]
     rows = read_rows(path)
@@ -116,6 +136,8 @@ def predict_file(url: str, name: str, path: Path) -> Predictions:
     except DataError as e:
         raise DataError(f"{path}: {e}") from None
     result.final = evaluated
+    if with_input:
+        result.table = beside_input(result.table, rows, path)
     return result
 
 
@@ -131,7 +153,8 @@ def describe(result: Predictions, path: Path) -> list[str]:
     m = result.meta
     f = result.final
     tested = (
-        f"; rule {f.rule}, test {f.metric} = {f.test_score:.4f} on {f.test_rows} held-out rows"
+        f"; rule {f.rule}, test {metrics.shown(f.metric, f.test_score)} on {f.test_rows} "
+        "held-out rows"
         if f is not None and f.test_score is not None
         else ""
     )
@@ -141,7 +164,7 @@ def describe(result: Predictions, path: Path) -> list[str]:
     ]
     if result.score is not None:
         lines.append(
-            f"{m.metric} = {result.score:.4f} on {result.scored_rows} rows with a known "
+            f"{metrics.shown(m.metric, result.score)} on {result.scored_rows} rows with a known "
             f"{m.target!r}"
         )
     for col, values in result.unknown.items():

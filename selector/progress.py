@@ -1,4 +1,4 @@
-"""Progress of a run: a bar on a terminal, one line per trial otherwise."""
+"""Progress of a run: a bar on a terminal or in a Jupyter notebook, one line per trial otherwise."""
 
 from __future__ import annotations
 
@@ -7,9 +7,19 @@ from types import TracebackType
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a notebook widget in Jupyter (with ipywidgets), else the text bar
 
 from selector.record import ATTR_BUDGET, FINISHED, TrialRecord, describe_failure
+
+
+def interactive() -> bool:
+    """Whether a person watches the output live: stderr is a terminal, or this is a Jupyter
+    kernel (whose stderr is a pipe, yet shows a bar redrawn in place)."""
+    if sys.stderr.isatty():
+        return True
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
 
 
 class Bar:
@@ -17,7 +27,7 @@ class Bar:
 
     def __init__(self, total: int | None) -> None:
         self.total = total  # None: the study's n_trials, read at the first trial
-        self.tty = sys.stderr.isatty()
+        self.tty = interactive()
         self.bar: tqdm | None = None
 
     def __enter__(self) -> Bar:
@@ -73,3 +83,34 @@ def _best(study: optuna.Study) -> float | None:
         return float(study.best_value)
     except ValueError:
         return None
+
+
+class RefitBar:
+    """The final refit's progress on stderr: one line saying what is refit, then, on a
+    terminal, a bar of its epochs (nothing more where stderr is a file or a pipe)."""
+
+    def __init__(self) -> None:
+        self.tty = interactive()
+        self.bar: tqdm | None = None
+
+    def __enter__(self) -> RefitBar:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def start(self, trial: int, rows: int, epochs: int) -> None:
+        print(
+            f"refitting trial {trial} on all {rows} dev rows for {epochs} epochs...",
+            file=sys.stderr,
+            flush=True,
+        )
+        if self.tty:
+            self.bar = tqdm(
+                total=epochs, unit="epoch", leave=False, dynamic_ncols=True, file=sys.stderr
+            )
+
+    def epoch(self, epoch: int) -> None:
+        if self.bar is not None:
+            self.bar.update(1)

@@ -28,8 +28,9 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from selector import __version__, export, record, summary
+from selector import __version__, export, learning, record, summary
 from selector.errors import SelectorError
+from selector.learning import LearningCurve
 from selector.record import StudyRecord
 from selector.summary import StudyStatus, TrialView
 
@@ -176,6 +177,35 @@ def fig_top_curves(views: list[TrialView], metric: str, top: int = TOP_CURVES) -
     fig.update_layout(
         title=f"Learning curves of the top {min(top, len(views))} trials (star: best epoch)",
         **{**LAYOUT, "height": 520},
+    )
+    return fig
+
+
+def fig_learning_curve(curve: LearningCurve) -> go.Figure:
+    """Train and validation score of the chosen config against the training rows per fold,
+    with the fold spread as error bars."""
+    fig = go.Figure()
+    rows = [p.rows for p in curve.points]
+    for name, mean, std, color in (
+        ("train", [p.train for p in curve.points], [p.train_std for p in curve.points], "#1f77b4"),
+        ("validation", [p.val for p in curve.points], [p.val_std for p in curve.points], "#d62728"),
+    ):
+        fig.add_trace(
+            go.Scatter(
+                x=rows,
+                y=_r(mean),
+                error_y={"type": "data", "array": _r(std)},
+                mode="lines+markers",
+                name=name,
+                line={"color": color},
+                text=[f"{p.share:.0%} of the training rows" for p in curve.points],
+            )
+        )
+    fig.update_layout(
+        title=f"Learning curve of trial {curve.trial} (error bars: standard deviation over folds)",
+        xaxis_title="training rows per fold",
+        yaxis_title=f"mean {curve.metric}",
+        **LAYOUT,
     )
     return fig
 
@@ -356,15 +386,17 @@ def _top(st: StudyStatus, rec: StudyRecord) -> str:
     return f"<h2>Top {len(rows)} trials</h2>" + _table(header, rows)
 
 
+def _figure_div(div_id: str, key: str, fig: go.Figure) -> str:
+    """A figure's div and its data, which the loader draws (`div.id + '-data'`)."""
+    data = pio.to_json(fig, validate=False).replace("</", "<\\/")
+    return (
+        f'<div class="figure" id="{div_id}" data-name="{_e(key)}"></div>'
+        f'<script type="application/json" id="{div_id}-data">{data}</script>'
+    )
+
+
 def _figure_divs(figs: dict[str, go.Figure]) -> str:
-    out = []
-    for k, (key, fig) in enumerate(figs.items()):
-        data = pio.to_json(fig, validate=False).replace("</", "<\\/")
-        out.append(
-            f'<div class="figure" id="fig-{k}" data-name="{_e(key)}"></div>'
-            f'<script type="application/json" id="fig-{k}-data">{data}</script>'
-        )
-    return "\n".join(out)
+    return "\n".join(_figure_div(f"fig-{k}", key, fig) for k, (key, fig) in enumerate(figs.items()))
 
 
 LOADER = """
@@ -408,6 +440,43 @@ def _figures_section(figs: dict[str, go.Figure], missing: list[str]) -> str:
     )
 
 
+def _learning_curve(curve: LearningCurve | None, st: StudyStatus) -> str:
+    """The stored learning curve of the chosen trial (the report never trains); how to compute
+    it when there is none, and a hint when the study has since chosen another trial."""
+    command = f"<code>selector learning-curve {_e(st.study)}</code>"
+    if curve is None:
+        return (
+            "<h2>Learning curve over training-set size</h2><p>Not computed yet: run "
+            f"{command} to cross-validate the chosen config on 10-100% of each fold's training "
+            "rows; this report then shows it.</p>"
+        )
+    rows = [
+        [
+            f"{p.share:.0%}",
+            p.rows,
+            f"{_fmt(p.train)} ± {_fmt(p.train_std)}",
+            f"{_fmt(p.val)} ± {_fmt(p.val_std)}",
+            _fmt(p.gap, "+.4f"),
+        ]
+        for p in curve.points
+    ]
+    table = _table(["share", "training rows", "train", "validation", "gap"], rows)
+    stale = ""
+    if st.choice is not None and st.choice.trial != curve.trial:
+        stale = (
+            f"<p class=sealed>Computed for trial {curve.trial}; the study now chooses "
+            f"{_e(st.choice.describe())}: run {command} again.</p>"
+        )
+    return (
+        f"<h2>Learning curve over training-set size: trial {curve.trial}</h2>{stale}"
+        f"<p><b>{_e(learning.verdict(curve.points, curve.metric).sentence)}</b></p>"
+        + _figure_div("fig-learning-curve", "learning-curve", fig_learning_curve(curve))
+        + table
+        + f"<p class=sealed>Computed at {_e(record.shown_time(curve.computed_at))} by {command} "
+        "(dev rows only; each fold's validation part whole).</p>"
+    )
+
+
 def _config(url: str, study: optuna.Study, rec: StudyRecord, st: StudyStatus) -> str:
     if st.choice is None:
         return "<h2>Chosen config</h2><p>No complete trial yet.</p>"
@@ -441,15 +510,17 @@ def render(url: str, name: str) -> tuple[str, int, int]:
     st = summary.status(url, name)
     more, missing = optuna_figures(study) if st.ranked else ({}, [])
     figs = {**study_figures(st.ranked, rec.spec.metric), **more}
+    curve = learning.stored(study)
     sections = [
         _summary(st),
         _test_set(st),
         _diagnosis(st),
         _top(st, rec),
         _figures_section(figs, missing),
+        _learning_curve(curve, st),
         _config(url, study, rec, st),
     ]
-    return _page(name, sections), len(st.trials), len(figs)
+    return _page(name, sections), len(st.trials), len(figs) + (curve is not None)
 
 
 def write(url: str, name: str, path: Path) -> Written:

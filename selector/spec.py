@@ -186,7 +186,8 @@ class DataSpec(_Strict):
     drop: list[str] = Field(default_factory=list)
     groups: str | None = None
     task: Literal["classification", "regression"] | None = None
-    test_size: float = Field(default=0.2, gt=0.0, lt=1.0)
+    # 0: no test set (the estimators' studies, scored by their caller); `final` refuses such a study
+    test_size: float = Field(default=0.2, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
@@ -203,6 +204,11 @@ class DataSpec(_Strict):
         if self.path is not None and not self.target:
             raise ValueError("a 'path' needs 'target', the name of the column to predict")
         return self
+
+    def file(self, base_dir: str) -> Path | None:
+        """The data file's absolute, normalised path (no `studies/../data`): a relative `path` is
+        relative to the study file's directory, `base_dir`. None for a bundled set."""
+        return None if self.path is None else (Path(base_dir) / self.path).resolve()
 
 
 class CVSpec(_Strict):

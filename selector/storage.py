@@ -32,7 +32,6 @@ from selector.errors import StorageError
 DEFAULT_URL = "sqlite:///selector.db"
 SQLITE_TIMEOUT_S = 60
 SCHEMES = ("sqlite", "postgresql", "grpc")
-SQLITE_HEADER = b"SQLite format 3\x00"
 # The SQLite files this process opened, in order (a dict as an ordered set): what `retrying`
 # names when a full disk reaches it from an engine it did not open.
 _SQLITE_FILES: dict[Path, None] = {}
@@ -169,13 +168,26 @@ def _check_sqlite_file(path: Path) -> None:
             f"storage sqlite:///{path}: not readable; check the file's permissions, or choose "
             "another file with --storage"
         )
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(len(SQLITE_HEADER))
-    except OSError as e:
-        raise StorageError(f"storage sqlite:///{path}: cannot read ({e.strerror or e})") from None
-    if head and head != SQLITE_HEADER:
+    if path.stat().st_size and _not_sqlite(path):
         raise _sqlite_error(path, "corrupt")
+
+
+def _not_sqlite(path: Path) -> bool:
+    """Whether SQLite refuses the file as a database ("file is not a database").
+
+    Read through SQLite, never with a plain `open()`: closing any descriptor of a database
+    file drops every POSIX lock this process holds on it, SQLite's connections' included. A
+    worker that checked its database that way lost its shared lock; another process's last
+    connection then took the file for its own, checkpointed and deleted the WAL, and the
+    worker's later commits (a terminated trial's FAIL) went to the deleted file."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as e:
+        return "not a database" in str(e).lower() or "malformed" in str(e).lower()
+    except sqlite3.Error:
+        return False
+    return False
 
 
 def _sqlite_failure(

@@ -23,7 +23,7 @@ import sklearn
 import torch
 
 from selector import __version__, data, db, diagnose, metrics, record, stacked, storage, worker
-from selector.errors import RefusedError, StudyError
+from selector.errors import BudgetSpent, RefusedError, StudyError
 from selector.objective import Objective
 from selector.record import (
     ATTR_BASE_DIR,
@@ -255,15 +255,12 @@ def check_not_sealed(url: str, name: str) -> None:
 
 def budget_limit(study: optuna.Study, url: str, n_trials: int, cap: int | None) -> int:
     """How many finished trials this run aims for: the study's n_trials, or `cap` more than now.
-    Refused when the study is sealed or its budget is spent."""
+    Refused when the study is sealed (`RefusedError`) or its budget is spent (`BudgetSpent`)."""
     name = study.study_name
     check_not_sealed(url, name)
     done = record.count(study)
     if done >= n_trials:
-        raise RefusedError(
-            f"study {name!r} already has {done} of its n_trials = {n_trials} finished trials; "
-            "raise n_trials in the study file to run more"
-        )
+        raise BudgetSpent(name, done, n_trials)
     return n_trials if cap is None else min(n_trials, done + cap)
 
 

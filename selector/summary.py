@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from selector import diagnose, record, selection, storage
+from selector import diagnose, metrics, record, selection, storage
 from selector.diagnose import Diagnosis
 from selector.record import FinalResult, TrialRecord
 from selector.selection import Choice
@@ -182,17 +182,19 @@ def estimate_line(st: StudyStatus) -> str:
     est, chosen = st.estimate, st.chosen
     if chosen is None:
         return "no complete trial yet"
-    raw = f"CV {_fmt(chosen.record.value)}"
+    m = st.metric
+    raw = f"CV {metrics.shown(m, chosen.record.value)}"
     if est is None:
         expected = "expected test score unavailable (no out-of-fold predictions stored)"
     else:
         expected = (
-            f"expected test {_fmt(est.value)} [90% {_fmt(est.low)}, {_fmt(est.high)}] "
+            f"expected test {metrics.shown_value(m, est.value)} "
+            f"[90% {metrics.shown_range(m, est.low, est.high)}] "
             f"(bias-corrected over {est.n_candidates} trials)"
         )
     test = ""
     if st.final is not None and st.final.test_score is not None:
-        test = f"; test {_fmt(st.final.test_score)}"
+        test = f"; test {metrics.shown_value(m, st.final.test_score)}"
     return f"{raw}, {expected}{test}"
 
 
@@ -242,7 +244,8 @@ def lockbox_line(st: StudyStatus) -> str:
     if f.state != "finished":
         return f"evaluation started, not finished (claimed at {record.shown_time(f.claimed_at)})"
     return (
-        f"evaluated at {record.shown_time(f.finished_at)}: {f.metric} = {_fmt(f.test_score)} on {f.test_rows} rows "
+        f"evaluated at {record.shown_time(f.finished_at)}: {metrics.shown(f.metric, f.test_score)} "
+        f"on {f.test_rows} rows "
         f"(trial {f.trial}, rule {f.rule})"
     )
 

@@ -310,7 +310,9 @@ STUDY_CASES = [
     ),
     pytest.param(study_case({"data": "iris"}, "data"), id="study-wrong-type-section"),
     pytest.param(study_case({"cv.folds": 1}, "cv.folds", "2"), id="study-folds-below-2"),
-    pytest.param(study_case({"data.test_size": 0.0}, "data.test_size"), id="study-test-size-0"),
+    pytest.param(
+        study_case({"data.test_size": -0.1}, "data.test_size"), id="study-test-size-negative"
+    ),
     pytest.param(
         study_case({"data.test_size": 1.5}, "data.test_size"), id="study-test-size-above-1"
     ),

@@ -97,9 +97,13 @@ def test_final_before_the_budget_is_spent_needs_early_and_seals_the_study(
     assert len(trials) == 1
 
 
-def test_run_again_after_budget_is_refused_with_exit_1(study_file: Path, url: str) -> None:
+def test_run_again_after_the_budget_has_nothing_to_do_unless_strict(
+    study_file: Path, url: str
+) -> None:
     assert _sel("run", str(study_file), "--storage", url)[0] == 0
     code, out = _sel("run", str(study_file), "--storage", url)
+    assert code == 0 and "nothing to do, all 2 trials finished" in out
+    code, out = _sel("run", str(study_file), "--storage", url, "--strict")
     assert code == 1 and "raise n_trials" in out
 
 
