@@ -149,19 +149,8 @@ def refit_and_score(
     """`final._refit_and_score`'s refit: all dev rows, `epochs` epochs, the final seed; then the
     test rows scored once."""
     _, (x_dev, x_test) = data.fit_transform(dev.X, test.X)
-    regression = dev.task == "regression"
-    mean, std = (float(dev.y.mean()), float(dev.y.std()) or 1.0) if regression else (0.0, 1.0)
-    y_dev = (dev.y.astype("float32") - mean) / std if regression else dev.y
-    fold = data.FoldData(x_dev, y_dev, x_test, test.y, mean, std)
-    model = engine.fit(
-        config,
-        fold,
-        task=dev.task,
-        n_classes=dev.n_classes,
-        epochs=epochs,
-        max_epochs=s.training.max_epochs,
-        seed=engine.derive_seed(s.seed, final.FINAL_SEED_TAG),
-        device=s.training.device,
+    model, mean, std = final.refit(
+        s, config, x_dev, dev.y, task=dev.task, n_classes=dev.n_classes, epochs=epochs
     )
     x = torch.as_tensor(x_test, device=next(model.parameters()).device)
     pred = engine.predict(model, x, task=dev.task, y_mean=mean, y_std=std)

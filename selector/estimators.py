@@ -216,24 +216,14 @@ class _MLPSearch(BaseEstimator):
         """The chosen config trained on all the rows for the chosen trial's best epoch count,
         as `selector final` refits on all dev rows (`final._refit_and_score`), with the same
         seed; kept as numpy weights and plain preprocessing statistics."""
-        from selector import artifact, data, engine, final
+        from selector import artifact, data, final
 
         dev = data.dev_set(data.prepare(s))
         config = chosen.config(s.space)
         pre, (x,) = data.fit_transform(dev.X)
-        regression = self._task == "regression"
-        mean, std = (float(dev.y.mean()), float(dev.y.std()) or 1.0) if regression else (0.0, 1.0)
-        y = ((dev.y.astype(np.float32) - mean) / std).astype(np.float32) if regression else dev.y
         epochs = int(chosen.best_epoch or 1)
-        model = engine.fit(
-            config,
-            data.FoldData(x, y, x[:0], dev.y[:0], mean, std),
-            task=self._task,
-            n_classes=dev.n_classes,
-            epochs=epochs,
-            max_epochs=s.training.max_epochs,
-            seed=engine.derive_seed(s.seed, final.FINAL_SEED_TAG),
-            device=s.training.device,
+        model, mean, std = final.refit(
+            s, config, x, dev.y, task=self._task, n_classes=dev.n_classes, epochs=epochs
         )
         self.weights_ = {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
         self.preprocess_ = artifact.from_sklearn(pre, [str(c) for c in dev.X.columns])

@@ -11,19 +11,24 @@ import datetime as dt
 import json
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import optuna
 import sqlalchemy as sa
 import torch
 
 from selector import artifact, data, db, engine, export, metrics, record, selection, storage
 from selector.errors import LockboxError, RefusedError, StudyError
+from selector.metrics import Task
+from selector.model import MLP
 from selector.record import FinalResult, StudyRecord, TrialRecord, stored_final
 from selector.selection import Choice, Rule
 from selector.space import TrialConfig
+from selector.spec import StudySpec
 
 FINAL_SEED_TAG = 2**31 - 1
 
@@ -232,6 +237,38 @@ class Refit:
     config: TrialConfig
 
 
+def refit(
+    spec: StudySpec,
+    config: TrialConfig,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    task: Task,
+    n_classes: int,
+    epochs: int,
+    on_epoch: Callable[[int], None] | None = None,
+) -> tuple[MLP, float, float]:
+    """`config` trained on all of the preprocessed rows `x`, `y` for `epochs` epochs with the
+    final seed: what `final` fits on the dev rows (and the estimators on the rows they are
+    given). Regression targets are standardised; returns the model and the target's mean and
+    standard deviation (0 and 1 for classification)."""
+    regression = task == "regression"
+    mean, std = (float(y.mean()), float(y.std()) or 1.0) if regression else (0.0, 1.0)
+    y_fit = ((y.astype(np.float32) - mean) / std).astype(np.float32) if regression else y
+    model = engine.fit(
+        config,
+        data.FoldData(x, y_fit, x[:0], y[:0], mean, std),
+        task=task,
+        n_classes=n_classes,
+        epochs=epochs,
+        max_epochs=spec.training.max_epochs,
+        seed=engine.derive_seed(spec.seed, FINAL_SEED_TAG),
+        device=spec.training.device,
+        on_epoch=on_epoch,
+    )
+    return model, mean, std
+
+
 def _refit_and_score(
     rec: StudyRecord, prep: data.Prepared, trial: TrialRecord, progress: RefitProgress | None
 ) -> Refit:
@@ -241,27 +278,14 @@ def _refit_and_score(
         progress.start(trial.number, len(dev.y), epochs)
     config = trial.config(rec.spec.space)
     pre, (x_dev, x_test) = data.fit_transform(dev.X, test.X)
-    y_dev = dev.y.astype("float32") if dev.task == "regression" else dev.y
-    mean, std = (
-        (float(dev.y.mean()), float(dev.y.std()) or 1.0) if dev.task == "regression" else (0.0, 1.0)
-    )
-    fold = data.FoldData(
-        x_dev,
-        (y_dev - mean) / std if dev.task == "regression" else y_dev,
-        x_test,
-        test.y,
-        mean,
-        std,
-    )
-    model = engine.fit(
+    model, mean, std = refit(
+        rec.spec,
         config,
-        fold,
+        x_dev,
+        dev.y,
         task=dev.task,
         n_classes=dev.n_classes,
         epochs=epochs,
-        max_epochs=rec.spec.training.max_epochs,
-        seed=engine.derive_seed(rec.spec.seed, FINAL_SEED_TAG),
-        device=rec.spec.training.device,
         on_epoch=progress.epoch if progress is not None else None,
     )
     x = torch.as_tensor(x_test, device=next(model.parameters()).device)
