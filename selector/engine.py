@@ -486,19 +486,23 @@ def reference_need(
     )
 
 
+def fold_shape(folds: Sequence[FoldData], n_out: int) -> dict[str, int]:
+    """What the memory estimates need of a trial's folds: their count, the features, the
+    largest training and validation parts, the outputs."""
+    return {
+        "folds": len(folds),
+        "n_in": folds[0].X_train.shape[1],
+        "n_train": max(f.X_train.shape[0] for f in folds),
+        "n_val": max(f.X_val.shape[0] for f in folds),
+        "n_out": n_out,
+    }
+
+
 def reference_memory(
     folds: Sequence[FoldData], config: TrialConfig, n_out: int, device: torch.device
 ) -> MemoryNeed:
     """`reference_need` for these folds on `device`."""
-    return reference_need(
-        config,
-        folds=len(folds),
-        n_in=folds[0].X_train.shape[1],
-        n_train=max(f.X_train.shape[0] for f in folds),
-        n_val=max(f.X_val.shape[0] for f in folds),
-        n_out=n_out,
-        copies_data=device.type != "cpu",
-    )
+    return reference_need(config, copies_data=device.type != "cpu", **fold_shape(folds, n_out))
 
 
 def available_memory(device: torch.device) -> int:

@@ -524,14 +524,7 @@ def memory_need(
     folds: Sequence[FoldData], config: TrialConfig, n_out: int = 1
 ) -> engine.MemoryNeed:
     """`memory_estimate` by part (`engine.MemoryNeed`)."""
-    return stacked_need(
-        config,
-        folds=len(folds),
-        n_in=folds[0].X_train.shape[1],
-        n_train=max(f.X_train.shape[0] for f in folds),
-        n_val=max(f.X_val.shape[0] for f in folds),
-        n_out=n_out,
-    )
+    return stacked_need(config, **engine.fold_shape(folds, n_out))
 
 
 def stacked_need(
