@@ -153,8 +153,10 @@ class Verdict:
 
 def verdict(points: Sequence[Point], metric: str) -> Verdict:
     """One sentence on what the curve says, by these rules (points ordered by share; `last` is
-    the largest share, `prev` the one before it, `first` the smallest; `spread` is the fold
-    spread at the largest share, `last.val_std`; rise = last.val − prev.val; gap = train −
+    the largest share, `prev` the one before it, `first` the smallest; `spread` is the larger
+    fold spread of the last two, max(prev.val_std, last.val_std): a step between two noisy
+    points is no smaller than either's noise, and folds that all score 1.0 at the largest share
+    say nothing of how sure the rise to it is; rise = last.val − prev.val; gap = train −
     validation):
 
     1. **more data would help**: rise > spread — validation still rising over the last step by
@@ -171,7 +173,7 @@ def verdict(points: Sequence[Point], metric: str) -> Verdict:
         raise ValueError("a learning curve needs at least two sizes")
     pts = sorted(points, key=lambda p: p.share)
     first, prev, last = pts[0], pts[-2], pts[-1]
-    spread, rise = last.val_std, last.val - prev.val
+    spread, rise = max(prev.val_std, last.val_std), last.val - prev.val
     step = f"from {prev.rows} to {last.rows} training rows"
     if rise > spread:
         return Verdict(

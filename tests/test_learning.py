@@ -292,3 +292,11 @@ def test_stored_curve_round_trips_through_the_attr() -> None:
     assert back.trial == 3 and back.choice == curve.choice and back.metric == "r2"
     assert [p.rows for p in back.points] == [10, 20]
     np.testing.assert_allclose([p.val for p in back.points], [0.5, 0.6])
+
+
+def test_a_rise_to_folds_that_all_agree_is_judged_by_the_noise_before_it() -> None:
+    # penguins: 0.9964 ± 0.0073 at 75%, then every fold at 1.0: the rise is within the noise
+    prev = Point(0.75, 165, (0.99, 0.99, 0.99, 0.99, 0.99), (1.0, 1.0, 0.982, 1.0, 1.0))
+    last = Point(1.0, 220, (0.99, 0.99, 0.99, 0.99, 0.99), (1.0, 1.0, 1.0, 1.0, 1.0))
+    first = Point(0.5, 110, (0.99, 0.99, 0.99, 0.99, 0.99), (1.0, 0.982, 1.0, 1.0, 1.0))
+    assert learning.verdict([first, prev, last], "accuracy").kind == "the model has saturated"
