@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
@@ -29,6 +29,7 @@ from selector.spec import StudySpec
 if TYPE_CHECKING:
     import optuna
     import pandas as pd
+    import plotly.graph_objects as go
     from optuna.trial import FrozenTrial
 
     from selector.final import Evaluated
@@ -386,6 +387,50 @@ def report(
     return reporting.write(url, name, Path(path))
 
 
+def figures(source: StudySource, *, storage: str | None = None) -> dict[str, go.Figure]:
+    """The report's figures as plotly figures, to show in a notebook: the CV score of each
+    trial with its fold spread, the generalization gap against model size, the learning curves
+    of the top trials, and Optuna's history, parameter importances and parallel coordinates
+    (where the study has enough trials for them)."""
+    from selector import record, summary
+    from selector import report as reporting
+
+    name, url, _ = resolve(source, storage)
+    st = summary.status(url, name)
+    study, rec = record.open_study(url, name)
+    more = reporting.optuna_figures(study)[0] if st.ranked else {}
+    return {**reporting.study_figures(st.ranked, rec.spec.metric), **more}
+
+
+def export_onnx(
+    source: StudySource, path: str | os.PathLike[str], *, storage: str | None = None
+) -> Any:
+    """Write the model `final` saved as one ONNX file, preprocessing included (`selector export
+    --model onnx`): a service feeds it the raw feature columns. Returns what was written
+    (`onnx_export.Exported`: the path, the inputs and the outputs)."""
+    from selector import onnx_export
+
+    out = Path(path)
+    _check_writable(out)
+    name, url, _ = resolve(source, storage)
+    return onnx_export.export_final(url, name, out)
+
+
+def learning_curve(
+    source: StudySource,
+    sizes: Sequence[float] | None = None,
+    *,
+    storage: str | None = None,
+) -> Any:
+    """The chosen config's CV score at shares of each fold's training rows (`selector
+    learning-curve`; dev rows only), recorded in the study for the report. Returns a
+    `learning.LearningCurve` (`.points`, `.verdict`, `as_dict()`)."""
+    from selector import learning
+
+    name, url, _ = resolve(source, storage)
+    return learning.compute(url, name, tuple(sizes) if sizes else learning.DEFAULT_SIZES)
+
+
 # --- a handle ----------------------------------------------------------------------------------
 
 
@@ -467,3 +512,12 @@ class Study:
 
     def report(self, path: str | os.PathLike[str] = "report.html") -> Written:
         return report(self, path)
+
+    def figures(self) -> dict[str, go.Figure]:
+        return figures(self)
+
+    def export_onnx(self, path: str | os.PathLike[str]) -> Any:
+        return export_onnx(self, path)
+
+    def learning_curve(self, sizes: Sequence[float] | None = None) -> Any:
+        return learning_curve(self, sizes)

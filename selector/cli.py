@@ -515,11 +515,11 @@ def _export_model(
             f"--model {kind} writes a binary file: give it -o FILE (e.g. -o model.onnx)"
         )
     _check_output(output)
-    from selector import onnx_export
+    from selector import api, onnx_export
 
     _quiet_optuna()
     name, url = _study_target(study, storage)
-    for line in onnx_export.describe(onnx_export.export_final(url, name, output)):
+    for line in onnx_export.describe(api.export_onnx(name, output, storage=url)):
         typer.echo(line)
 
 
@@ -741,12 +741,12 @@ def learning_curve(
     only; the test set stays sealed."""
 
     def body() -> None:
-        from selector import learning
+        from selector import api, learning
 
         shares = learning.parse_sizes(sizes)  # a bad --sizes is refused before anything is read
         _quiet_optuna()
         name, url = _study_target(study, storage)
-        curve = learning.compute(url, name, shares)
+        curve = api.learning_curve(name, shares, storage=url)
         typer.echo(json.dumps(curve.as_dict(), indent=2) if as_json else learning.text(curve))
 
     guarded(body)

@@ -195,3 +195,36 @@ def test_an_empty_study_has_an_empty_frame(url: str) -> None:
     frame = selector.Study(spec, storage=url).trials_frame()
     assert frame.empty and list(frame.columns) == list(api.FRAME_COLUMNS)
     assert isinstance(frame, pd.DataFrame)
+
+
+def test_a_notebook_runs_a_study_looks_at_a_frame_and_a_figure_and_ships_onnx(
+    url: str, tmp_path: Path
+) -> None:
+    """The whole notebook path, no shell: run, a DataFrame, a figure, the test set once, an
+    ONNX file that gives the final model's probabilities, and the learning curve."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from selector import onnx_export
+
+    s = selector.Study(small_raw(n_trials=2), storage=url)
+    s.run(workers=1, progress=False)
+    frame = s.trials_frame()
+    assert len(frame) == 2 and frame["diagnosis"].notna().any()
+    figs = s.figures()
+    assert {"cv-scores", "gap-vs-size", "top-curves"} <= set(figs)
+    assert figs["cv-scores"].to_dict()["data"]  # a plotly figure, ready to show
+    s.final(progress=False)
+    done = s.export_onnx(tmp_path / "model.onnx")
+    assert Path(done.path).stat().st_size > 0
+    X, _ = load_iris(return_X_y=True, as_frame=True)
+    X.columns = [str(c) for c in X.columns]
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    from selector import artifact, predict
+
+    bundle = artifact.load(predict.model_dir(url, "iris-small"))
+    got = session.run(["probabilities"], onnx_export.feeds(bundle.pre, X))[0]
+    want = s.predict(X)[[f"proba_{c}" for c in bundle.meta.classes]].to_numpy()
+    assert np.abs(got - want).max() <= 1e-5
+    curve = s.learning_curve([0.5, 1.0])
+    assert [round(p.share, 2) for p in curve.points] == [0.5, 1.0]
