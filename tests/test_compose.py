@@ -62,3 +62,13 @@ def test_dockerfile_installs_the_pinned_cpu_torch_before_selector() -> None:
 def test_readme_shows_the_compose_commands() -> None:
     assert "docker compose up --scale worker=" in README
     assert "selector worker" in README and "selector proxy" in README
+
+
+def test_workers_get_the_signal_and_the_time_to_record_a_stop() -> None:
+    # `docker compose down`: SIGTERM through an init process, and more time than the worker's
+    # 5 s wait for a safe point (`interrupt.TERM_GRACE_S`) before Docker kills it
+    from selector import interrupt
+
+    worker = COMPOSE["services"]["worker"]
+    assert worker["init"] is True
+    assert int(str(worker["stop_grace_period"]).removesuffix("s")) > interrupt.TERM_GRACE_S
