@@ -89,7 +89,9 @@ class StudyStatus:
 
     @property
     def lockbox(self) -> str:
-        return "sealed" if self.final is None else self.final.lockbox_state
+        if self.final is None:
+            return "no test set" if self.test_rows == 0 else "sealed"
+        return self.final.lockbox_state
 
     def counts(self, what: str) -> Counter[str]:
         """How many complete trials carry each fit label (`fit`) or gradient label."""
@@ -239,6 +241,8 @@ def status_text(st: StudyStatus, top: int = 5) -> str:
 
 def lockbox_line(st: StudyStatus) -> str:
     f = st.final
+    if f is None and st.test_rows == 0:
+        return "none: the study holds back no test rows (test_size = 0)"
     if f is None:
         return "sealed: evaluated once, by `selector final`"
     if f.state != "finished":

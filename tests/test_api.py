@@ -138,6 +138,10 @@ def test_a_study_without_a_test_set_holds_back_no_rows_and_final_refuses_it(url:
     assert len(prep.test) == 0 and len(prep.dev) == 150
     with pytest.raises(RefusedError, match=r"holds back no test set \(data.test_size = 0\)"):
         selector.Study("iris-small", storage=url).final(progress=False)
+    from selector import summary
+
+    st = selector.Study("iris-small", storage=url).status()
+    assert st.lockbox == "no test set" and "holds back no test rows" in summary.status_text(st)
 
 
 def test_the_bar_is_drawn_in_a_jupyter_kernel(
