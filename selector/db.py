@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -108,13 +109,20 @@ def read_one(url: str, stmt: sa.Select[Any]) -> sa.Row[Any] | None:
     return rows[0] if rows else None
 
 
+@functools.cache
+def _create_tables(eng: sa.Engine) -> None:
+    """selector's tables, created once per engine (a process's first transaction on a URL): the
+    check costs a query per table, and trials write through `transaction` as they end."""
+    metadata.create_all(eng, checkfirst=True)
+
+
 @contextmanager
 def transaction(url: str) -> Iterator[sa.Connection]:
     """One transaction on selector's tables: commit on success, roll back on error; database
     errors become `StorageError` with the password masked. Creates the tables on first use."""
     eng = storage.engine(url)
     try:
-        metadata.create_all(eng, checkfirst=True)
+        _create_tables(eng)
         with eng.begin() as conn:
             yield conn
     except sa.exc.IntegrityError:

@@ -347,10 +347,15 @@ def trials(study: optuna.Study, states: tuple[TrialState, ...] | None = None) ->
 # models costs about 0.13 s, a third of `import optuna`). Optuna stores enums by name.
 _optuna = sa.MetaData()
 _c = sa.Column
+
+
+def _attrs_table(name: str, owner: str) -> sa.Table:
+    """One of Optuna's key/JSON-value attribute tables, owned by a study or a trial."""
+    return sa.Table(name, _optuna, _c(owner, sa.Integer), _c("key"), _c("value_json"))
+
+
 _studies_t = sa.Table("studies", _optuna, _c("study_id", sa.Integer), _c("study_name", sa.String))
-_study_attrs_t = sa.Table(
-    "study_user_attributes", _optuna, _c("study_id", sa.Integer), _c("key"), _c("value_json")
-)
+_study_attrs_t = _attrs_table("study_user_attributes", "study_id")
 _trials_t = sa.Table(
     "trials",
     _optuna,
@@ -360,12 +365,8 @@ _trials_t = sa.Table(
     _c("state", sa.String),
     _c("datetime_complete", sa.DateTime),
 )
-_user_attrs_t = sa.Table(
-    "trial_user_attributes", _optuna, _c("trial_id", sa.Integer), _c("key"), _c("value_json")
-)
-_system_attrs_t = sa.Table(
-    "trial_system_attributes", _optuna, _c("trial_id", sa.Integer), _c("key"), _c("value_json")
-)
+_user_attrs_t = _attrs_table("trial_user_attributes", "trial_id")
+_system_attrs_t = _attrs_table("trial_system_attributes", "trial_id")
 _params_t = sa.Table(
     "trial_params",
     _optuna,

@@ -24,6 +24,7 @@ from selector.errors import RefusedError
 from selector.record import (
     FOLDS_ROW,
     TARGET_ROW,
+    FinalResult,
     StudyRecord,
     TrialRecord,
     complete,
@@ -112,10 +113,13 @@ def record_choice(url: str, name: str, rule: Rule, trial: int, by: str) -> Choic
     return Choice(rule, trial, by, now.isoformat())
 
 
-def current(url: str, name: str, records: list[TrialRecord]) -> Choice | None:
-    """The study's choice now: the trial evaluated on the test set, else the recorded choice,
-    else what rule `best` picks (not recorded); None before any complete trial."""
-    prev = stored_final(url, name) if not storage.is_grpc(url) else None
+def current(
+    url: str, name: str, records: list[TrialRecord], final: FinalResult | None = None
+) -> Choice | None:
+    """The study's choice now: the trial evaluated on the test set (`final`, read here when not
+    given), else the recorded choice, else what rule `best` picks (not recorded); None before
+    any complete trial."""
+    prev = final or (stored_final(url, name) if not storage.is_grpc(url) else None)
     if prev is not None:
         return Choice(prev.rule, prev.trial, "final", prev.claimed_at)  # type: ignore[arg-type]
     chosen = recorded(url, name) if not storage.is_grpc(url) else None

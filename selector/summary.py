@@ -143,8 +143,8 @@ def status(url: str, name: str, *, estimate: bool = True) -> StudyStatus:
     views = [TrialView(r, labels.get(r.number)) for r in records]
     by_number = {v.record.number: v for v in views}
     states, failures = _counts(records)
-    choice = selection.current(url, name, records)
     final = record.stored_final(url, name) if not storage.is_grpc(url) else None
+    choice = selection.current(url, name, records, final)
     expected = (
         selection.estimate(url, rec, records, choice.rule)
         if estimate and choice is not None
