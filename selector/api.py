@@ -109,13 +109,15 @@ def run(
     threads: int | None = None,
     heartbeat: Heartbeat | None = None,
     progress: bool | Progress = True,
+    fuse: int | str | None = None,
 ) -> RunSummary:
     """Create or resume the study and run trials until its n_trials are finished (`n_trials`:
     at most that many now; `timeout`: start none after that many seconds). One worker runs in
     this process (`workers=1` repeats a run exactly); more run as processes sharing the cores
     (default: one per core on the CPU, 4 on a GPU, never more than the trials left).
     `progress`: a bar (True: on a terminal or in Jupyter, one line per trial elsewhere), none
-    (False), or a function told of each finished trial. Ctrl-C stops at the next epoch, the
+    (False), or a function told of each finished trial. `fuse`: the most trials trained as one
+    fused group (an int, or "auto"; default the study's `[search] fuse`). Ctrl-C stops at the next epoch, the
     running trial recorded as interrupted, and raises `KeyboardInterrupt`."""
     from selector import interrupt, launch, worker
     from selector import study as studies
@@ -129,7 +131,13 @@ def run(
         if n_workers == 1:
             with _torch_threads(threads or worker.torch_threads(1)):
                 return studies.run(
-                    s, url, n_trials=n_trials, timeout=timeout, heartbeat=beat, progress=tell
+                    s,
+                    url,
+                    n_trials=n_trials,
+                    timeout=timeout,
+                    heartbeat=beat,
+                    progress=tell,
+                    fuse=fuse,
                 )
         return launch.run(
             s,
@@ -140,6 +148,7 @@ def run(
             heartbeat=beat,
             threads=threads,  # None: the cores shared out among the workers started
             progress=tell,
+            fuse=fuse,
         )
 
 
@@ -470,6 +479,7 @@ class Study:
         workers: int | None = None,
         threads: int | None = None,
         progress: bool | Progress = True,
+        fuse: int | str | None = None,
     ) -> RunSummary:
         """Run trials until the study's n_trials are finished (see `selector.api.run`)."""
         return run(
@@ -479,6 +489,7 @@ class Study:
             workers=workers,
             threads=threads,
             progress=progress,
+            fuse=fuse,
         )
 
     def status(self) -> StudyStatus:

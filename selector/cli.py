@@ -263,6 +263,29 @@ StrictOpt = Annotated[
 ]
 
 
+FuseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--fuse",
+        help="The most trials trained together as one fused model: a number (1: one trial at a "
+        "time) or 'auto' (from a memory estimate and the measured cost of a step); default: the "
+        "study file's [search] fuse, 'auto' unless set",
+    ),
+]
+
+
+def _fuse(value: str | None) -> int | str | None:
+    """`--fuse`'s value checked: None, 'auto' or a whole number from 1 to 64."""
+    from selector.errors import SpecError
+    from selector.spec import MAX_FUSE
+
+    if value is None or value == "auto":
+        return value
+    if not value.isdigit() or not 1 <= int(value) <= MAX_FUSE:
+        raise SpecError(f"--fuse {value}: give a whole number from 1 to {MAX_FUSE}, or auto")
+    return int(value)
+
+
 @app.command()
 def run(
     study_file: Annotated[Path, typer.Argument(help="Study file (.toml)")],
@@ -282,6 +305,7 @@ def run(
     heartbeat: HeartbeatOpt = 10,
     grace: GraceOpt = 120,
     strict: StrictOpt = False,
+    fuse: FuseOpt = None,
 ) -> None:
     """Create or resume the study and run trials until its n_trials are finished."""
 
@@ -304,6 +328,7 @@ def run(
                 workers=workers,
                 threads=threads,
                 heartbeat=hb,
+                fuse=_fuse(fuse),
             )
 
         _run_then_report(trials, strict=strict)
@@ -331,6 +356,7 @@ def worker(
     heartbeat: HeartbeatOpt = 10,
     grace: GraceOpt = 120,
     strict: StrictOpt = False,
+    fuse: FuseOpt = None,
 ) -> None:
     """Join an existing study from any machine and run trials until its budget is spent."""
 
@@ -357,6 +383,7 @@ def worker(
                     timeout=timeout,
                     heartbeat=hb,
                     progress=bar.update,
+                    fuse=_fuse(fuse),
                 )
 
         _run_then_report(trials, strict=strict)

@@ -51,12 +51,13 @@ def _child(
     heartbeat: Heartbeat,
     threads: int,
     errors: Any,
+    fuse: int | str | None = None,
 ) -> None:
     worker.use_threads(threads)
     interrupt.defer()  # a Ctrl-C or SIGTERM (its own or the parent's): the next safe point
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
-        study.work(url, name, limit=limit, timeout=timeout, heartbeat=heartbeat)
+        study.work(url, name, limit=limit, timeout=timeout, heartbeat=heartbeat, fuse=fuse)
     except SelectorError as e:
         errors.put((os.getpid(), str(e), e.exit_code))
         raise SystemExit(e.exit_code) from None
@@ -74,6 +75,7 @@ def run(
     heartbeat: Heartbeat = Heartbeat(),
     threads: int | None = None,
     progress: worker.Progress | None = None,
+    fuse: int | str | None = None,
 ) -> record.RunSummary:
     """Create or resume the study and run `workers` processes on it until its budget is spent.
     A Ctrl-C or SIGTERM (deferred from the start, so that none comes while workers are started)
@@ -90,7 +92,7 @@ def run(
             ctx.Process(
                 target=_child,
                 name=f"selector-worker-{i}",
-                args=(url, spec.name, limit, timeout, heartbeat, threads, errors),
+                args=(url, spec.name, limit, timeout, heartbeat, threads, errors, fuse),
             )
             for i in range(workers)
         ]

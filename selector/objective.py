@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -81,6 +83,18 @@ class _Writer:
         self.flush({"fail_reason": reason, "error": error[-MAX_TRACEBACK_CHARS:]})
 
 
+@dataclass
+class Started:
+    """A trial that has started: its config and seed, its record so far, its writer, when."""
+
+    trial: optuna.Trial
+    config: TrialConfig
+    seed: int
+    record: TrialRecord
+    out: _Writer
+    began: float
+
+
 class Objective:
     """Callable for `study.optimize`. The K folds are preprocessed once per worker: each fold's
     statistics come from its own training rows, so every trial sees identical folds."""
@@ -90,16 +104,25 @@ class Objective:
         self.dev = dev
         self.metric = metrics.get(spec.metric)
         self.folds: list[FoldData] = list(iter_folds(dev))
+        self.n_out = dev.n_classes if dev.task == "classification" else 1
 
-    def __call__(
+    @property
+    def device(self) -> Any:
+        """The torch device trials train on."""
+        return engine.resolve_device(self.spec.training.device)
+
+    def start(
         self,
         trial: optuna.Trial,
         attrs: dict[str, Any] | None = None,
         system_attrs: dict[str, Any] | None = None,
-    ) -> float:
-        """Train and score one trial; `attrs` and `system_attrs` are recorded with its first
-        user attrs (the worker's id, the heartbeat it runs under)."""
-        config = sample_config(trial, self.spec.space)
+        config: TrialConfig | None = None,
+    ) -> Started:
+        """Sample the trial's config (unless `config`, sampled already, is given) and record its
+        start: its first user attrs with `attrs` (the worker's id, its group), and
+        `system_attrs` (the heartbeat it runs under)."""
+        if config is None:
+            config = sample_config(trial, self.spec.space)
         seed = engine.derive_seed(self.spec.seed, trial.number)
         n_in = self.folds[0].X_train.shape[1]
         n_out = self.dev.n_classes if self.dev.task == "classification" else 1
@@ -112,32 +135,85 @@ class Objective:
             n_params=count_params(config, n_in, n_out),
         )
         out.flush({**started.to_user_attrs(), **(attrs or {})}, system_attrs)
-        start = time.perf_counter()
+        return Started(trial, config, seed, started, out, time.perf_counter())
+
+    def __call__(
+        self,
+        trial: optuna.Trial,
+        attrs: dict[str, Any] | None = None,
+        system_attrs: dict[str, Any] | None = None,
+    ) -> float:
+        """Train and score one trial; `attrs` and `system_attrs` are recorded with its first
+        user attrs (the worker's id, the heartbeat it runs under)."""
+        s = self.start(trial, attrs, system_attrs)
         try:
-            result = train(self.spec, self.dev, self.folds, config, seed, on_epoch=out.epoch)
-        except optuna.TrialPruned:
-            out.flush({"seconds": round(time.perf_counter() - start, 3)})
+            result = train(self.spec, self.dev, self.folds, s.config, s.seed, on_epoch=s.out.epoch)
+        except BaseException as e:
+            self.record_failure(s, e)
             raise
-        except TrialDiverged as e:
-            out.fail("diverged", str(e))
-            raise
-        except interrupt.Terminated:
-            out.fail("terminated", "terminated by a signal (SIGTERM): the process was stopped")
-            raise
-        except KeyboardInterrupt:
-            out.fail("interrupted", "interrupted by the user (Ctrl-C)")
-            raise
-        except Exception as e:
-            if engine.is_out_of_memory(e):  # estimated before allocating, or a failed allocation
-                out.fail("oom", str(e).strip() or type(e).__name__)
-            else:
-                out.fail("exception", traceback.format_exc())
-            raise
-        done = finished_record(started, result, time.perf_counter() - start)
-        out.flush(done.to_user_attrs(), done.to_system_attrs())
-        self._write_oof(trial, result)
-        notes.annotate_trial(trial, done, self._diagnosis(trial, done))  # never raises
+        return self.finish(s, result)
+
+    def record_failure(self, s: Started, e: BaseException) -> None:
+        """Record why a trial stopped without a result: pruned (its time), diverged, terminated,
+        interrupted, out of memory, or an exception (its traceback)."""
+        if isinstance(e, optuna.TrialPruned):
+            s.out.flush({"seconds": round(time.perf_counter() - s.began, 3)})
+        elif isinstance(e, TrialDiverged):
+            s.out.fail("diverged", str(e))
+        elif isinstance(e, interrupt.Terminated):
+            s.out.fail("terminated", "terminated by a signal (SIGTERM): the process was stopped")
+        elif isinstance(e, KeyboardInterrupt):
+            s.out.fail("interrupted", "interrupted by the user (Ctrl-C)")
+        elif engine.is_out_of_memory(e):  # estimated before allocating, or a failed allocation
+            s.out.fail("oom", str(e).strip() or type(e).__name__)
+        else:
+            s.out.fail("exception", "".join(traceback.format_exception(e)))
+
+    def finish(self, s: Started, result: engine.CVResult) -> float:
+        """Record a trial's result: its record, out-of-fold predictions and dashboard note."""
+        done = finished_record(s.record, result, time.perf_counter() - s.began)
+        s.out.flush(done.to_user_attrs(), done.to_system_attrs())
+        self._write_oof(s.trial, result)
+        notes.annotate_trial(s.trial, done, self._diagnosis(s.trial, done))  # never raises
         return result.value
+
+    def group(
+        self,
+        members: list[Started],
+        on_done: Callable[[Started, engine.CVResult | Exception], None],
+    ) -> None:
+        """Train the `members` (sharing depth and batch size) as one fused model; each one's
+        epochs, pruning and result go to its own trial, `on_done(member, outcome)` as each
+        leaves the group (`selector.fused.drive_group`)."""
+        from selector import fused
+
+        prune_from = first_prunable_epoch(self.spec.search.pruner)
+        flushed = time.monotonic()
+
+        def on_epoch(epoch: int, values: dict[int, float]) -> dict[int, Exception]:
+            nonlocal flushed
+            interrupt.check()  # Ctrl-C: between epochs, every member recorded as interrupted
+            for i, value in values.items():
+                members[i].out.scores.append((epoch, value))
+            prunes = prune_from is not None and epoch >= prune_from
+            if prunes or time.monotonic() - flushed >= FLUSH_SECONDS:
+                flush_all([members[i].out for i in values])
+                flushed = time.monotonic()
+            if not prunes:
+                return {}
+            return storage.retrying(lambda: prune_members(members, values, epoch))
+
+        fused.cross_validate_group(
+            [m.config for m in members],
+            self.folds,
+            task=self.dev.task,
+            n_classes=self.dev.n_classes,
+            metric=self.metric,
+            training=self.spec.training,
+            seeds=[m.seed for m in members],
+            on_epoch=on_epoch,
+            on_done=lambda i, outcome: on_done(members[i], outcome),
+        )
 
     def _write_oof(self, trial: optuna.Trial, result: engine.CVResult) -> None:
         """The trial's out-of-fold predictions, for the bias-corrected estimate (SQL storages;
@@ -175,6 +251,35 @@ class Objective:
             max_epochs=self.spec.training.max_epochs,
         )
         return diagnose.diagnose(done, ctx)
+
+
+def flush_all(writers: list[_Writer]) -> None:
+    """What each writer has pending, all in one transaction (retried if transient)."""
+    writes = [storage.TrialWrite(w.trial, w.attrs, {}, w.scores) for w in writers]
+    storage.retrying(lambda: storage.write_trials(writes))
+    now = time.monotonic()
+    for w in writers:
+        w.scores, w.attrs, w.flushed = [], {}, now
+
+
+def prune_members(
+    members: list[Started], values: dict[int, float], epoch: int
+) -> dict[int, Exception]:
+    """The study pruner's decision for each member scored this epoch, from one read of the
+    study's trials (`storage.one_read`): the members that stop, as `TrialPruned`."""
+    if not values:
+        return {}
+    study = members[next(iter(values))].trial.study
+    pruned: dict[int, Exception] = {}
+    with record.one_read(study):
+        for i, value in values.items():
+            m = members[i]
+            if study.pruner.prune(study, m.trial._cached_frozen_trial):
+                m.out.attrs["pruned_at_epoch"] = epoch
+                pruned[i] = optuna.TrialPruned(
+                    f"pruned at epoch {epoch} (mean CV score {value:.4f})"
+                )
+    return pruned
 
 
 def finished_record(started: TrialRecord, r: engine.CVResult, seconds: float) -> TrialRecord:

@@ -17,10 +17,12 @@ torch nor the engine.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import math
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +210,8 @@ class TrialRecord:
     seed: int | None = None
     fold_seeds: tuple[int, ...] = ()
     worker: int | None = None
+    group: int | None = None  # a fused trial: its group's first trial number and its size
+    group_size: int | None = None
     n_params: int | None = None
     fold_scores: tuple[float, ...] = ()
     train_fold_scores: tuple[float, ...] = ()
@@ -263,6 +267,8 @@ class TrialRecord:
             "seed": self.seed,
             "fold_seeds": list(self.fold_seeds) or None,
             "worker": self.worker,
+            "group": self.group,
+            "group_size": self.group_size,
             "n_params": self.n_params,
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
@@ -320,6 +326,8 @@ class TrialRecord:
             seed=_int(a.get("seed")),
             fold_seeds=tuple(int(s) for s in a.get("fold_seeds") or ()),
             worker=_int(a.get("worker")),
+            group=_int(a.get("group")),
+            group_size=_int(a.get("group_size")),
             n_params=_int(a.get("n_params")),
             fold_scores=tuple(float(x) for x in a.get("fold_scores") or ()),
             train_fold_scores=tuple(float(x) for x in a.get("train_fold_scores") or ()),
@@ -363,7 +371,16 @@ _trials_t = sa.Table(
     _c("number", sa.Integer),
     _c("study_id", sa.Integer),
     _c("state", sa.String),
+    _c("datetime_start", sa.DateTime),
     _c("datetime_complete", sa.DateTime),
+)
+_intermediate_t = sa.Table(
+    "trial_intermediate_values",
+    _optuna,
+    _c("trial_id", sa.Integer),
+    _c("step", sa.Integer),
+    _c("intermediate_value", sa.Float),
+    _c("intermediate_value_type", sa.String),
 )
 _user_attrs_t = _attrs_table("trial_user_attributes", "trial_id")
 _system_attrs_t = _attrs_table("trial_system_attributes", "trial_id")
@@ -386,7 +403,126 @@ _values_t = sa.Table(
 _beats_t = sa.Table(
     "trial_heartbeats", _optuna, _c("trial_id", sa.Integer), _c("heartbeat", sa.DateTime)
 )
-_INF = {"INF_POS": math.inf, "INF_NEG": -math.inf}
+_INF = {"INF_POS": math.inf, "INF_NEG": -math.inf, "NAN": math.nan}
+
+
+def frozen_trials(conn: sa.Connection, trial_ids: Any) -> list[FrozenTrial]:
+    """The trials `trial_ids` (a subquery or list) as Optuna's `FrozenTrial`s, equal to what its
+    storage reads, from six Core queries instead of its ORM loading (a tenth of the time for a
+    fused group's running members: `refresh`)."""
+    from optuna.distributions import json_to_distribution
+
+    t = _trials_t.c
+    rows = list(
+        conn.execute(
+            sa.select(t.trial_id, t.number, t.state, t.datetime_start, t.datetime_complete).where(
+                t.trial_id.in_(trial_ids)
+            )
+        )
+    )
+    if not rows:
+        return []
+    user = _by_trial(conn, _user_attrs_t, trial_ids)
+    system = _by_trial(conn, _system_attrs_t, trial_ids)
+    p = _params_t.c
+    params: dict[int, dict[str, Any]] = {}
+    dists: dict[int, dict[str, Any]] = {}
+    parsed: dict[str, Any] = {}
+    for tid, name, value, dj in conn.execute(
+        sa.select(p.trial_id, p.param_name, p.param_value, p.distribution_json).where(
+            p.trial_id.in_(trial_ids)
+        )
+    ):
+        dist = parsed.get(dj) or parsed.setdefault(dj, json_to_distribution(dj))
+        params.setdefault(tid, {})[name] = dist.to_external_repr(value)
+        dists.setdefault(tid, {})[name] = dist
+    v = _values_t.c
+    values: dict[int, dict[int, float]] = {}
+    for tid, objective, value, kind in conn.execute(
+        sa.select(v.trial_id, v.objective, v.value, v.value_type).where(v.trial_id.in_(trial_ids))
+    ):
+        values.setdefault(tid, {})[objective] = _INF.get(kind, value)
+    i = _intermediate_t.c
+    steps: dict[int, dict[int, float]] = {}
+    for tid, step, value, kind in conn.execute(
+        sa.select(i.trial_id, i.step, i.intermediate_value, i.intermediate_value_type).where(
+            i.trial_id.in_(trial_ids)
+        )
+    ):
+        steps.setdefault(tid, {})[step] = _INF.get(kind, value)
+    out = []
+    for tid, number, state, start, end in rows:
+        vals = values.get(tid)
+        out.append(
+            FrozenTrial(
+                number=number,
+                state=TrialState[state],
+                value=None,
+                values=[vals[k] for k in sorted(vals)] if vals else None,
+                datetime_start=start,
+                datetime_complete=end,
+                params=params.get(tid, {}),
+                distributions=dists.get(tid, {}),
+                user_attrs=user.get(tid, {}),
+                system_attrs=system.get(tid, {}),
+                intermediate_values=steps.get(tid, {}),
+                trial_id=tid,
+            )
+        )
+    return sorted(out, key=lambda f: f.number)
+
+
+def refresh(study: optuna.Study) -> None:
+    """Bring Optuna's cache of the study's trials up to date as its cached storage would at
+    each `get_trials` (every trial that was unfinished, and every newer one), with
+    `frozen_trials`. Where the storage is not Optuna's cached RDB storage, its own refresh."""
+    store: Any = study._storage
+    backend = getattr(store, "_backend", None)
+    own = getattr(type(store), "_read_trials_from_remote_storage", None)
+    if own is None:
+        return
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        own(store, study._study_id)
+        return
+    with store._lock:
+        cache = store._studies.setdefault(
+            study._study_id, optuna.storages._cached_storage._StudyInfo()
+        )
+        t = _trials_t.c
+        wanted = sa.select(t.trial_id).where(
+            t.study_id == study._study_id,
+            sa.or_(
+                t.trial_id.in_(sorted(cache.unfinished_trial_ids) or [-1]),
+                t.trial_id > cache.last_finished_trial_id,
+            ),
+        )
+        with backend.engine.connect() as conn:
+            trials = frozen_trials(conn, wanted)
+        store._add_trials_to_cache(study._study_id, trials)
+        for trial in trials:
+            if not trial.state.is_finished():
+                cache.unfinished_trial_ids.add(trial._trial_id)
+                continue
+            cache.last_finished_trial_id = max(cache.last_finished_trial_id, trial._trial_id)
+            cache.unfinished_trial_ids.discard(trial._trial_id)
+
+
+@contextlib.contextmanager
+def one_read(study: optuna.Study) -> Iterator[None]:
+    """Within the block, the study's trials as read once at its start (`refresh`): Optuna's
+    cached storage otherwise reads every running trial back through its ORM at each
+    `get_trials` (each pruner decision, each parameter a sampler draws), about 25 ms with a
+    fused group's members running."""
+    store: Any = study._storage
+    if getattr(type(store), "_read_trials_from_remote_storage", None) is None:
+        yield
+        return
+    refresh(study)
+    store._read_trials_from_remote_storage = lambda study_id: None
+    try:
+        yield
+    finally:
+        del store._read_trials_from_remote_storage
 
 
 def read_trials(url: str, name: str) -> tuple[dict[str, Any], list[TrialRecord]]:

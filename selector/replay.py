@@ -1,4 +1,5 @@
 """Re-run one finished trial from its stored params and seed, and compare its fold scores.
+A fused trial is re-run with its whole group, as it ran (`_replay_group`).
 
 The config is rebuilt through the search space (`TrialRecord.config`), the folds from the
 study's recorded spec and data (fingerprints checked), the training seed from the trial's attrs.
@@ -13,6 +14,7 @@ import numpy as np
 from optuna.trial import TrialState
 
 from selector import data, objective, record
+from selector.engine import CVResult
 from selector.errors import RefusedError, StudyError
 
 TOLERANCE = 1e-6
@@ -30,6 +32,49 @@ class Replay:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _replay_group(
+    study: Any,
+    spec: Any,
+    dev: data.DevSet,
+    folds: list[data.FoldData],
+    members: list[record.TrialRecord],
+) -> dict[int, tuple[list[float], list[float]]]:
+    """Re-run a fused trial's whole group as it ran: the same members, seeds and order, each
+    pruned member leaving at the epoch it was pruned (the others stop early or diverge on their
+    own), so every step has the shapes it had. Each member's curve and final fold scores."""
+    from selector import fused, metrics
+
+    frozen = study.get_trials(deepcopy=False)
+    pruned_at = {
+        i: len(frozen[m.number].intermediate_values)
+        for i, m in enumerate(members)
+        if m.state == TrialState.PRUNED
+    }
+    curves: dict[int, list[float]] = {i: [] for i in range(len(members))}
+
+    def on_epoch(epoch: int, values: dict[int, float]) -> dict[int, Exception]:
+        for i, v in values.items():
+            curves[i].append(v)
+        return {i: RefusedError("pruned") for i in values if pruned_at.get(i) == epoch}
+
+    out = fused.cross_validate_group(
+        [m.config(spec.space) for m in members],
+        folds,
+        task=dev.task,
+        n_classes=dev.n_classes,
+        metric=metrics.get(spec.metric),
+        training=spec.training,
+        seeds=[int(m.seed or 0) for m in members],
+        on_epoch=on_epoch,
+    )
+    result: dict[int, tuple[list[float], list[float]]] = {}
+    for i, m in enumerate(members):
+        got = out.get(i)
+        scores = list(got.fold_scores) if isinstance(got, CVResult) else []
+        result[m.number] = (curves[i], scores)
+    return result
 
 
 def replay(url: str, name: str, number: int) -> Replay:
@@ -54,18 +99,19 @@ def replay(url: str, name: str, number: int) -> Replay:
     if trial.state == TrialState.PRUNED:  # re-run the epochs it had before it was pruned
         training = spec.training.model_copy(update={"max_epochs": len(curve)})
         spec = spec.model_copy(update={"training": training})
-    result = objective.train(
-        spec,
-        dev,
-        list(data.iter_folds(dev)),
-        config,
-        int(trial.seed or 0),
-        on_epoch=None,
-    )
-    if trial.state == TrialState.COMPLETE:
-        stored, replayed = list(trial.fold_scores), result.fold_scores
+    folds = list(data.iter_folds(dev))
+    if (trial.group_size or 1) > 1:
+        members = [t for t in trials if t.group == trial.group]
+        curves = _replay_group(study, rec.spec, dev, folds, members)
+        replayed_curve, fold_scores = curves[trial.number]
+        stored = list(trial.fold_scores) if trial.state == TrialState.COMPLETE else curve
+        replayed = fold_scores if trial.state == TrialState.COMPLETE else replayed_curve
     else:
-        stored, replayed = curve, result.val_curve[: len(curve)]
+        result = objective.train(spec, dev, folds, config, int(trial.seed or 0), on_epoch=None)
+        if trial.state == TrialState.COMPLETE:
+            stored, replayed = list(trial.fold_scores), result.fold_scores
+        else:
+            stored, replayed = curve, result.val_curve[: len(curve)]
     diff = (
         float(np.max(np.abs(np.subtract(stored, replayed))))
         if len(stored) == len(replayed)

@@ -222,10 +222,16 @@ class TrainingSpec(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "auto"
 
 
+MAX_FUSE = 64
+
+
 class SearchSpec(_Strict):
     sampler: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"
     max_failures: int = Field(default=10, ge=1)
+    # Trials trained together as one fused model (`selector.fused`): 1 trains one at a time,
+    # "auto" picks the group size from a memory estimate and a measured cost model.
+    fuse: Annotated[int, Field(ge=1, le=MAX_FUSE)] | Literal["auto"] = "auto"
 
 
 class SpaceSpec(BaseModel):

@@ -281,7 +281,7 @@ class StackedMLP:
         ]
 
 
-def _pad_rows(arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+def pad_rows(arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
     """Stack per-fold arrays of unequal row counts into (K, max rows, ...), zero-padded."""
     n_max = max(a.shape[0] for a in arrays)
     first = arrays[0]
@@ -328,9 +328,9 @@ class StackedRun:
         self.gens = [torch.Generator().manual_seed(s) for s in seeds]
         self.n_train = [f.X_train.shape[0] for f in folds]
         self.n_val = [f.X_val.shape[0] for f in folds]
-        self.X = _pad_rows([f.X_train for f in folds], device)  # (K, n_max, in)
-        self.y = _pad_rows([f.y_train for f in folds], device)  # (K, n_max)
-        self.X_val = _pad_rows([f.X_val for f in folds], device)
+        self.X = pad_rows([f.X_train for f in folds], device)  # (K, n_max, in)
+        self.y = pad_rows([f.y_train for f in folds], device)  # (K, n_max)
+        self.X_val = pad_rows([f.X_val for f in folds], device)
         self.n_max = int(self.X.shape[1])
         self.X_flat = self.X.reshape(self.K * self.n_max, n_in)
         self.y_flat = self.y.reshape(self.K * self.n_max)

@@ -18,7 +18,7 @@ import stat
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -497,6 +497,16 @@ def stale_trial_ids(study: optuna.Study) -> list[int]:
     return out
 
 
+@dataclass(frozen=True)
+class TrialWrite:
+    """What `write_trials` records for one running trial."""
+
+    trial: optuna.Trial
+    user_attrs: Mapping[str, Any] = field(default_factory=dict)
+    system_attrs: Mapping[str, Any] = field(default_factory=dict)
+    intermediate: Sequence[tuple[int, float]] = ()
+
+
 def write_trial(
     trial: optuna.Trial,
     *,
@@ -505,59 +515,82 @@ def write_trial(
     intermediate: Sequence[tuple[int, float]] = (),
 ) -> None:
     """Record a running trial's user attrs, system attrs and intermediate values (step, value)
-    together.
+    together (`write_trials` for one trial)."""
+    write_trials([TrialWrite(trial, user_attrs or {}, system_attrs or {}, intermediate)])
 
-    On SQLite and PostgreSQL this is one transaction (the trial's state check, one multi-row
-    insert of the values, one multi-row upsert per kind of attrs) into Optuna's
+
+def write_trials(writes: Sequence[TrialWrite]) -> None:
+    """Record running trials' user attrs, system attrs and intermediate values (step, value).
+
+    On SQLite and PostgreSQL this is one transaction for all of them (each trial's state check,
+    one multi-row insert of the values, one multi-row upsert per kind of attrs) into Optuna's
     own tables, with the row formats `report` and `set_user_attr` write. One call per value costs
-    a commit each: 20 epochs and 20 attrs took about 65 ms on SQLite that way. The trial's own
-    cached copy is updated as theirs is. Other storages get one call per value. Steps already
-    reported are skipped, as `report` skips them."""
-    attrs, system = dict(user_attrs or {}), dict(system_attrs or {})
-    cached = trial._cached_frozen_trial
-    values = dict(
-        (int(s), float(v)) for s, v in intermediate if int(s) not in cached.intermediate_values
-    )
-    rdb = _rdb_behind(trial.study._storage)
+    a commit each: 20 epochs and 20 attrs took about 65 ms on SQLite that way; a fused group's
+    members write their epoch together. Each trial's own cached copy is updated as theirs is.
+    Other storages get one call per value. Steps already reported are skipped, as `report`
+    skips them."""
+    if not writes:
+        return
+    pending = []
+    for w in writes:
+        cached = w.trial._cached_frozen_trial
+        values = dict(
+            (int(s), float(v))
+            for s, v in w.intermediate
+            if int(s) not in cached.intermediate_values
+        )
+        pending.append((w, values, dict(w.user_attrs), dict(w.system_attrs)))
+    rdb = _rdb_behind(writes[0].trial.study._storage)
     if rdb is None or rdb.engine.name not in ("sqlite", "postgresql"):
-        for step, value in values.items():
-            trial.report(value, step)
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        for key, value in system.items():
-            trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+        for w, values, attrs, system in pending:
+            trial = w.trial
+            for step, value in values.items():
+                trial.report(value, step)
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            for key, value in system.items():
+                trial.storage.set_trial_system_attr(trial._trial_id, key, value)
         return
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
-    tid = trial._trial_id
+    rows: list[dict[str, Any]] = []
+    user: list[dict[str, Any]] = []
+    sys_rows: list[dict[str, Any]] = []
+    for w, values, attrs, system in pending:
+        tid = w.trial._trial_id
+        for step, value in values.items():
+            stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
+                value
+            )
+            rows.append(
+                {
+                    "trial_id": tid,
+                    "step": step,
+                    "intermediate_value": stored,
+                    "intermediate_value_type": kind,
+                }
+            )
+        user += _attr_rows(tid, attrs)
+        sys_rows += _attr_rows(tid, system)
     with _create_scoped_session(rdb.scoped_session, True) as session:
-        row = models.TrialModel.find_or_raise_by_id(tid, session)
-        rdb.check_trial_is_updatable(tid, row.state)  # type: ignore[arg-type]
-        if values:
-            rows = []
-            for step, value in values.items():
-                stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
-                    value
-                )
-                rows.append(
-                    {
-                        "trial_id": tid,
-                        "step": step,
-                        "intermediate_value": stored,
-                        "intermediate_value_type": kind,
-                    }
-                )
+        for w, *_ in pending:
+            tid = w.trial._trial_id
+            row = models.TrialModel.find_or_raise_by_id(tid, session)
+            rdb.check_trial_is_updatable(tid, row.state)  # type: ignore[arg-type]
+        if rows:
             session.execute(sa.insert(models.TrialIntermediateValueModel), rows)
         for table, pairs in (
-            (models.TrialUserAttributeModel, attrs),
-            (models.TrialSystemAttributeModel, system),
+            (models.TrialUserAttributeModel, user),
+            (models.TrialSystemAttributeModel, sys_rows),
         ):
             if pairs:
-                session.execute(_upsert(rdb.engine.name, table), _attr_rows(tid, pairs))
-    cached.intermediate_values.update(values)
-    cached.user_attrs.update(attrs)
-    cached.system_attrs.update(system)
+                session.execute(_upsert(rdb.engine.name, table), pairs)
+    for w, values, attrs, system in pending:
+        cached = w.trial._cached_frozen_trial
+        cached.intermediate_values.update(values)
+        cached.user_attrs.update(attrs)
+        cached.system_attrs.update(system)
 
 
 def _upsert(dialect: str, table: Any) -> Any:

@@ -224,8 +224,10 @@ def run(
     timeout: float | None = None,
     heartbeat: Heartbeat = Heartbeat(),
     progress: worker.Progress | None = None,
+    fuse: int | str | None = None,
 ) -> record.RunSummary:
-    """Create or resume the study, then work on it in this process."""
+    """Create or resume the study, then work on it in this process (`fuse`: the most trials
+    trained as one group, default the study file's `[search] fuse`)."""
     study, prep, _ = create_or_resume(spec, url)
     limit = budget_limit(study, url, spec.n_trials, n_trials)
     objective = Objective(spec, data.dev_set(prep))
@@ -238,6 +240,7 @@ def run(
         timeout=timeout,
         heartbeat=heartbeat,
         progress=progress,
+        fuse=fuse,
     )
 
 
@@ -313,6 +316,7 @@ def work(
     timeout: float | None = None,
     heartbeat: Heartbeat = Heartbeat(),
     progress: worker.Progress | None = None,
+    fuse: int | str | None = None,
 ) -> record.RunSummary:
     """`selector worker`: join an existing study and run trials until its budget is spent
     (or `n_trials` more are finished, or the study holds `limit` finished trials)."""
@@ -333,4 +337,5 @@ def work(
         timeout=timeout,
         heartbeat=heartbeat,
         progress=progress,
+        fuse=fuse,
     )

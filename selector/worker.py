@@ -29,10 +29,10 @@ import sqlalchemy as sa
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from selector import interrupt, storage
-from selector.engine import derive_seed, resolve_device
+from selector import interrupt, record, storage
+from selector.engine import CVResult, derive_seed, resolve_device
 from selector.errors import SelectorError, StorageError
-from selector.objective import MEDIAN_WARMUP, Objective
+from selector.objective import MEDIAN_WARMUP, Objective, Started
 from selector.record import (
     ACTIVE,
     FINISHED,
@@ -42,6 +42,7 @@ from selector.record import (
     describe_failure,
     summarize,
 )
+from selector.space import TrialConfig, sample_config
 from selector.spec import StudySpec
 from selector.storage import Heartbeat
 
@@ -56,8 +57,13 @@ class FailureStreakError(SelectorError):
     exit_code = 1
 
 
-def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """Each worker's sampler gets its own seed, derived from the study seed and its worker id."""
+def make_sampler(
+    spec: StudySpec, worker: int = 0, fusing: bool = False
+) -> optuna.samplers.BaseSampler:
+    """Each worker's sampler gets its own seed, derived from the study seed and its worker id.
+    Where a worker trains groups of trials (`fusing`), TPE runs with its constant liar: the
+    group's running members count as bad results while the next member is sampled, so the
+    members of one group spread out instead of repeating each other."""
     seed = derive_seed(spec.seed, 1_000_003, worker)
     name = spec.search.sampler
     if name == "random":
@@ -66,7 +72,7 @@ def make_sampler(spec: StudySpec, worker: int = 0) -> optuna.samplers.BaseSample
         return optuna.samplers.GPSampler(seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=fusing)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -133,29 +139,83 @@ def claim(study: optuna.Study, url: str, limit: int) -> optuna.Trial | None:
             return study.ask()
 
 
+def claim_group(
+    study: optuna.Study, url: str, limit: int, size: int, objective: Objective
+) -> list[tuple[optuna.Trial, TrialConfig | None]]:
+    """Start up to `size` trials that can train as one fused group, if the budget allows.
+
+    The first (the leader) is sampled freely. The others are sampled with the leader's depth and
+    batch size fixed (`fused.group_key`; Optuna's `PartialFixedSampler` over the study's own
+    sampler), every other parameter as the sampler chooses. All are claimed under the budget lock,
+    so `n_trials` stays exact; members are as many as fit in memory at the space's widest width.
+    Returns each trial with its config (None for a lone trial, sampled when it starts)."""
+    from selector import fused
+
+    with budget_lock(url, study.study_name):
+        free = limit - count(study, ACTIVE)
+        if free <= 0:
+            return []
+        with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for optimize()
+            warnings.simplefilter("ignore", UserWarning)
+            leader = study.ask()
+            n = min(size, free)
+            if n <= 1:
+                return [(leader, None)]
+            space = objective.spec.space
+            with record.one_read(study):  # one read of the study per member, not per parameter
+                config = sample_config(leader, space)
+            n = fused.members_that_fit(
+                fused.widest(config, space), objective.folds, objective.n_out, objective.device, n
+            )
+            fixed = {
+                name: getattr(config, name)
+                for name in fused.GROUP_KEY
+                if getattr(space, name).kind != "fixed"
+            }
+            own = study.sampler
+            with warnings.catch_warnings():  # experimental since Optuna 2.4, and stable since
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.sampler = optuna.samplers.PartialFixedSampler(fixed, own)
+            try:
+                members: list[tuple[optuna.Trial, TrialConfig | None]] = [(leader, config)]
+                for _ in range(n - 1):
+                    trial = study.ask()
+                    with record.one_read(study):  # sees the members sampled before it
+                        members.append((trial, sample_config(trial, space)))  # the key fixed
+            finally:
+                study.sampler = own
+    return members
+
+
 # --- running one trial ----------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def beating(study: optuna.Study, trial: optuna.Trial, every: int) -> Iterator[None]:
-    """Record the trial's heartbeat from a thread while it trains."""
+def beating(
+    study: optuna.Study, trial: optuna.Trial | list[optuna.Trial], every: int
+) -> Iterator[set[int]]:
+    """Record the heartbeats of `trial` (or of each trial in a list) from a thread while they
+    train; yields the set of trial ids still beating (remove one as it is told)."""
+    trials = trial if isinstance(trial, list) else [trial]
+    live = {t._trial_id for t in trials}
     store: Any = study._storage  # Optuna wraps an RDBStorage in a cache that beats for it
     if getattr(store, "get_heartbeat_interval", lambda: None)() is None:
-        yield
+        yield live
         return
     stop = threading.Event()
 
     def beat() -> None:
         while True:
-            with contextlib.suppress(Exception):  # a missed beat is retried; never kill the trial
-                store.record_heartbeat(trial._trial_id)
+            for trial_id in list(live):
+                with contextlib.suppress(Exception):  # a missed beat is retried; never kill it
+                    store.record_heartbeat(trial_id)
             if stop.wait(every):
                 return
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trials[0].number}", daemon=True)
     thread.start()
     try:
-        yield
+        yield live
     finally:
         stop.set()
         thread.join()
@@ -187,6 +247,55 @@ def run_trial(
         except Exception:  # recorded by the objective with its reason; the study goes on
             state = TrialState.FAIL
     return storage.retrying(lambda: _tell(study, trial, value, state))
+
+
+def run_group(
+    study: optuna.Study,
+    claimed: list[tuple[optuna.Trial, TrialConfig | None]],
+    objective: Objective,
+    heartbeat: Heartbeat,
+    worker: int = 0,
+    on_told: Callable[[FrozenTrial], None] | None = None,
+) -> list[FrozenTrial]:
+    """Train `trials` as one fused group (`Objective.group`). Each member is told as it leaves
+    the group: complete, pruned or failed with its own reason; `on_told(frozen)` then. A
+    Ctrl-C or SIGTERM fails every member still training and is raised; an error of the group
+    itself (out of memory) fails those members with its reason and the study goes on."""
+    beat = {"interval": heartbeat.interval, "grace": heartbeat.grace}
+    told: dict[int, FrozenTrial] = {}
+    trials = [t for t, _ in claimed]
+    with beating(study, trials, heartbeat.interval) as live:
+        attrs = {"worker": worker, "group": trials[0].number, "group_size": len(trials)}
+        members = [objective.start(t, attrs, {HEARTBEAT_ATTR: beat}, c) for t, c in claimed]
+
+        def tell(m: Started, outcome: CVResult | BaseException) -> None:
+            value: float | None = None
+            if isinstance(outcome, CVResult):
+                value, state = objective.finish(m, outcome), TrialState.COMPLETE
+            else:
+                objective.record_failure(m, outcome)
+                pruned = isinstance(outcome, optuna.TrialPruned)
+                state = TrialState.PRUNED if pruned else TrialState.FAIL
+            frozen = storage.retrying(lambda: _tell(study, m.trial, value, state))
+            told[m.trial.number] = frozen
+            live.discard(m.trial._trial_id)
+            if on_told is not None:
+                on_told(frozen)
+
+        def fail_rest(e: BaseException) -> None:
+            for m in members:
+                if m.trial.number not in told:
+                    with contextlib.suppress(Exception):
+                        tell(m, e)
+
+        try:
+            objective.group(members, tell)
+        except (KeyboardInterrupt, SelectorError) as e:  # a stop, or the storage failed
+            fail_rest(e)
+            raise
+        except Exception as e:  # the group could not train (out of memory): its members fail
+            fail_rest(e)
+    return [told[t.number] for t in trials if t.number in told]
 
 
 def _tell(
@@ -244,12 +353,15 @@ def work(
     timeout: float | None = None,
     heartbeat: Heartbeat = Heartbeat(),
     progress: Progress | None = None,
+    fuse: int | str | None = None,
 ) -> RunSummary:
-    """Run trials until the study holds `limit` finished trials or `timeout` seconds passed."""
+    """Run trials until the study holds `limit` finished trials or `timeout` seconds passed;
+    in fused groups of up to `fuse` trials (default: the study's `[search] fuse`)."""
+    size = group_size(spec, objective, spec.search.fuse if fuse is None else fuse)
     study = optuna.load_study(
         study_name=spec.name,
         storage=storage.open_storage(url, must_exist=True, heartbeat=heartbeat),
-        sampler=make_sampler(spec, worker),
+        sampler=make_sampler(spec, worker, fusing=size > 1),
         pruner=make_pruner(spec),
     )
     deadline = time.monotonic() + timeout if timeout is not None else math.inf
@@ -257,22 +369,58 @@ def work(
     while time.monotonic() < deadline:
         interrupt.check()
         storage.retrying(lambda: reap_stale(study))
-        trial = storage.retrying(lambda: claim(study, url, limit))
-        if trial is None:
+        claimed = storage.retrying(lambda: claim_group(study, url, limit, size, objective))
+        if not claimed:
             if storage.retrying(lambda: count(study)) >= limit:
                 break
             time.sleep(POLL_S)  # trials elsewhere are running; one may fail and free a place
             continue
-        frozen = run_trial(study, trial, objective, heartbeat, worker)
-        ran += frozen.state in FINISHED
-        if progress is not None:
-            storage.retrying(functools.partial(progress, study, frozen))
-        if streak.add(frozen):
-            raise FailureStreakError(
-                f"study {spec.name!r} stopped after {streak.n} consecutive failed trials; "
-                f"last error: {streak.last}"
-            )
+        if len(claimed) == 1:
+            done = [run_trial(study, claimed[0][0], objective, heartbeat, worker)]
+            if progress is not None:
+                storage.retrying(functools.partial(progress, study, done[0]))
+        else:
+
+            def told(frozen: FrozenTrial) -> None:
+                if progress is not None:
+                    storage.retrying(functools.partial(_progress, progress, study, frozen))
+
+            done = run_group(study, claimed, objective, heartbeat, worker, on_told=told)
+        for frozen in done:
+            ran += frozen.state in FINISHED
+            if streak.add(frozen):
+                raise FailureStreakError(
+                    f"study {spec.name!r} stopped after {streak.n} consecutive failed trials; "
+                    f"last error: {streak.last}"
+                )
     return storage.retrying(lambda: summarize(study, limit, ran=ran))
+
+
+def _progress(progress: Progress, study: optuna.Study, frozen: FrozenTrial) -> None:
+    """Tell `progress` of a finished member, from one read of the study's trials."""
+    with record.one_read(study):
+        progress(study, frozen)
+
+
+def group_size(spec: StudySpec, objective: Objective, fuse: int | str) -> int:
+    """The most trials this worker trains as one group: `fuse`, or for "auto" the size the
+    fused engine's cost model gives (`fused.choose_size`), at most a quarter of the study's
+    trials (so the sampler learns from several rounds)."""
+    if fuse != "auto":
+        return int(fuse)
+    from selector import fused
+
+    cap = max(1, spec.n_trials // AUTO_ROUNDS)
+    if cap == 1:
+        return 1
+    sizing = fused.choose_size(
+        spec.space, objective.folds, n_out=objective.n_out, device=objective.device, cap=cap
+    )
+    return sizing.size
+
+
+# A study fused with "auto" runs in at least this many rounds of groups.
+AUTO_ROUNDS = 4
 
 
 def reap_stale(study: optuna.Study) -> None:

@@ -1,0 +1,427 @@
+"""Best CV score against wall time for whole searches: `python -m bench.anytime`.
+
+Four contenders search the same space on the same folds, each in its own process, pinned to its
+own core with one thread (`taskset`), two at a time side by side:
+
+  (a) the typical Optuna script: TPE, a DataLoader per fold, folds in turn, no pruning (each fold
+      trains up to max_epochs with the study's patience and scores its best epoch);
+  (b) the same with Optuna's MedianPruner on the running mean over folds;
+  (c) `selector run --fuse 1` (one trial at a time, the stacked engine);
+  (d) `selector run` as shipped (fused trials, `[search] fuse = "auto"`).
+
+For each data set it prints trials per minute, the best CV score at 1, 2, 4 and 8 minutes, the
+time each contender needs to reach (a)'s final best, and the test score of each one's chosen
+config (its refit on all dev rows, scored once on the held-out rows). `--calibrate` prints the
+fused engine's measured step costs instead (`selector.fused.COST`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKS = (1, 2, 4, 8)  # minutes at which the best CV score is shown
+CONTENDERS = {
+    "a": "(a) Optuna + DataLoader, TPE",
+    "b": "(b) (a) + MedianPruner",
+    "c": "(c) selector run --fuse 1",
+    "d": "(d) selector run",
+}
+
+SYNTHETIC_STUDY = """
+name = "bench-synthetic"
+metric = "accuracy"
+n_trials = 100000
+seed = 0
+
+[data]
+path = "{path}"
+target = "target"
+test_size = 0.2
+
+[cv]
+folds = 5
+
+[training]
+max_epochs = 20
+patience = 4
+device = "cpu"
+
+[space]
+depth = {{ low = 1, high = 3 }}
+width = {{ low = 64, high = 512, log = true }}
+activation = ["relu", "leaky_relu", "gelu"]
+dropout = {{ low = 0.0, high = 0.3 }}
+weight_decay = {{ low = 1e-6, high = 1e-2, log = true }}
+batch_size = [128, 256, 512]
+optimizer = ["momentum", "rmsprop", "adam", "adamw"]
+lr = {{ low = 3e-4, high = 3e-2, log = true }}
+batch_norm = [false, true]
+residual = [false, true]
+"""
+
+
+def study_file(dataset: str, workdir: Path) -> Path:
+    """The study file a data set is searched with: the repository's, with an unbounded budget
+    (the contenders run until their time is up), or the 50,000 x 100 set written here."""
+    import tomllib
+
+    import tomli_w
+
+    if dataset == "synthetic":
+        import numpy as np
+        import pandas as pd
+        from sklearn.datasets import make_classification
+
+        X, y = make_classification(
+            n_samples=50_000,
+            n_features=100,
+            n_informative=20,
+            n_redundant=10,
+            n_classes=5,
+            random_state=0,
+        )
+        frame = pd.DataFrame(X.astype(np.float32), columns=[f"x{i}" for i in range(100)])
+        frame["target"] = y
+        csv = workdir / "synthetic.csv"
+        frame.to_csv(csv, index=False)
+        path = workdir / "synthetic.toml"
+        path.write_text(SYNTHETIC_STUDY.format(path=csv))
+        return path
+    raw = tomllib.loads((ROOT / "studies" / f"{dataset}.toml").read_text())
+    raw["n_trials"] = 100_000
+    raw.setdefault("training", {})["device"] = "cpu"
+    data = raw["data"]
+    if "path" in data:
+        data["path"] = str((ROOT / "studies" / data["path"]).resolve())
+    path = workdir / f"{dataset}.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+# --- contenders (a) and (b): the script a practitioner writes -----------------------------------
+
+
+def typical(study_path: Path, minutes: float, pruned: bool, out: Path, t0: float) -> None:
+    """Contender (a) or (b), in this process: an in-memory Optuna study over the study file's
+    space, trained with DataLoaders, fold after fold."""
+    import numpy as np
+    import optuna
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from selector import data, engine, final, metrics, spec
+    from selector.model import build_mlp
+    from selector.space import replay_config, sample_config
+
+    torch.set_num_threads(1)
+    s = spec.load(study_path)
+    prep = data.prepare(s)
+    dev = data.dev_set(prep)
+    folds = list(data.iter_folds(dev))
+    metric = metrics.get(s.metric)
+    task, n_classes = dev.task, dev.n_classes
+    tr = s.training
+    log: list[dict[str, Any]] = []
+
+    def fold_score(config: Any, fold: data.FoldData, seed: int) -> tuple[float, int]:
+        torch.manual_seed(seed)
+        n_out = n_classes if task == "classification" else 1
+        model = build_mlp(config, fold.X_train.shape[1], n_out)
+        opt = engine.make_optimizer(config, model.parameters())
+        schedule = engine.make_schedule(config, opt, tr.max_epochs)
+        loader = DataLoader(
+            TensorDataset(torch.from_numpy(fold.X_train), torch.from_numpy(fold.y_train)),
+            batch_size=config.batch_size,
+            shuffle=True,
+            drop_last=len(fold.y_train) % config.batch_size == 1,  # batch norm needs 2 rows
+        )
+        x_val = torch.from_numpy(fold.X_val)
+        best, best_epoch = -math.inf, 0
+        for epoch in range(1, tr.max_epochs + 1):
+            model.train()
+            for xb, yb in loader:
+                opt.zero_grad()
+                out = model(xb)
+                if task == "regression":
+                    loss = F.mse_loss(out.squeeze(-1), yb)
+                else:
+                    loss = F.cross_entropy(out, yb)
+                loss.backward()
+                if config.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                opt.step()
+            if schedule is not None:
+                schedule.step()
+            if not math.isfinite(float(loss)):
+                raise optuna.TrialPruned("diverged")
+            pred = engine.predict(model, x_val, task=task, y_mean=fold.y_mean, y_std=fold.y_std)
+            score = engine.score(metric, fold.y_val, pred, n_classes)
+            if score > best:
+                best, best_epoch = score, epoch
+            if epoch - best_epoch >= tr.patience:
+                break
+        return best, best_epoch
+
+    def objective(trial: optuna.Trial) -> float:
+        config = sample_config(trial, s.space)
+        scores, epochs = [], []
+        for k, fold in enumerate(folds):
+            score, epoch = fold_score(config, fold, engine.derive_seed(s.seed, trial.number, k))
+            scores.append(score)
+            epochs.append(epoch)
+            trial.report(float(np.mean(scores)), k)
+            if pruned and trial.should_prune():
+                raise optuna.TrialPruned()
+        trial.set_user_attr("best_epoch", round(float(np.mean(epochs))))
+        return float(np.mean(scores))
+
+    def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        log.append({"t": time.time() - t0, "state": trial.state.name, "value": trial.value})
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    pruner = optuna.pruners.MedianPruner() if pruned else optuna.pruners.NopPruner()
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=s.seed), pruner=pruner
+    )
+    deadline = t0 + minutes * 60
+    study.optimize(objective, timeout=max(1.0, deadline - time.time()), callbacks=[record])
+    test = None
+    try:
+        best = study.best_trial
+    except ValueError:
+        best = None
+    if best is not None:  # the chosen config refit on all dev rows, scored on the test rows once
+        config = replay_config(best.params, s.space)
+        test_part = data.test_set(prep)
+        _, (x_dev, x_test) = data.fit_transform(dev.X, test_part.X)
+        model, mean, std = final.refit(
+            s,
+            config,
+            x_dev,
+            dev.y,
+            task=task,
+            n_classes=n_classes,
+            epochs=int(best.user_attrs["best_epoch"]),
+        )
+        pred = engine.predict(model, torch.as_tensor(x_test), task=task, y_mean=mean, y_std=std)
+        test = engine.score(metric, test_part.y, pred, n_classes)
+    out.write_text(json.dumps({"trials": log, "test": test}))
+
+
+# --- contenders (c) and (d): selector run --------------------------------------------------------
+
+
+def selector_run(study_path: Path, minutes: float, fuse: str | None, out: Path, t0: float) -> None:
+    """Contender (c) or (d): `selector run` in a child process until its time is up, then its
+    chosen trial's test score (`selector final`)."""
+    import optuna
+
+    from selector import api, spec
+
+    db = out.with_suffix(".db")
+    url = f"sqlite:///{db}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "selector",
+        "run",
+        str(study_path),
+        "--storage",
+        url,
+        "--workers",
+        "1",
+        "--threads",
+        "1",
+        "--timeout",
+        str(max(1, int(t0 + minutes * 60 - time.time()))),
+    ]
+    if fuse is not None:
+        cmd += ["--fuse", fuse]
+    with open(out.with_suffix(".log"), "w") as log_file:
+        subprocess.run(cmd, check=True, stdout=log_file, stderr=subprocess.STDOUT, env=_env())
+    name = spec.load(study_path).name
+    study = optuna.load_study(study_name=name, storage=url)
+    log = [
+        {
+            "t": t.datetime_complete.timestamp() - t0,  # type: ignore[union-attr]
+            "state": t.state.name,
+            "value": t.value,
+        }
+        for t in study.get_trials(deepcopy=False)
+        if t.state.is_finished() and t.datetime_complete is not None
+    ]
+    test = None
+    if any(t["state"] == "COMPLETE" for t in log):
+        api.export(name, storage=url)
+        test = api.final(name, storage=url, early=True, progress=False).result.test_score
+    out.write_text(json.dumps({"trials": log, "test": test}))
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+# --- the parent: pairs side by side, then the table ---------------------------------------------
+
+
+@dataclass
+class Outcome:
+    name: str
+    trials: list[dict[str, Any]]
+    test: float | None
+    minutes: float
+
+    def finished(self, until: float | None = None) -> list[dict[str, Any]]:
+        end = self.minutes * 60 if until is None else until
+        return [t for t in self.trials if t["t"] <= end]
+
+    def best_at(self, seconds: float) -> float | None:
+        values = [t["value"] for t in self.finished(seconds) if t["state"] == "COMPLETE"]
+        return max(values) if values else None
+
+    def time_to(self, target: float | None) -> float | None:
+        if target is None:
+            return None
+        hits = [
+            t["t"]
+            for t in sorted(self.finished(), key=lambda t: t["t"])
+            if t["state"] == "COMPLETE" and t["value"] >= target
+        ]
+        return hits[0] if hits else None
+
+
+def _launch(key: str, study_path: Path, minutes: float, out: Path, core: int) -> subprocess.Popen:
+    cmd = ["taskset", "-c", str(core), sys.executable, "-m", "bench.anytime", "--contender", key]
+    cmd += ["--study", str(study_path), "--minutes", str(minutes), "--out", str(out)]
+    cmd += ["--t0", repr(time.time())]
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env())
+
+
+def run_dataset(dataset: str, minutes: float, workdir: Path) -> dict[str, Outcome]:
+    study_path = study_file(dataset, workdir)
+    outcomes = {}
+    cores = sorted(os.sched_getaffinity(0))
+    pairs = [("a", "b"), ("c", "d")]
+    for pair in pairs:
+        procs = []
+        for key, core in zip(pair, cores[:2] if len(cores) >= 2 else cores * 2, strict=True):
+            out = workdir / f"{dataset}-{key}.json"
+            procs.append((key, out, _launch(key, study_path, minutes, out, core)))
+        for key, out, p in procs:
+            if p.wait() != 0:
+                raise SystemExit(f"contender {key} on {dataset} failed (exit {p.returncode})")
+            got = json.loads(out.read_text())
+            outcomes[key] = Outcome(CONTENDERS[key], got["trials"], got["test"], minutes)
+    return outcomes
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def table(dataset: str, outcomes: dict[str, Outcome], minutes: float) -> str:
+    marks = [m for m in MARKS if m <= minutes]
+    target = outcomes["a"].best_at(minutes * 60)
+    head = f"{'contender':34}{'trials':>8}{'/min':>8}"
+    head += "".join(f"{f'best@{m}m':>11}" for m in marks)
+    head += f"{'reach (a)':>11}{'test':>9}"
+    lines = [f"{dataset}: best CV score against wall time ({minutes:g} min each)", head]
+    for o in outcomes.values():
+        n = len([t for t in o.finished() if t["state"] in ("COMPLETE", "PRUNED")])
+        reach = o.time_to(target)
+        row = f"{o.name:34}{n:>8}{n / minutes:>8.1f}"
+        row += "".join(f"{_fmt(o.best_at(m * 60)):>11}" for m in marks)
+        row += f"{'-' if reach is None else f'{reach:.0f} s':>11}{_fmt(o.test):>9}"
+        lines.append(row)
+    c, d = outcomes["c"], outcomes["d"]
+    nc = len([t for t in c.finished() if t["state"] in ("COMPLETE", "PRUNED")])
+    nd = len([t for t in d.finished() if t["state"] in ("COMPLETE", "PRUNED")])
+    lines.append(f"(d) / (c) trials: {nd / max(nc, 1):.2f}x")
+    reach = d.time_to(target)
+    if reach is not None:
+        lines.append(
+            f"(d) reached (a)'s {minutes:g}-min best in {reach / (minutes * 60):.3f} of the time"
+        )
+    return "\n".join(lines)
+
+
+def calibrate() -> None:
+    """The fused engine's step cost at a few sizes on this machine, one thread: what
+    `selector.fused.COST` holds (fixed part, part per member, arithmetic rate)."""
+    import numpy as np
+    import torch
+
+    from selector import data, engine, fused, spec
+    from selector.space import TrialConfig
+
+    torch.set_num_threads(1)
+    s = spec.load(ROOT / "studies" / "digits.toml")
+    folds = list(data.iter_folds(data.dev_set(data.prepare(s))))
+    rows = []
+    for width in (8, 32, 128, 256):
+        config = TrialConfig(depth=2, width=width, batch_size=64)
+        for m in (1, 4, 16):
+            run = fused.FusedRun(
+                [config] * m,
+                folds,
+                task="classification",
+                n_out=10,
+                max_epochs=1,
+                seeds=[[engine.derive_seed(i, k) for k in range(5)] for i in range(m)],
+                device=torch.device("cpu"),
+            )
+            flops = fused.step_flops(config, folds=5, n_in=64, n_out=10)
+            rows.append((m, flops, run.time_steps(10)))
+            print(f"width {width:4d} members {m:3d}: {rows[-1][2] * 1e3:8.3f} ms a step")
+    A = np.array([[1.0, m, m * f] for m, f, _ in rows])
+    b = np.array([t for _, _, t in rows])
+    fixed, per_member, per_flop = np.linalg.lstsq(A, b, rcond=None)[0]
+    print(f"fixed {fixed:.2e} s, per member {per_member:.2e} s, rate {1 / per_flop:.2e} FLOP/s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.anytime", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "datasets", nargs="*", default=["penguins", "breast_cancer", "digits", "synthetic"]
+    )
+    p.add_argument("--minutes", type=float, default=8.0, help="wall time of each contender")
+    p.add_argument("--calibrate", action="store_true", help="measure the fused engine's step costs")
+    p.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)
+    p.add_argument("--study", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--t0", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.calibrate:
+        calibrate()
+        return
+    if args.contender:
+        t0 = args.t0 or time.time()
+        if args.contender in ("a", "b"):
+            typical(args.study, args.minutes, args.contender == "b", args.out, t0)
+        else:
+            fuse = "1" if args.contender == "c" else None
+            selector_run(args.study, args.minutes, fuse, args.out, t0)
+        return
+    print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} (1 min) at start")
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset in args.datasets:
+            outcomes = run_dataset(dataset, args.minutes, Path(tmp))
+            print(table(dataset, outcomes, args.minutes), flush=True)
+            print(f"load {os.getloadavg()[0]:.2f} (1 min) after {dataset}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,567 @@
+"""Fused trials: each member of a group trains exactly as it would alone.
+
+With dropout 0 a member's weights equal its solo stacked run's (`selector.stacked`, itself checked
+against the reference engine) to float32 rounding, for every optimizer and knob, with padded
+widths, and with members leaving mid-training; its fold scores and train scores are the solo
+run's. The one documented loose case is the stacked engine's (`tests/test_stacked.py`): the bias
+in front of a batch norm under an adaptive optimizer moves by rounding noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import sqlalchemy as sa
+import torch
+from optuna.trial import TrialState
+from typer.testing import CliRunner
+
+from selector import (
+    cli,
+    data,
+    engine,
+    fused,
+    fused_optim,
+    interrupt,
+    metrics,
+    objective,
+    record,
+    stacked,
+    storage,
+    worker,
+)
+from selector import spec as spec_mod
+from selector import study as study_mod
+from selector import summary as summary_mod
+from selector.data import FoldData
+from selector.errors import SpecError, TrialDiverged
+from selector.space import TrialConfig, replay_config
+from selector.spec import TrainingSpec
+from tests.conftest import small_raw, write_study
+from tests.test_stacked import ADAPTIVE, NOISY, RTOL, _cut, _rel, stacked_states
+
+CPU = torch.device("cpu")
+
+# One group with every optimizer, padded widths (8 to 32), funnel and residual (identity and
+# projection skips), batch norm, every schedule, clipping, weight decay and sigmoid (not 0 at 0).
+GROUP = [
+    TrialConfig(optimizer="adam", width=32, batch_size=16, lr=1e-2),
+    TrialConfig(
+        optimizer="sgd", width=16, batch_size=16, lr=5e-2, activation="tanh", weight_decay=1e-3
+    ),
+    TrialConfig(
+        optimizer="momentum",
+        nesterov=True,
+        width=24,
+        batch_size=16,
+        lr=1e-2,
+        batch_norm=True,
+        grad_clip=0.3,
+    ),
+    TrialConfig(
+        optimizer="rmsprop",
+        width=32,
+        batch_size=16,
+        lr=1e-3,
+        rho=0.95,
+        residual=True,
+        shape="funnel",
+        activation="sigmoid",
+    ),
+    TrialConfig(
+        optimizer="adagrad",
+        width=8,
+        batch_size=16,
+        lr=1e-2,
+        batch_norm=True,
+        activation="gelu",
+        lr_schedule="cosine",
+    ),
+    TrialConfig(optimizer="adadelta", width=32, batch_size=16, lr=1.0, rho=0.8, residual=True),
+    TrialConfig(
+        optimizer="adamw",
+        width=20,
+        batch_size=16,
+        lr=1e-2,
+        weight_decay=0.05,
+        beta1=0.8,
+        lr_schedule="step",
+        grad_clip=1.0,
+    ),
+    TrialConfig(
+        optimizer="momentum",
+        momentum=0.5,
+        width=20,
+        batch_size=16,
+        lr=1e-2,
+        residual=True,
+        batch_norm=True,
+        activation="leaky_relu",
+    ),
+]
+SEEDS = [11 + i for i in range(len(GROUP))]
+
+
+def _run(
+    configs: Sequence[TrialConfig],
+    folds: Sequence[FoldData],
+    seeds: Sequence[int],
+    *,
+    epochs: int,
+    task: str = "classification",
+) -> fused.FusedRun:
+    K = len(folds)
+    n_out = int(max(f.y_train.max() for f in folds)) + 1 if task == "classification" else 1
+    return fused.FusedRun(
+        configs,
+        folds,
+        task=task,  # type: ignore[arg-type]
+        n_out=n_out,
+        max_epochs=epochs,
+        seeds=[[engine.derive_seed(s, k) for k in range(K)] for s in seeds],
+        device=CPU,
+    )
+
+
+def assert_member_matches_solo(
+    run: fused.FusedRun,
+    member: int,
+    config: TrialConfig,
+    folds: Sequence[FoldData],
+    *,
+    seed: int,
+    epochs: int,
+    task: str = "classification",
+) -> None:
+    solo = stacked_states(config, folds, epochs=epochs, seed=seed, task=task)
+    mine = run.state_dicts(member)
+    noisy = config.batch_norm and config.optimizer in ADAPTIVE
+    for k, (a, b) in enumerate(zip(solo, mine, strict=True)):
+        assert list(a) == list(b)
+        for key in a:
+            assert a[key].shape == b[key].shape, key
+            if key.endswith("num_batches_tracked"):
+                assert int(a[key]) == int(b[key]), key
+            elif noisy and NOISY.search(key):
+                assert float((a[key] - b[key]).abs().max()) < 50 * config.lr, (k, key)
+            else:
+                assert _rel(b[key], a[key]) < RTOL, (member, k, key, _rel(b[key], a[key]))
+
+
+# --- the stacked optimizer step --------------------------------------------------------------
+
+KINDS = [
+    ("sgd", {}),
+    ("momentum", {}),
+    ("momentum", {"nesterov": True}),
+    ("adagrad", {}),
+    ("rmsprop", {}),
+    ("adadelta", {}),
+    ("adam", {}),
+    ("adamw", {}),
+]
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["formulas", "fused-kernel"])
+def test_optimizer_rows_equal_torch_optim(kernel: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row steps as its own torch.optim optimizer would, each with its own hyperparameters,
+    all kinds in one step; a row marked inactive keeps its weights, state and step count."""
+    monkeypatch.setattr(fused_optim, "KERNEL_ELEMENTS", 0 if kernel else 1 << 40)
+    torch.manual_seed(0)
+    configs = [
+        TrialConfig(
+            optimizer=name,
+            lr=1e-2 * (1 + i % 3),
+            weight_decay=0.02 * (i % 2),
+            momentum=0.6 + 0.1 * (i % 3),
+            beta1=0.8 + 0.05 * (i % 3),
+            beta2=0.99 + 0.004 * (i % 2),
+            rho=0.85 + 0.05 * (i % 2),
+            **extra,  # type: ignore[arg-type]
+        )
+        for name, extra in KINDS
+        for i in range(2)
+    ]
+    p = torch.randn(len(configs), 40)
+    refs = [p[i].clone().requires_grad_(True) for i in range(len(configs))]
+    torch_opts = [engine.make_optimizer(c, [r]) for c, r in zip(configs, refs, strict=True)]
+    opt = fused_optim.FusedOptimizer(p, configs, 1)
+    for step in range(6):
+        g = torch.randn_like(p)
+        active = torch.tensor([not (step == 3 and i % 4 == 1) for i in range(len(configs))])
+        opt.step(g, active)
+        for i, (r, o) in enumerate(zip(refs, torch_opts, strict=True)):
+            if active[i]:
+                r.grad = g[i].clone()
+                o.step()
+    for i, r in enumerate(refs):
+        assert torch.allclose(p[i], r.detach(), rtol=1e-5, atol=1e-6), configs[i].optimizer
+    assert opt.steps.view(-1).tolist() == [6.0 - (i % 4 == 1) for i in range(len(configs))]
+
+
+def test_segments_and_kinds() -> None:
+    kinds = [fused_optim.kind(c) for c in GROUP]
+    assert "nesterov" in kinds and "momentum" in kinds
+    segs = fused_optim.segments(["adam", "adam", "sgd", "adam"])
+    assert [(s.kind, s.start, s.stop) for s in segs] == [
+        ("adam", 0, 2),
+        ("sgd", 2, 3),
+        ("adam", 3, 4),
+    ]
+
+
+# --- members train as they would alone --------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["formulas", "fused-kernel"])
+def test_every_member_matches_its_solo_run(
+    iris_folds: list[FoldData], kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fused_optim, "KERNEL_ELEMENTS", 0 if kernel else 1 << 40)
+    run = _run(GROUP, iris_folds, SEEDS, epochs=3)
+    for _ in range(3):
+        run.train_epoch()
+    for m, config in enumerate(GROUP):
+        assert_member_matches_solo(run, m, config, iris_folds, seed=SEEDS[m], epochs=3)
+
+
+def test_padded_units_stay_exactly_zero(iris_folds: list[FoldData]) -> None:
+    """Weights, gradients and optimizer state of padded units (and of parameters a member does
+    not have) are exactly zero after training."""
+    run = _run(GROUP, iris_folds, SEEDS, epochs=2)
+    for _ in range(2):
+        run.train_epoch()
+    model = run.model
+    real = torch.zeros_like(model.flat, dtype=torch.bool)
+    for pos, m in enumerate(run.members):
+        for k, state in enumerate(run.state_dicts(m)):
+            row = pos * run.K + k
+            for key, t in state.items():
+                if key in model.slots:
+                    view = model._view(real, key)[row]
+                    view[tuple(slice(0, n) for n in t.shape)] = True
+    assert bool((model.flat[~real] == 0).all())
+    assert bool((model.grad[~real] == 0).all())
+    for name, t in run.opt.state.items():
+        assert bool((t[~real] == 0).all()), name
+
+
+def test_uneven_folds_match_solo(wine_folds: list[FoldData]) -> None:
+    """Folds with different batch counts: each row keeps its own step count."""
+    folds = _cut(wine_folds, [94, 81, 64])
+    configs = [
+        TrialConfig(optimizer="adam", width=16, batch_size=16, lr=1e-2),
+        TrialConfig(optimizer="adagrad", width=24, batch_size=16, lr=1e-2, batch_norm=True),
+        TrialConfig(optimizer="rmsprop", width=8, batch_size=16, lr=1e-3),
+    ]
+    run = _run(configs, folds, [1, 2, 3], epochs=2)
+    for _ in range(2):
+        run.train_epoch()
+    for m, c in enumerate(configs):
+        assert_member_matches_solo(run, m, c, folds, seed=m + 1, epochs=2)
+
+
+def test_regression_members(iris_folds: list[FoldData]) -> None:
+    folds = [
+        FoldData(f.X_train, f.y_train.astype(np.float32), f.X_val, f.y_val.astype(np.float32))
+        for f in iris_folds
+    ]
+    configs = [GROUP[0], GROUP[1], GROUP[5]]
+    run = _run(configs, folds, [5, 6, 7], epochs=2, task="regression")
+    for _ in range(2):
+        run.train_epoch()
+    for m, c in enumerate(configs):
+        assert_member_matches_solo(run, m, c, folds, seed=m + 5, epochs=2, task="regression")
+
+
+def test_leaving_members_do_not_change_the_others(iris_folds: list[FoldData]) -> None:
+    run = _run(GROUP, iris_folds, SEEDS, epochs=3)
+    run.train_epoch()
+    run.leave([1, 4])
+    run.train_epoch()
+    run.leave([0, 7])
+    run.train_epoch()
+    assert sorted(run.members) == [2, 3, 5, 6]
+    for m in run.members:
+        assert_member_matches_solo(run, m, GROUP[m], iris_folds, seed=SEEDS[m], epochs=3)
+
+
+# --- whole cross-validations ------------------------------------------------------------------
+
+TRAINING = TrainingSpec(max_epochs=12, patience=3)
+
+
+def _solo(config: TrialConfig, folds: Sequence[FoldData], seed: int) -> engine.CVResult:
+    """The member's solo cross-validation (the stacked engine), as the group scores it."""
+    return stacked.cross_validate(
+        config,
+        folds,
+        task="classification",
+        n_classes=3,
+        metric=metrics.get("neg_log_loss"),
+        training=TRAINING,
+        seed=seed,
+    )
+
+
+def _group(
+    configs: Sequence[TrialConfig], folds: Sequence[FoldData], seeds: Sequence[int], **kw: object
+) -> dict[int, engine.CVResult | Exception]:
+    return fused.cross_validate_group(
+        configs,
+        folds,
+        task="classification",
+        n_classes=3,
+        metric=metrics.get("neg_log_loss"),
+        training=TRAINING,
+        seeds=seeds,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_cv_results_equal_solo_runs(iris_folds: list[FoldData]) -> None:
+    """Scores, best epochs (members stop early at different epochs), train scores and out-of-
+    fold predictions equal each member's solo cross-validation."""
+    configs = [c for c in GROUP if not (c.batch_norm and c.optimizer in ADAPTIVE)]
+    seeds = SEEDS[: len(configs)]
+    done: list[int] = []
+    out = _group(configs, iris_folds, seeds, on_done=lambda m, _: done.append(m))
+    assert sorted(done) == list(range(len(configs)))
+    for m, c in enumerate(configs):
+        solo = _solo(c, iris_folds, seeds[m])
+        got = out[m]
+        assert isinstance(got, engine.CVResult)
+        assert got.best_epoch == solo.best_epoch and got.epochs_run == solo.epochs_run, m
+        assert got.stopped_early == solo.stopped_early
+        assert got.seeds == solo.seeds
+        np.testing.assert_allclose(got.fold_scores, solo.fold_scores, rtol=1e-4)
+        np.testing.assert_allclose(got.train_scores, solo.train_scores, rtol=1e-4)
+        np.testing.assert_allclose(got.val_curve, solo.val_curve, rtol=1e-4)
+        np.testing.assert_allclose(got.train_loss_curve, solo.train_loss_curve, rtol=1e-4)
+        np.testing.assert_allclose(
+            np.asarray(got.grad_norms), np.asarray(solo.grad_norms), rtol=1e-3
+        )
+        for a, b in zip(got.oof, solo.oof, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_pruned_member_leaves_and_the_others_go_on(iris_folds: list[FoldData]) -> None:
+    configs, seeds = GROUP[:4], SEEDS[:4]
+    seen: dict[int, list[int]] = {m: [] for m in range(4)}
+
+    def on_epoch(epoch: int, values: dict[int, float]) -> dict[int, Exception]:
+        for m in values:
+            seen[m].append(epoch)
+        return {1: optuna.TrialPruned("pruned")} if epoch == 2 and 1 in values else {}
+
+    out = _group(configs, iris_folds, seeds, on_epoch=on_epoch)
+    assert isinstance(out[1], optuna.TrialPruned)
+    assert seen[1] == [1, 2]
+    for m in (0, 2, 3):
+        got = out[m]
+        assert isinstance(got, engine.CVResult)
+        solo = _solo(configs[m], iris_folds, seeds[m])
+        np.testing.assert_allclose(got.fold_scores, solo.fold_scores, rtol=1e-4)
+        assert seen[m] == list(range(1, got.epochs_run + 1))
+
+
+def test_a_diverging_member_fails_alone(iris_folds: list[FoldData]) -> None:
+    configs = [GROUP[0], TrialConfig(optimizer="sgd", width=32, batch_size=16, lr=1e6), GROUP[1]]
+    out = _group(configs, iris_folds, [1, 2, 3])
+    assert isinstance(out[1], TrialDiverged)
+    for m in (0, 2):
+        got = out[m]
+        assert isinstance(got, engine.CVResult)
+        solo = _solo(configs[m], iris_folds, [1, 2, 3][m])
+        np.testing.assert_allclose(got.fold_scores, solo.fold_scores, rtol=1e-4)
+
+
+def test_a_stop_from_on_epoch_stops_the_group(iris_folds: list[FoldData]) -> None:
+    def on_epoch(epoch: int, values: dict[int, float]) -> dict[int, Exception]:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _group(GROUP[:2], iris_folds, SEEDS[:2], on_epoch=on_epoch)
+
+
+def test_dropout_members_differ_by_rate(iris_folds: list[FoldData]) -> None:
+    """Per-member dropout p: a member with p = 0 gets an all-ones mask."""
+    configs = [GROUP[0], TrialConfig(optimizer="adam", width=32, batch_size=16, dropout=0.5)]
+    run = _run(configs, iris_folds, [1, 2], epochs=1)
+    mask = run.model._dropout_mask((2 * 3, 32, 1000), 0, 6, np.random.PCG64(0))
+    pos = {m: i for i, m in enumerate(run.members)}
+    plain = mask[pos[0] * 3 : pos[0] * 3 + 3]
+    dropped = mask[pos[1] * 3 : pos[1] * 3 + 3]
+    assert bool((plain == 1).all())
+    assert abs(float((dropped == 0).float().mean()) - 0.5) < 0.01
+    assert abs(float(dropped.mean()) - 1.0) < 0.02
+
+
+# --- sizes: memory and cost -------------------------------------------------------------------
+
+
+def test_cost_model_sizes() -> None:
+    small = TrialConfig(depth=2, width=32, batch_size=32)
+    big = TrialConfig(depth=3, width=1024, batch_size=256)
+    assert fused.cost_size(small, folds=5, n_in=10, n_out=3, device="cpu") == 16
+    assert fused.cost_size(big, folds=5, n_in=100, n_out=5, device="cpu") == 1
+    assert fused.cost_size(big, folds=5, n_in=100, n_out=5, device="cuda") > 1
+
+
+def test_members_that_fit_follow_the_memory_estimate(
+    iris_folds: list[FoldData], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TrialConfig(width=64)
+    shape = engine.fold_shape(iris_folds, 3)
+    three = fused.group_need([config] * 3, **shape).total
+    monkeypatch.setattr(engine, "available_memory", lambda device: int(three / fused.MEMORY_SHARE))
+    assert fused.members_that_fit(config, iris_folds, 3, CPU, 8) == 3
+    monkeypatch.setattr(engine, "available_memory", lambda device: 0)
+    assert fused.members_that_fit(config, iris_folds, 3, CPU, 8) == 1
+
+
+# --- members are ordinary Optuna trials -------------------------------------------------------
+
+
+def _fused_spec(**overrides: object) -> spec_mod.StudySpec:
+    raw = small_raw(
+        n_trials=8,
+        search={"sampler": "tpe", "pruner": "median", "fuse": 4},
+        space={
+            "depth": {"low": 1, "high": 2},
+            "width": {"low": 8, "high": 32, "log": True},
+            "optimizer": ["adam", "momentum", "sgd", "rmsprop"],
+            "activation": ["relu", "tanh"],
+            "batch_norm": [False, True],
+            "lr": {"low": 1e-3, "high": 3e-2, "log": True},
+            "batch_size": [16, 32],
+        },
+        training={"max_epochs": 8, "patience": 3, "device": "cpu"},
+    )
+    for key, value in overrides.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    return spec_mod.parse(raw, origin="fused.toml")
+
+
+def _all_trials(url: str, name: str = "iris-small") -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials()
+
+
+def test_a_fused_study_records_every_member_as_its_own_trial(url: str) -> None:
+    s = _fused_spec()
+    summary = study_mod.run(s, url)
+    assert summary.finished == 8
+    trials = _all_trials(url)
+    assert len(trials) == 8 and all(t.state.is_finished() for t in trials)
+    groups: dict[int, list[optuna.trial.FrozenTrial]] = {}
+    for t in trials:
+        groups.setdefault(t.user_attrs["group"], []).append(t)
+    assert max(len(g) for g in groups.values()) == 4
+    for leader, members in groups.items():
+        assert {t.user_attrs["group_size"] for t in members} == {len(members)}
+        # members share the group key, and nothing else is forced to agree
+        assert len({(t.params["depth"], t.params["batch_size"]) for t in members}) == 1
+        assert leader == min(t.number for t in members)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert complete
+    for t in complete:  # the typed record reads back as for any trial
+        rec = record.TrialRecord.from_trial(t)
+        assert rec.fold_scores and rec.curves is not None
+        assert rec.epochs_run == len(t.intermediate_values)
+    st = summary_mod.status(url, "iris-small")
+    assert len(st.trials) == 8
+
+
+def test_fused_members_score_as_their_solo_runs(url: str, tmp_path: Path) -> None:
+    """The same trial numbers and params run with --fuse 1 give the same values."""
+    s = _fused_spec(search={"pruner": "none", "fuse": 4})
+    study_mod.run(s, url)
+    fused_trials = {t.number: t for t in _all_trials(url)}
+    dev = objective.Objective(s, data.dev_set(data.prepare(s)))
+    for t in fused_trials.values():
+        config = replay_config(t.params, s.space)
+        solo = objective.train(s, dev.dev, dev.folds, config, engine.derive_seed(s.seed, t.number))
+        if config.batch_norm and config.optimizer in ADAPTIVE:
+            continue  # the stacked engine's own rounding noise (see tests/test_stacked.py)
+        assert t.value == pytest.approx(solo.value, abs=1e-6), t.number
+        assert t.user_attrs["fold_scores"] == pytest.approx(solo.fold_scores, abs=1e-6)
+
+
+def test_fuse_one_is_one_trial_at_a_time(url: str) -> None:
+    study_mod.run(_fused_spec(search={"fuse": 1}), url)
+    assert all("group" not in t.user_attrs for t in _all_trials(url))
+
+
+def test_the_budget_stays_exact_when_groups_do_not_divide_it(url: str) -> None:
+    s = _fused_spec(n_trials=7)
+    study_mod.run(s, url)
+    assert len(_all_trials(url)) == 7
+    sizes = sorted({t.user_attrs.get("group_size", 1) for t in _all_trials(url)})
+    assert sizes == [3, 4]
+
+
+def test_a_stop_records_every_running_member(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    original = interrupt.check
+
+    def stop_at_the_third_epoch() -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise interrupt.Terminated
+        original()
+
+    monkeypatch.setattr(interrupt, "check", stop_at_the_third_epoch)
+    with pytest.raises(interrupt.Terminated):
+        study_mod.run(_fused_spec(search={"pruner": "none", "fuse": 4}), url)
+    trials = _all_trials(url)
+    assert trials and all(t.state == TrialState.FAIL for t in trials)
+    assert {t.user_attrs["fail_reason"] for t in trials} == {"terminated"}
+
+
+def test_heartbeats_cover_every_member(url: str) -> None:
+    """A killed worker's members are reaped like any stale trial: each one beats."""
+    s = _fused_spec(search={"pruner": "none", "fuse": 4})
+    study_mod.run(s, url, heartbeat=storage.Heartbeat(1, 5))
+    with sa.create_engine(url).connect() as conn:
+        beats = conn.execute(sa.text("SELECT COUNT(DISTINCT trial_id) FROM trial_heartbeats"))
+        assert beats.scalar() == 8
+
+
+def test_group_members_are_sampled_with_the_leader_key(url: str) -> None:
+    s = _fused_spec()
+    study_mod.create_or_resume(s, url)
+    st = optuna.load_study(
+        study_name=s.name, storage=url, sampler=worker.make_sampler(s, 0, fusing=True)
+    )
+    dev = objective.Objective(s, data.dev_set(data.prepare(s)))
+    claimed = worker.claim_group(st, url, 8, 4, dev)
+    assert len(claimed) == 4
+    configs = [c for _, c in claimed]
+    assert all(c is not None for c in configs)
+    assert len({fused.group_key(c) for c in configs if c is not None}) == 1
+    assert len({c.lr for c in configs if c is not None}) == 4  # the rest is the sampler's
+    assert worker.claim_group(st, url, 5, 4, dev)[0][1] is None  # one place left: a lone trial
+    assert worker.claim_group(st, url, 5, 4, dev) == []
+
+
+def test_cli_fuse_option(tmp_path: Path) -> None:
+    f = write_study(tmp_path / "s.toml", small_raw(n_trials=4))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    bad = CliRunner().invoke(cli.app, ["run", str(f), "--storage", url, "--fuse", "0"])
+    assert bad.exit_code == 2
+    assert "--fuse 0: give a whole number from 1 to 64, or auto" in bad.output
+    ok = CliRunner().invoke(
+        cli.app, ["run", str(f), "--storage", url, "--fuse", "2", "--workers", "1"]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert {t.user_attrs.get("group_size") for t in _all_trials(url)} == {2}
+
+
+def test_fuse_in_the_study_file_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="fuse"):
+        spec_mod.parse(small_raw(search={"fuse": 0}), origin="t.toml")
+    assert spec_mod.parse(small_raw(), origin="t.toml").search.fuse == "auto"
