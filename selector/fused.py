@@ -904,10 +904,50 @@ MEMORY_SHARE = 0.5
 def step_flops(config: TrialConfig, *, folds: int, n_in: int, n_out: int) -> float:
     """Arithmetic of one member's optimizer step over its K folds: the linear layers' multiply-
     adds forward and backward for one batch (no input gradient for the first layer)."""
-    widths = config.widths()
+    return _flops(config.widths(), config.batch_size, folds=folds, n_in=n_in, n_out=n_out)
+
+
+def _flops(widths: Sequence[int], batch: int, *, folds: int, n_in: int, n_out: int) -> float:
     ins, outs = [n_in, *widths], [*widths, n_out]
     macs = sum(i * o for i, o in zip(ins, outs, strict=True))
-    return float(folds * config.batch_size * (6 * macs - 2 * ins[0] * outs[0]))
+    return float(folds * batch * (6 * macs - 2 * ins[0] * outs[0]))
+
+
+def step_cost(
+    configs: Sequence[TrialConfig], *, folds: int, n_in: int, n_out: int, device: str
+) -> float:
+    """The cost model's seconds for one optimizer step of `configs` as one group: the fixed
+    part, and each member's own part at the group's padded widths."""
+    c = COST["cuda" if device == "cuda" else "cpu"]
+    depth = configs[0].depth
+    padded = [max(m.widths()[i] for m in configs) for i in range(depth)]
+    flops = _flops(padded, configs[0].batch_size, folds=folds, n_in=n_in, n_out=n_out)
+    return c["fixed"] + len(configs) * (c["per_member"] + flops / c["rate"])
+
+
+def split_by_width(
+    configs: Sequence[TrialConfig], *, folds: int, n_in: int, n_out: int, device: str
+) -> list[list[int]]:
+    """The members of one claimed group (sharing depth and batch size) cut into the groups that
+    train fastest by the cost model: padding a narrow member to a wide one's width costs its
+    arithmetic, each group costs a step's fixed part. Members sorted by width are cut into runs
+    by dynamic programming (`step_cost` summed over the runs, least). Indices into `configs`."""
+    order = sorted(range(len(configs)), key=lambda m: (max(configs[m].widths()), m))
+    n = len(order)
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for start in range(end):
+            run = [configs[m] for m in order[start:end]]
+            total = best[start] + step_cost(run, folds=folds, n_in=n_in, n_out=n_out, device=device)
+            if total < best[end]:
+                best[end], cut[end] = total, start
+    groups: list[list[int]] = []
+    end = n
+    while end > 0:
+        groups.append(sorted(order[cut[end] : end]))
+        end = cut[end]
+    return groups[::-1]
 
 
 def cost_size(config: TrialConfig, *, folds: int, n_in: int, n_out: int, device: str) -> int:
@@ -1021,6 +1061,8 @@ __all__ = [
     "group_need",
     "member_order",
     "members_that_fit",
+    "split_by_width",
+    "step_cost",
     "step_flops",
     "typical_config",
     "widest",

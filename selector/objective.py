@@ -117,10 +117,12 @@ class Objective:
         attrs: dict[str, Any] | None = None,
         system_attrs: dict[str, Any] | None = None,
         config: TrialConfig | None = None,
+        write: bool = True,
     ) -> Started:
         """Sample the trial's config (unless `config`, sampled already, is given) and record its
         start: its first user attrs with `attrs` (the worker's id, its group), and
-        `system_attrs` (the heartbeat it runs under)."""
+        `system_attrs` (the heartbeat it runs under); with `write=False` the user attrs are left
+        pending in its writer, for the caller to write with others'."""
         if config is None:
             config = sample_config(trial, self.spec.space)
         seed = engine.derive_seed(self.spec.seed, trial.number)
@@ -134,7 +136,10 @@ class Objective:
             seed=seed,
             n_params=count_params(config, n_in, n_out),
         )
-        out.flush({**started.to_user_attrs(), **(attrs or {})}, system_attrs)
+        if write:
+            out.flush({**started.to_user_attrs(), **(attrs or {})}, system_attrs)
+        else:
+            out.attrs.update({**started.to_user_attrs(), **(attrs or {})})
         return Started(trial, config, seed, started, out, time.perf_counter())
 
     def __call__(
@@ -182,15 +187,18 @@ class Objective:
         members: list[Started],
         on_done: Callable[[Started, engine.CVResult | Exception], None],
     ) -> None:
-        """Train the `members` (sharing depth and batch size) as one fused model; each one's
-        epochs, pruning and result go to its own trial, `on_done(member, outcome)` as each
-        leaves the group (`selector.fused.drive_group`)."""
+        """Train the `members` (sharing depth and batch size) as fused models: cut by width
+        where padding would cost more than a group's step (`fused.split_by_width`), each part
+        one model. Each member's epochs, pruning and result go to its own trial,
+        `on_done(member, outcome)` as each leaves its group (`selector.fused.drive_group`)."""
         from selector import fused
 
         prune_from = first_prunable_epoch(self.spec.search.pruner)
         flushed = time.monotonic()
 
-        def on_epoch(epoch: int, values: dict[int, float]) -> dict[int, Exception]:
+        def stopped(
+            members: list[Started], epoch: int, values: dict[int, float]
+        ) -> dict[int, Exception]:
             nonlocal flushed
             interrupt.check()  # Ctrl-C: between epochs, every member recorded as interrupted
             for i, value in values.items():
@@ -203,17 +211,33 @@ class Objective:
                 return {}
             return storage.retrying(lambda: prune_members(members, values, epoch))
 
-        fused.cross_validate_group(
+        n_in = self.folds[0].X_train.shape[1]
+        parts = fused.split_by_width(
             [m.config for m in members],
-            self.folds,
-            task=self.dev.task,
-            n_classes=self.dev.n_classes,
-            metric=self.metric,
-            training=self.spec.training,
-            seeds=[m.seed for m in members],
-            on_epoch=on_epoch,
-            on_done=lambda i, outcome: on_done(members[i], outcome),
+            folds=len(self.folds),
+            n_in=n_in,
+            n_out=self.n_out,
+            device=self.device.type,
         )
+        for part in parts:  # members of very different widths: padding would cost more
+            group = [members[i] for i in part]
+
+            def on_epoch(
+                epoch: int, values: dict[int, float], group: list[Started] = group
+            ) -> dict[int, Exception]:
+                return stopped(group, epoch, values)
+
+            fused.cross_validate_group(
+                [m.config for m in group],
+                self.folds,
+                task=self.dev.task,
+                n_classes=self.dev.n_classes,
+                metric=self.metric,
+                training=self.spec.training,
+                seeds=[m.seed for m in group],
+                on_epoch=on_epoch,
+                on_done=lambda i, outcome, group=group: on_done(group[i], outcome),  # type: ignore[misc]
+            )
 
     def _write_oof(self, trial: optuna.Trial, result: engine.CVResult) -> None:
         """The trial's out-of-fold predictions, for the bias-corrected estimate (SQL storages;

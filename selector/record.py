@@ -508,6 +508,33 @@ def refresh(study: optuna.Study) -> None:
 
 
 @contextlib.contextmanager
+def core_trial_reads(study: optuna.Study) -> Iterator[None]:
+    """Within the block, a running trial that Optuna reads back by id (`study.tell` reads it
+    twice) is read with `frozen_trials` instead of its ORM: about 2 ms instead of 10."""
+    store: Any = study._storage
+    backend = getattr(store, "_backend", None)
+    if not isinstance(backend, optuna.storages.RDBStorage) or not hasattr(store, "_lock"):
+        yield
+        return
+    own = store.get_trial
+
+    def get_trial(trial_id: int) -> FrozenTrial:
+        with store._lock:
+            cached = store._get_cached_trial(trial_id)
+        if cached is not None:
+            return cached  # type: ignore[no-any-return]
+        with backend.engine.connect() as conn:
+            found = frozen_trials(conn, [trial_id])
+        return found[0] if found else own(trial_id)
+
+    store.get_trial = get_trial
+    try:
+        yield
+    finally:
+        del store.get_trial
+
+
+@contextlib.contextmanager
 def one_read(study: optuna.Study) -> Iterator[None]:
     """Within the block, the study's trials as read once at its start (`refresh`): Optuna's
     cached storage otherwise reads every running trial back through its ORM at each

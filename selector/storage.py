@@ -17,7 +17,7 @@ import sqlite3
 import stat
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -591,6 +591,61 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
         cached.intermediate_values.update(values)
         cached.user_attrs.update(attrs)
         cached.system_attrs.update(system)
+
+
+@contextlib.contextmanager
+def buffered_params(study: optuna.Study) -> Iterator[None]:
+    """Within the block, the params a trial's `suggest_*` calls record are kept back, and
+    written at its end in one transaction (SQLite and PostgreSQL): Optuna writes each in its
+    own, about 2.5 ms apiece, a dozen per trial. The trial's own cached copy has them at once,
+    as with Optuna's writes; nothing is written if the block raises."""
+    store: Any = study._storage
+    rdb = _rdb_behind(store)
+    if (
+        rdb is None
+        or rdb.engine.name not in ("sqlite", "postgresql")
+        or not hasattr(store, "_studies")
+    ):
+        yield
+        return
+    pending: list[tuple[int, str, float, Any]] = []
+
+    def keep(trial_id: int, name: str, value: float, distribution: Any) -> None:
+        pending.append((trial_id, name, value, distribution))
+        with store._lock:
+            study_id, _ = store._trial_id_to_study_id_and_number[trial_id]
+            store._studies[study_id].param_distribution.setdefault(name, distribution)
+
+    store.set_trial_param = keep
+    try:
+        yield
+    finally:
+        del store.set_trial_param
+    if pending:
+        _write_params(rdb, pending)
+
+
+def _write_params(
+    rdb: optuna.storages.RDBStorage, pending: list[tuple[int, str, float, Any]]
+) -> None:
+    from optuna.distributions import distribution_to_json
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    rows = [
+        {
+            "trial_id": tid,
+            "param_name": name,
+            "param_value": value,
+            "distribution_json": distribution_to_json(dist),
+        }
+        for tid, name, value, dist in pending
+    ]
+    with _create_scoped_session(rdb.scoped_session, True) as session:
+        for tid in {t for t, *_ in pending}:
+            row = models.TrialModel.find_or_raise_by_id(tid, session)
+            rdb.check_trial_is_updatable(tid, row.state)  # type: ignore[arg-type]
+        session.execute(sa.insert(models.TrialParamModel), rows)
 
 
 def _upsert(dialect: str, table: Any) -> Any:

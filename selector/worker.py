@@ -157,12 +157,12 @@ def claim_group(
             return []
         with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for optimize()
             warnings.simplefilter("ignore", UserWarning)
-            leader = study.ask()
             n = min(size, free)
             if n <= 1:
-                return [(leader, None)]
+                return [(study.ask(), None)]
             space = objective.spec.space
-            with record.one_read(study):  # one read of the study per member, not per parameter
+            with record.one_read(study), storage.buffered_params(study):  # one read, one write
+                leader = study.ask()
                 config = sample_config(leader, space)
             n = fused.members_that_fit(
                 fused.widest(config, space), objective.folds, objective.n_out, objective.device, n
@@ -179,8 +179,8 @@ def claim_group(
             try:
                 members: list[tuple[optuna.Trial, TrialConfig | None]] = [(leader, config)]
                 for _ in range(n - 1):
-                    trial = study.ask()
-                    with record.one_read(study):  # sees the members sampled before it
+                    with record.one_read(study), storage.buffered_params(study):  # sees those
+                        trial = study.ask()  # sampled before it
                         members.append((trial, sample_config(trial, space)))  # the key fixed
             finally:
                 study.sampler = own
@@ -266,7 +266,14 @@ def run_group(
     trials = [t for t, _ in claimed]
     with beating(study, trials, heartbeat.interval) as live:
         attrs = {"worker": worker, "group": trials[0].number, "group_size": len(trials)}
-        members = [objective.start(t, attrs, {HEARTBEAT_ATTR: beat}, c) for t, c in claimed]
+        members = [objective.start(t, attrs, config=c, write=False) for t, c in claimed]
+        storage.retrying(  # every member's start in one transaction
+            lambda: storage.write_trials(
+                [storage.TrialWrite(m.trial, m.out.attrs, {HEARTBEAT_ATTR: beat}) for m in members]
+            )
+        )
+        for m in members:
+            m.out.attrs = {}
 
         def tell(m: Started, outcome: CVResult | BaseException) -> None:
             value: float | None = None
@@ -306,12 +313,13 @@ def _tell(
     if state == TrialState.COMPLETE and (value is None or not math.isfinite(value)):
         state, value = TrialState.FAIL, None
     try:  # tell reads the trial back: its state is the one recorded, ours or the reaper's
-        frozen = study.tell(
-            trial,
-            value if state == TrialState.COMPLETE else None,
-            state=state,
-            skip_if_finished=True,
-        )
+        with record.core_trial_reads(study):
+            frozen = study.tell(
+                trial,
+                value if state == TrialState.COMPLETE else None,
+                state=state,
+                skip_if_finished=True,
+            )
     except optuna.exceptions.UpdateFinishedTrialError:  # reaped meanwhile
         frozen = study._storage.get_trial(trial._trial_id)
     if frozen.state != state:
