@@ -42,6 +42,7 @@ bench: install
 	$(PY) -m bench
 	$(PY) -m bench.bookkeeping --trials 30
 	$(PY) -m bench.bookkeeping --trials 12 --pruner median
+	$(PY) -m bench.anytime
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -12,7 +12,8 @@ own core with one thread (`taskset`), two at a time side by side:
 For each data set it prints trials per minute, the best CV score at 1, 2, 4 and 8 minutes, the
 time each contender needs to reach (a)'s final best, and the test score of each one's chosen
 config (its refit on all dev rows, scored once on the held-out rows). `--calibrate` prints the
-fused engine's measured step costs instead (`selector.fused.COST`).
+fused engine's measured step costs instead (`selector.fused.COST`). On a GPU
+(`--device cuda --c-workers 4`): (c) with 4 workers sharing the GPU, then (d), each alone.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ residual = [false, true]
 """
 
 
-def study_file(dataset: str, workdir: Path) -> Path:
+def study_file(dataset: str, workdir: Path, device: str = "cpu") -> Path:
     """The study file a data set is searched with: the repository's, with an unbounded budget
     (the contenders run until their time is up), or the 50,000 x 100 set written here."""
     import tomllib
@@ -96,11 +97,11 @@ def study_file(dataset: str, workdir: Path) -> Path:
         csv = workdir / "synthetic.csv"
         frame.to_csv(csv, index=False)
         path = workdir / "synthetic.toml"
-        path.write_text(SYNTHETIC_STUDY.format(path=csv))
+        path.write_text(SYNTHETIC_STUDY.format(path=csv).replace('"cpu"', f'"{device}"'))
         return path
     raw = tomllib.loads((ROOT / "studies" / f"{dataset}.toml").read_text())
     raw["n_trials"] = 100_000
-    raw.setdefault("training", {})["device"] = "cpu"
+    raw.setdefault("training", {})["device"] = device
     data = raw["data"]
     if "path" in data:
         data["path"] = str((ROOT / "studies" / data["path"]).resolve())
@@ -165,7 +166,7 @@ def typical(study_path: Path, minutes: float, pruned: bool, out: Path, t0: float
                 opt.step()
             if schedule is not None:
                 schedule.step()
-            if not math.isfinite(float(loss)):
+            if not math.isfinite(float(loss.detach())):
                 raise optuna.TrialPruned("diverged")
             pred = engine.predict(model, x_val, task=task, y_mean=fold.y_mean, y_std=fold.y_std)
             score = engine.score(metric, fold.y_val, pred, n_classes)
@@ -224,7 +225,9 @@ def typical(study_path: Path, minutes: float, pruned: bool, out: Path, t0: float
 # --- contenders (c) and (d): selector run --------------------------------------------------------
 
 
-def selector_run(study_path: Path, minutes: float, fuse: str | None, out: Path, t0: float) -> None:
+def selector_run(
+    study_path: Path, minutes: float, fuse: str | None, out: Path, t0: float, workers: int = 1
+) -> None:
     """Contender (c) or (d): `selector run` in a child process until its time is up, then its
     chosen trial's test score (`selector final`)."""
     import optuna
@@ -242,7 +245,7 @@ def selector_run(study_path: Path, minutes: float, fuse: str | None, out: Path, 
         "--storage",
         url,
         "--workers",
-        "1",
+        str(workers),
         "--threads",
         "1",
         "--timeout",
@@ -292,6 +295,20 @@ class Outcome:
         values = [t["value"] for t in self.finished(seconds) if t["state"] == "COMPLETE"]
         return max(values) if values else None
 
+    def best_of_first(self, n: int) -> float | None:
+        """The best CV score among the first `n` trials finished: search quality per trial,
+        whatever the speed (how grouping affects the sampler's choices)."""
+        done = sorted(
+            (t for t in self.finished() if t["state"] in ("COMPLETE", "PRUNED")),
+            key=lambda t: t["t"],
+        )[:n]
+        values = [t["value"] for t in done if t["state"] == "COMPLETE"]
+        return max(values) if values else None
+
+    def count(self) -> int:
+        """Trials finished (complete or pruned) within the time."""
+        return len([t for t in self.finished() if t["state"] in ("COMPLETE", "PRUNED")])
+
     def time_to(self, target: float | None) -> float | None:
         if target is None:
             return None
@@ -303,28 +320,43 @@ class Outcome:
         return hits[0] if hits else None
 
 
-def _launch(key: str, study_path: Path, minutes: float, out: Path, core: int) -> subprocess.Popen:
-    cmd = ["taskset", "-c", str(core), sys.executable, "-m", "bench.anytime", "--contender", key]
+def _launch(
+    key: str, study_path: Path, minutes: float, out: Path, core: int | None, c_workers: int = 1
+) -> subprocess.Popen:
+    pin = ["taskset", "-c", str(core)] if core is not None else []
+    cmd = [*pin, sys.executable, "-m", "bench.anytime", "--contender", key]
+    cmd += ["--c-workers", str(c_workers)]
     cmd += ["--study", str(study_path), "--minutes", str(minutes), "--out", str(out)]
     cmd += ["--t0", repr(time.time())]
     return subprocess.Popen(cmd, cwd=ROOT, env=_env())
 
 
-def run_dataset(dataset: str, minutes: float, workdir: Path) -> dict[str, Outcome]:
-    study_path = study_file(dataset, workdir)
+def run_dataset(
+    dataset: str, minutes: float, workdir: Path, device: str = "cpu", c_workers: int = 1
+) -> dict[str, Outcome]:
+    """The contenders on one data set: on the CPU (a) and (b), then (c) and (d), side by side,
+    each pinned to its own core; on a GPU (c) with `c_workers` workers, then (d), one after the
+    other (each has the GPU to itself)."""
+    study_path = study_file(dataset, workdir, device)
     outcomes = {}
     cores = sorted(os.sched_getaffinity(0))
-    pairs = [("a", "b"), ("c", "d")]
-    for pair in pairs:
+    if device == "cpu":
+        rounds = [[("a", cores[0]), ("b", cores[-1])], [("c", cores[0]), ("d", cores[-1])]]
+    else:
+        rounds = [[("c", None)], [("d", None)]]
+    for contenders in rounds:
         procs = []
-        for key, core in zip(pair, cores[:2] if len(cores) >= 2 else cores * 2, strict=True):
+        for key, core in contenders:
             out = workdir / f"{dataset}-{key}.json"
-            procs.append((key, out, _launch(key, study_path, minutes, out, core)))
+            procs.append((key, out, _launch(key, study_path, minutes, out, core, c_workers)))
         for key, out, p in procs:
             if p.wait() != 0:
                 raise SystemExit(f"contender {key} on {dataset} failed (exit {p.returncode})")
             got = json.loads(out.read_text())
-            outcomes[key] = Outcome(CONTENDERS[key], got["trials"], got["test"], minutes)
+            name = CONTENDERS[key] + (
+                f", {c_workers} workers" if key == "c" and c_workers > 1 else ""
+            )
+            outcomes[key] = Outcome(name, got["trials"], got["test"], minutes)
     return outcomes
 
 
@@ -334,27 +366,30 @@ def _fmt(v: float | None) -> str:
 
 def table(dataset: str, outcomes: dict[str, Outcome], minutes: float) -> str:
     marks = [m for m in MARKS if m <= minutes]
-    target = outcomes["a"].best_at(minutes * 60)
-    head = f"{'contender':34}{'trials':>8}{'/min':>8}"
+    target = outcomes["a"].best_at(minutes * 60) if "a" in outcomes else None
+    head = f"{'contender':40}{'trials':>8}{'/min':>8}"
     head += "".join(f"{f'best@{m}m':>11}" for m in marks)
     head += f"{'reach (a)':>11}{'test':>9}"
     lines = [f"{dataset}: best CV score against wall time ({minutes:g} min each)", head]
     for o in outcomes.values():
-        n = len([t for t in o.finished() if t["state"] in ("COMPLETE", "PRUNED")])
         reach = o.time_to(target)
-        row = f"{o.name:34}{n:>8}{n / minutes:>8.1f}"
+        row = f"{o.name:40}{o.count():>8}{o.count() / minutes:>8.1f}"
         row += "".join(f"{_fmt(o.best_at(m * 60)):>11}" for m in marks)
         row += f"{'-' if reach is None else f'{reach:.0f} s':>11}{_fmt(o.test):>9}"
         lines.append(row)
     c, d = outcomes["c"], outcomes["d"]
-    nc = len([t for t in c.finished() if t["state"] in ("COMPLETE", "PRUNED")])
-    nd = len([t for t in d.finished() if t["state"] in ("COMPLETE", "PRUNED")])
-    lines.append(f"(d) / (c) trials: {nd / max(nc, 1):.2f}x")
+    lines.append(f"(d) / (c) trials: {d.count() / max(c.count(), 1):.2f}x")
+    n = min(o.count() for o in outcomes.values())
+    per_trial = ", ".join(f"{k} {_fmt(o.best_of_first(n))}" for k, o in outcomes.items())
+    lines.append(
+        f"best CV after the first {n} trials of each (search quality per trial): {per_trial}"
+    )
     reach = d.time_to(target)
-    if reach is not None:
-        lines.append(
-            f"(d) reached (a)'s {minutes:g}-min best in {reach / (minutes * 60):.3f} of the time"
-        )
+    if target is not None and reach is not None:
+        share = reach / (minutes * 60)
+        lines.append(f"(d) reached (a)'s {minutes:g}-min best in {share:.3f} of the time")
+    elif target is not None:
+        lines.append(f"(d) did not reach (a)'s {minutes:g}-min best ({target:.4f})")
     return "\n".join(lines)
 
 
@@ -399,6 +434,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--minutes", type=float, default=8.0, help="wall time of each contender")
     p.add_argument("--calibrate", action="store_true", help="measure the fused engine's step costs")
+    p.add_argument("--device", default="cpu", help="cpu (contenders pinned in pairs) or cuda")
+    p.add_argument(
+        "--c-workers", type=int, default=1, help="workers of (c) (on a GPU: 4, sharing it)"
+    )
     p.add_argument("--contender", choices=list(CONTENDERS), help=argparse.SUPPRESS)
     p.add_argument("--study", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -413,12 +452,13 @@ def main(argv: list[str] | None = None) -> None:
             typical(args.study, args.minutes, args.contender == "b", args.out, t0)
         else:
             fuse = "1" if args.contender == "c" else None
-            selector_run(args.study, args.minutes, fuse, args.out, t0)
+            workers = args.c_workers if args.contender == "c" else 1
+            selector_run(args.study, args.minutes, fuse, args.out, t0, workers)
         return
     print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} (1 min) at start")
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets:
-            outcomes = run_dataset(dataset, args.minutes, Path(tmp))
+            outcomes = run_dataset(dataset, args.minutes, Path(tmp), args.device, args.c_workers)
             print(table(dataset, outcomes, args.minutes), flush=True)
             print(f"load {os.getloadavg()[0]:.2f} (1 min) after {dataset}\n", flush=True)
 

@@ -52,9 +52,16 @@ STATES: dict[str, tuple[str, ...]] = {
     "adam": ("exp_avg", "exp_avg_sq"),
     "adamw": ("exp_avg", "exp_avg_sq"),
 }
-# Updates torch has a fused kernel for (CPU and CUDA), and the numbers per member from which a
+# Updates torch has a fused kernel for, on which devices, and the numbers per member from which a
 # member's own kernel call beats the formulas on whole runs of rows (measured, `bench.anytime`).
-KERNELS = ("sgd", "momentum", "nesterov", "adagrad", "adam", "adamw")
+KERNELS: dict[str, tuple[str, ...]] = {
+    "sgd": ("cpu", "cuda"),
+    "momentum": ("cpu", "cuda"),
+    "nesterov": ("cpu", "cuda"),
+    "adagrad": ("cpu",),  # torch's fused Adagrad is CPU-only
+    "adam": ("cpu", "cuda"),
+    "adamw": ("cpu", "cuda"),
+}
 KERNEL_ELEMENTS = 1 << 13
 EPS = {"adagrad": 1e-10, "rmsprop": 1e-8, "adadelta": 1e-6, "adam": 1e-8, "adamw": 1e-8}
 
@@ -149,8 +156,7 @@ class FusedOptimizer:
     def uses_kernel(self, seg: Segment) -> bool:
         """Whether `seg` steps member by member through torch's fused kernel (see the module)."""
         return (
-            seg.kind in KERNELS
-            and self.params.device.type in ("cpu", "cuda")
+            self.params.device.type in KERNELS.get(seg.kind, ())
             and self.params.shape[1] * self.rows_per_member >= KERNEL_ELEMENTS
         )
 

@@ -189,7 +189,7 @@ class Objective:
     ) -> None:
         """Train the `members` (sharing depth and batch size) as fused models: cut by width
         where padding would cost more than a group's step (`fused.split_by_width`), each part
-        one model. Each member's epochs, pruning and result go to its own trial,
+        one model (a part of one trains with the stacked engine, as a trial alone). Each member's epochs, pruning and result go to its own trial,
         `on_done(member, outcome)` as each leaves its group (`selector.fused.drive_group`)."""
         from selector import fused
 
@@ -221,6 +221,9 @@ class Objective:
         )
         for part in parts:  # members of very different widths: padding would cost more
             group = [members[i] for i in part]
+            if len(group) == 1:  # a part of one: the stacked engine, as for a trial alone
+                self._alone(group[0], on_done)
+                continue
 
             def on_epoch(
                 epoch: int, values: dict[int, float], group: list[Started] = group
@@ -238,6 +241,17 @@ class Objective:
                 on_epoch=on_epoch,
                 on_done=lambda i, outcome, group=group: on_done(group[i], outcome),  # type: ignore[misc]
             )
+
+    def _alone(
+        self, m: Started, on_done: Callable[[Started, engine.CVResult | Exception], None]
+    ) -> None:
+        """One member trained by itself, its outcome to `on_done` as a group's would be."""
+        try:
+            result = train(self.spec, self.dev, self.folds, m.config, m.seed, on_epoch=m.out.epoch)
+        except Exception as e:  # pruned, diverged, out of memory: this member's outcome
+            on_done(m, e)
+            return
+        on_done(m, result)
 
     def _write_oof(self, trial: optuna.Trial, result: engine.CVResult) -> None:
         """The trial's out-of-fold predictions, for the bias-corrected estimate (SQL storages;

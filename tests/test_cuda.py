@@ -24,6 +24,7 @@ from selector.data import FoldData
 from selector.space import TrialConfig
 from selector.spec import TrainingSpec
 from tests.conftest import small_raw, write_study
+from tests.test_fused import GROUP, SEEDS, _run, assert_member_matches_solo
 from tests.test_stacked import OPTIMIZERS, _cut, assert_same_result, assert_same_weights
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,6 +45,22 @@ def test_stacked_on_cuda_matches_the_cpu_reference(
     }[knob]
     config = TrialConfig(optimizer=optimizer, width=32, batch_size=16, lr=1e-2, **extra)  # type: ignore[arg-type]
     assert_same_weights(config, iris_folds, device=CUDA)
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["formulas", "fused-kernel"])
+def test_fused_members_on_cuda_match_their_cpu_solo_runs(
+    iris_folds: list[FoldData], kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fused group (every optimizer, padded widths, every knob) on the GPU: each member's
+    weights are its solo CPU run's, to float32 rounding."""
+    from selector import fused_optim
+
+    monkeypatch.setattr(fused_optim, "KERNEL_ELEMENTS", 0 if kernel else 1 << 40)
+    run = _run(GROUP, iris_folds, SEEDS, epochs=3, device=CUDA)
+    for _ in range(3):
+        run.train_epoch()
+    for m, config in enumerate(GROUP):
+        assert_member_matches_solo(run, m, config, iris_folds, seed=SEEDS[m], epochs=3)
 
 
 def test_uneven_folds_on_cuda(wine_folds: list[FoldData]) -> None:

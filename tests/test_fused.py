@@ -39,7 +39,7 @@ from selector import study as study_mod
 from selector import summary as summary_mod
 from selector.data import FoldData
 from selector.errors import SpecError, TrialDiverged
-from selector.space import TrialConfig, replay_config
+from selector.space import TrialConfig, replay_config, sample_config
 from selector.spec import TrainingSpec
 from tests.conftest import small_raw, write_study
 from tests.test_stacked import ADAPTIVE, NOISY, RTOL, _cut, _rel, stacked_states
@@ -113,6 +113,7 @@ def _run(
     *,
     epochs: int,
     task: str = "classification",
+    device: torch.device = CPU,
 ) -> fused.FusedRun:
     K = len(folds)
     n_out = int(max(f.y_train.max() for f in folds)) + 1 if task == "classification" else 1
@@ -123,7 +124,7 @@ def _run(
         n_out=n_out,
         max_epochs=epochs,
         seeds=[[engine.derive_seed(s, k) for k in range(K)] for s in seeds],
-        device=CPU,
+        device=device,
     )
 
 
@@ -138,7 +139,7 @@ def assert_member_matches_solo(
     task: str = "classification",
 ) -> None:
     solo = stacked_states(config, folds, epochs=epochs, seed=seed, task=task)
-    mine = run.state_dicts(member)
+    mine = [{k: v.cpu() for k, v in state.items()} for state in run.state_dicts(member)]
     noisy = config.batch_norm and config.optimizer in ADAPTIVE
     for k, (a, b) in enumerate(zip(solo, mine, strict=True)):
         assert list(a) == list(b)
@@ -565,3 +566,39 @@ def test_fuse_in_the_study_file_is_checked(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="fuse"):
         spec_mod.parse(small_raw(search={"fuse": 0}), origin="t.toml")
     assert spec_mod.parse(small_raw(), origin="t.toml").search.fuse == "auto"
+
+
+# --- the fused path's reads and writes of Optuna's tables ----------------------------------------
+
+
+def test_core_reads_equal_optuna_reads(url: str) -> None:
+    """`record.frozen_trials` reads trials (complete, pruned, running, with params, attrs and
+    intermediate values) exactly as Optuna's storage does; `refresh` fills its cache the same."""
+    s = _fused_spec(n_trials=6)
+    study_mod.run(s, url)
+    store = storage.open_storage(url, must_exist=True)
+    st = optuna.load_study(study_name=s.name, storage=store)
+    running = st.ask()
+    running.suggest_float("lr", 1e-3, 1e-1, log=True)
+    running.report(0.5, 1)
+    running.set_user_attr("note", {"a": [1, 2]})
+    theirs = st._storage._backend.get_all_trials(st._study_id, deepcopy=False)
+    with storage.engine(url).connect() as conn:
+        ours = record.frozen_trials(conn, [t._trial_id for t in theirs])
+    assert ours == theirs
+    fresh = optuna.load_study(study_name=s.name, storage=storage.open_storage(url, must_exist=True))
+    record.refresh(fresh)
+    with record.one_read(fresh):
+        assert fresh.get_trials(deepcopy=False) == theirs
+
+
+def test_buffered_params_are_written_once_and_read_back(url: str) -> None:
+    s = _fused_spec()
+    study_mod.create_or_resume(s, url)
+    st = optuna.load_study(study_name=s.name, storage=storage.open_storage(url, must_exist=True))
+    with storage.buffered_params(st):
+        trial = st.ask()
+        config = sample_config(trial, s.space)
+    again = optuna.load_study(study_name=s.name, storage=url).get_trials()[-1]
+    assert again.params == trial.params and again.distributions == trial.distributions
+    assert replay_config(again.params, s.space) == config
