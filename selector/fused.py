@@ -978,12 +978,6 @@ class Sizing:
     cap: int
     config: TrialConfig
 
-    def describe(self) -> str:
-        return (
-            f"fusing up to {self.size} trials a group (cost model {self.by_cost}, "
-            f"memory {self.fits}, budget {self.cap})"
-        )
-
 
 def _param_values(p: Param) -> list[Any]:
     if p.kind == "fixed":

@@ -119,9 +119,8 @@ class FusedOptimizer:
         def column(values: Sequence[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=params.dtype, device=dev).view(-1, 1)
 
-        self.base_lr = [float(c.lr) for c in configs]
         self.hyper = [_Hyper(c.lr, c.weight_decay, c.momentum, c.beta1, c.beta2) for c in configs]
-        self.lr = column(self.base_lr)
+        self.lr = column([c.lr for c in configs])
         self.wd = column([c.weight_decay for c in configs])
         self.momentum = column([c.momentum for c in configs])
         self.beta1 = column([c.beta1 for c in configs])
@@ -143,7 +142,6 @@ class FusedOptimizer:
         keep = rows.tolist()
         self.kinds = [self.kinds[i] for i in keep]
         self.segments = segments(self.kinds)
-        self.base_lr = [self.base_lr[i] for i in keep]
         self.hyper = [self.hyper[i] for i in keep]
         for name in ("lr", "wd", "momentum", "beta1", "beta2", "rho", "steps"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
