@@ -309,7 +309,11 @@ def prune_members(
         return {}
     study = members[next(iter(values))].trial.study
     pruned: dict[int, Exception] = {}
-    with record.one_read(study):
+    # The median pruner reads finished trials only; successive halving reads running ones too.
+    finished_only = isinstance(
+        study.pruner, optuna.pruners.PercentilePruner | optuna.pruners.NopPruner
+    )
+    with record.one_read(study, running=not finished_only):
         for i, value in values.items():
             m = members[i]
             if study.pruner.prune(study, m.trial._cached_frozen_trial):

@@ -472,10 +472,16 @@ def frozen_trials(conn: sa.Connection, trial_ids: Any) -> list[FrozenTrial]:
     return sorted(out, key=lambda f: f.number)
 
 
-def refresh(study: optuna.Study) -> None:
+def refresh(study: optuna.Study, *, running: bool = True) -> None:
     """Bring Optuna's cache of the study's trials up to date as its cached storage would at
     each `get_trials` (every trial that was unfinished, and every newer one), with
-    `frozen_trials`. Where the storage is not Optuna's cached RDB storage, its own refresh."""
+    `frozen_trials`. Where the storage is not Optuna's cached RDB storage, its own refresh.
+
+    `running=False`, for readers of finished trials and of running trials' params only (the
+    samplers, the median pruner, progress): one query reads the states, and a trial still
+    running is read again only while its params are not cached yet (a worker writes a
+    trial's params just after creating it), so its intermediate values and attrs may be
+    stale. A fused group's members (16 running trials) cost 3.4 ms a read in full, 0.6 ms so."""
     store: Any = study._storage
     backend = getattr(store, "_backend", None)
     own = getattr(type(store), "_read_trials_from_remote_storage", None)
@@ -489,7 +495,7 @@ def refresh(study: optuna.Study) -> None:
             study._study_id, optuna.storages._cached_storage._StudyInfo()
         )
         t = _trials_t.c
-        wanted = sa.select(t.trial_id).where(
+        wanted: Any = sa.select(t.trial_id).where(
             t.study_id == study._study_id,
             sa.or_(
                 t.trial_id.in_(sorted(cache.unfinished_trial_ids) or [-1]),
@@ -497,7 +503,19 @@ def refresh(study: optuna.Study) -> None:
             ),
         )
         with backend.engine.connect() as conn:
-            trials = frozen_trials(conn, wanted)
+            if not running:
+                states = [
+                    (tid, TrialState[s]) for tid, s in conn.execute(wanted.add_columns(t.state))
+                ]
+                cache.unfinished_trial_ids.update(  # those not read again stay unfinished
+                    tid for tid, state in states if not state.is_finished()
+                )
+                wanted = [
+                    tid
+                    for tid, state in states
+                    if state.is_finished() or not _cached_params(store, tid)
+                ]
+            trials = frozen_trials(conn, wanted) if running or wanted else []
         store._add_trials_to_cache(study._study_id, trials)
         for trial in trials:
             if not trial.state.is_finished():
@@ -505,6 +523,15 @@ def refresh(study: optuna.Study) -> None:
                 continue
             cache.last_finished_trial_id = max(cache.last_finished_trial_id, trial._trial_id)
             cache.unfinished_trial_ids.discard(trial._trial_id)
+
+
+def _cached_params(store: Any, trial_id: int) -> bool:
+    """Whether Optuna's cache holds the trial with its params."""
+    where = store._trial_id_to_study_id_and_number.get(trial_id)
+    if where is None:
+        return False
+    trial = store._studies[where[0]].trials.get(where[1])
+    return trial is not None and bool(trial.params)
 
 
 @contextlib.contextmanager
@@ -535,16 +562,16 @@ def core_trial_reads(study: optuna.Study) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def one_read(study: optuna.Study) -> Iterator[None]:
-    """Within the block, the study's trials as read once at its start (`refresh`): Optuna's
-    cached storage otherwise reads every running trial back through its ORM at each
-    `get_trials` (each pruner decision, each parameter a sampler draws), about 25 ms with a
-    fused group's members running."""
+def one_read(study: optuna.Study, *, running: bool = True) -> Iterator[None]:
+    """Within the block, the study's trials as read once at its start (`refresh`, with
+    `running`): Optuna's cached storage otherwise reads every running trial back through its
+    ORM at each `get_trials` (each pruner decision, each parameter a sampler draws), about
+    25 ms with a fused group's members running."""
     store: Any = study._storage
     if getattr(type(store), "_read_trials_from_remote_storage", None) is None:
         yield
         return
-    refresh(study)
+    refresh(study, running=running)
     store._read_trials_from_remote_storage = lambda study_id: None
     try:
         yield

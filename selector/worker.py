@@ -24,6 +24,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import optuna
 import sqlalchemy as sa
 import torch
@@ -72,7 +73,23 @@ def make_sampler(
         return optuna.samplers.GPSampler(seed=seed)
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    vectorised_log_ndtr()
     return optuna.samplers.TPESampler(seed=seed, constant_liar=fusing)
+
+
+@functools.cache
+def vectorised_log_ndtr() -> None:
+    """Optuna's TPE evaluates log Phi (the normal's log CDF, in every truncated-normal mass of its
+    acquisition function and its sampling) element by element in Python, through `np.frompyfunc`
+    over a scalar function: half the time of each proposal at a few hundred trials (13 ms of 25).
+    scipy's `special.log_ndtr` is the same function vectorised, and exact where Optuna's is off by
+    up to 6e-8 (relative) just above 6; it takes its place in Optuna's module for this process.
+    A test checks that the two agree and that TPE proposes the same trials with either."""
+    from optuna.samplers._tpe import _truncnorm
+    from scipy.special import log_ndtr
+
+    if callable(getattr(_truncnorm, "_log_ndtr", None)):
+        _truncnorm._log_ndtr = lambda a: log_ndtr(np.asarray(a, dtype=float))
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
@@ -161,7 +178,10 @@ def claim_group(
             if n <= 1:
                 return [(study.ask(), None)]
             space = objective.spec.space
-            with record.one_read(study), storage.buffered_params(study):  # one read, one write
+            with (
+                record.one_read(study, running=False),
+                storage.buffered_params(study),
+            ):  # 1 read, 1 write
                 leader = study.ask()
                 config = sample_config(leader, space)
             n = fused.members_that_fit(
@@ -179,7 +199,10 @@ def claim_group(
             try:
                 members: list[tuple[optuna.Trial, TrialConfig | None]] = [(leader, config)]
                 for _ in range(n - 1):
-                    with record.one_read(study), storage.buffered_params(study):  # sees those
+                    with (
+                        record.one_read(study, running=False),
+                        storage.buffered_params(study),
+                    ):  # sees those
                         trial = study.ask()  # sampled before it
                         members.append((trial, sample_config(trial, space)))  # the key fixed
             finally:
@@ -405,8 +428,9 @@ def work(
 
 
 def _progress(progress: Progress, study: optuna.Study, frozen: FrozenTrial) -> None:
-    """Tell `progress` of a finished member, from one read of the study's trials."""
-    with record.one_read(study):
+    """Tell `progress` of a finished member, from one read of the study's trials (running
+    trials as cached: progress reads the finished ones)."""
+    with record.one_read(study, running=False):
         progress(study, frozen)
 
 

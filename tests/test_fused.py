@@ -592,6 +592,49 @@ def test_core_reads_equal_optuna_reads(url: str) -> None:
         assert fresh.get_trials(deepcopy=False) == theirs
 
 
+def test_refresh_of_finished_trials_only_keeps_running_ones_as_cached(url: str) -> None:
+    """`refresh(running=False)`: trials that finished elsewhere, new trials and a running trial
+    whose params were not yet written when first read are read in full; a running trial already
+    cached with its params is not read again (its newer intermediate values are left stale)."""
+    s = _fused_spec(n_trials=6)
+    study_mod.create_or_resume(s, url)
+
+    def handle() -> optuna.Study:
+        return optuna.load_study(
+            study_name=s.name, storage=storage.open_storage(url, must_exist=True)
+        )
+
+    ours, theirs = handle(), handle()
+    running = theirs.ask()
+    running.suggest_float("lr", 1e-3, 1e-1, log=True)
+    done = theirs.ask()
+    done.suggest_float("lr", 1e-3, 1e-1, log=True)
+    bare = theirs.ask()  # no params yet
+    record.refresh(ours, running=False)
+    with record.one_read(ours, running=False):
+        seen = {t.number: t for t in ours.get_trials(deepcopy=False)}
+    assert seen[running.number].params.keys() == {"lr"} and not seen[bare.number].params
+
+    running.report(0.5, 1)
+    theirs.tell(done, 0.7)
+    bare.suggest_float("lr", 1e-3, 1e-1, log=True)
+    late = theirs.ask()
+    late.suggest_float("lr", 1e-3, 1e-1, log=True)
+    with record.one_read(ours, running=False):
+        seen = {t.number: t for t in ours.get_trials(deepcopy=False)}
+    assert seen[done.number].state == TrialState.COMPLETE and seen[done.number].value == 0.7
+    assert seen[bare.number].params.keys() == {"lr"}  # read again: it had no params
+    assert seen[late.number].params.keys() == {"lr"}  # new
+    assert seen[running.number].intermediate_values == {}  # cached, not read again
+    with record.one_read(ours):  # in full: as Optuna reads it
+        assert ours.get_trials(deepcopy=False) == theirs.get_trials(deepcopy=False)
+    theirs.tell(running, 0.6)  # finished after a read that kept it: still found
+    with record.one_read(ours, running=False):
+        again = {t.number: t for t in ours.get_trials(deepcopy=False)}
+    assert again[running.number].state == TrialState.COMPLETE
+    assert again[running.number].intermediate_values == {1: 0.5}
+
+
 def test_buffered_params_are_written_once_and_read_back(url: str) -> None:
     s = _fused_spec()
     study_mod.create_or_resume(s, url)

@@ -87,3 +87,56 @@ def test_replay_rebuilds_the_searched_config() -> None:
 @pytest.mark.parametrize("shape,expected", [("constant", [64, 64, 64]), ("funnel", [64, 32, 16])])
 def test_widths(shape: str, expected: list[int]) -> None:
     assert TrialConfig(depth=3, width=64, shape=shape).widths() == expected
+
+
+def test_vectorised_log_ndtr_agrees_with_optunas_and_tpe_proposes_the_same() -> None:
+    """`worker.vectorised_log_ndtr` puts scipy's log Phi in place of Optuna's element-by-element
+    one: the same function (within 1e-7 relative; Optuna's is the one off, just above 6), and the
+    same TPE proposal after 80 trials of the full space, to rounding."""
+    import math
+
+    import numpy as np
+    from optuna.samplers._tpe import _truncnorm
+    from scipy.special import log_ndtr
+
+    from selector import worker
+
+    def own(a: np.ndarray) -> np.ndarray:  # Optuna's, as it defines it
+        return np.frompyfunc(_truncnorm._log_ndtr_single, 1, 1)(a).astype(float)
+
+    installed = _truncnorm._log_ndtr
+    x = np.concatenate(
+        [np.linspace(-40.0, 40.0, 20001), np.random.default_rng(0).normal(0, 5, 5000)]
+    )
+    ours, theirs = log_ndtr(x), own(x)
+    assert np.allclose(ours, theirs, rtol=1e-7, atol=1e-12)
+
+    space = _space(**FULL_SPACE)
+    history = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(80):
+        trial = history.ask()
+        c = sample_config(trial, space)
+        history.tell(trial, math.log10(c.lr) ** 2 + c.dropout + 0.1 * c.depth)
+
+    def proposal() -> dict[str, object]:
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=5, constant_liar=True))
+        study.add_trials(history.get_trials())
+        trial = study.ask()
+        sample_config(trial, space)
+        return trial.params
+
+    worker.vectorised_log_ndtr.cache_clear()
+    try:
+        _truncnorm._log_ndtr = own
+        before = proposal()
+        worker.vectorised_log_ndtr()
+        assert _truncnorm._log_ndtr is not own
+        after = proposal()
+    finally:
+        _truncnorm._log_ndtr = installed
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        if isinstance(value, float):
+            assert math.isclose(value, after[name], rel_tol=1e-9), name
+        else:
+            assert value == after[name], name
