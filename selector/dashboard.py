@@ -8,7 +8,7 @@ gets (in Optuna's study system attrs, where optuna-dashboard reads them):
 - a study note: progress, best trial, diagnosis counts and the lockbox state (sealed / evaluated,
   score, when). A note someone edited in the dashboard is left alone;
 - a note for each complete trial that has none (trials that ran before notes existed; new trials
-  write their own from inside the objective, see `notes.annotate_trial`), and a new note for
+  write their own from inside the objective, see `notes.trial_note_attrs`), and a new note for
   each trial whose diagnosis changed since its note was written (labels are measured against
   the study as it is now, `selector.diagnose`).
 

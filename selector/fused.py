@@ -54,7 +54,7 @@ from selector.metrics import Metric, Task
 from selector.model import ACTIVATIONS, build_mlp
 from selector.space import TrialConfig
 from selector.spec import Param, SpaceSpec, TrainingSpec
-from selector.stacked import EVAL_CHUNK_ELEMENTS, pad_rows
+from selector.stacked import DROP_BITS, EVAL_CHUNK_ELEMENTS, pad_rows
 
 # The weights are strided views into one (rows, N) tensor and their gradients views into another,
 # so that the optimizer step is a few operations on whole rows; autograd accumulates into such a
@@ -210,6 +210,12 @@ class FusedModel:
             )
         self.dropout = column([c.dropout for c in cfgs])
         self.any_dropout = any(c.dropout > 0 for c in cfgs)
+        # The CPU draws' cut and scale per row, as `stacked.dropout_mask` rounds them.
+        levels = 1 << DROP_BITS
+        cuts = [min(round(c.dropout * levels), levels - 1) for c in cfgs]
+        self.drop_floor = torch.tensor([k - levels // 2 for k in cuts], dtype=torch.int16)
+        self.drop_floor = self.drop_floor.view(G, 1, 1).to(dev)
+        self.drop_scale = column([levels / (levels - k) for k in cuts])
         self.runs = _runs([(c.activation, c.batch_norm) for c in cfgs])
         self.acts = {a: ACTIVATIONS[a]() for a in {c.activation for c in cfgs}}
 
@@ -280,12 +286,11 @@ class FusedModel:
         p = self.dropout[a:b]
         if self.device.type != "cpu" or bits is None:
             return torch.rand(shape, device=self.device).ge_(p).div_(1 - p)
-        levels = 1 << 16
-        cut = torch.clamp(torch.round(p * levels), max=levels - 1)
         n = math.prod(shape)
         draws = torch.from_numpy(bits.random_raw((n + 3) // 4).view(np.int16))[:n].view(shape)
-        keep = draws.to(torch.float32) >= cut - levels // 2
-        return keep.to(self.flat.dtype).mul_(levels / (levels - cut))
+        out = torch.empty(shape, dtype=self.flat.dtype)  # a float result: a tenth of `where`
+        torch.ge(draws, self.drop_floor[a:b], out=out)
+        return out.mul_(self.drop_scale[a:b])
 
     def _batch_norm(
         self,

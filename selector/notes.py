@@ -1,6 +1,6 @@
 """What optuna-dashboard shows for each trial: a note and a learning-curve figure.
 
-`annotate_trial` runs at the end of each complete trial, inside the objective. It never raises (a
+`trial_note_attrs` runs at the end of each complete trial, inside the objective. It never raises (a
 note that cannot be written is logged; the trial goes on) and it is cheap: the figure is a small
 hand-written SVG, no plotting library. The note (markdown) holds fold scores, train vs. validation
 score, the generalization gap, the diagnosis and gradient health. The SVG goes to Optuna's artifact
@@ -191,30 +191,44 @@ def _try_upload(trial: optuna.Trial, r: TrialRecord) -> str | None:
         return None
 
 
-def _save_first_note(trial: optuna.Trial, body: str) -> None:
-    """optuna-dashboard's `save_note` for a trial that has no note yet: version 1, written in its
-    own attribute format. `save_note` reads every study system attr twice (to find the next
-    version and to clear older chunks); at 1000 trials that cost about 50 ms a note, and a running
-    trial's first note has neither. Falls back to `save_note` if those helpers move."""
+def first_note_attrs(trial_id: int, body: str) -> dict[str, Any] | None:
+    """The study system attrs of a trial's first dashboard note: version 1, in optuna-dashboard's
+    own attribute format (None if its helpers move). `save_note` reads every study system attr
+    twice (to find the next version and to clear older chunks); at 1000 trials that cost about
+    50 ms a note, and a running trial's first note has neither."""
     try:
         from optuna_dashboard._note import note_ver_key, split_body
     except ImportError:
+        return None
+    return {note_ver_key(trial_id): 1, **split_body(body, trial_id)}
+
+
+def _save_first_note(trial: optuna.Trial, body: str) -> None:
+    """A first note written by itself (`first_note_attrs`; `save_note` if those helpers move)."""
+    attrs = first_note_attrs(trial._trial_id, body)
+    if attrs is None:
         from optuna_dashboard import save_note
 
         save_note(trial, body)
         return
-    store, study_id = trial.storage, trial.study._study_id
-    store.set_study_system_attr(study_id, note_ver_key(trial._trial_id), 1)
-    for key, value in split_body(body, trial._trial_id).items():
-        store.set_study_system_attr(study_id, key, value)
+    for key, value in attrs.items():
+        trial.storage.set_study_system_attr(trial.study._study_id, key, value)
 
 
-def annotate_trial(trial: optuna.Trial, r: TrialRecord, d: Diagnosis) -> None:
-    """The running trial's dashboard note and figure. Never raises: a failure is logged."""
+def trial_note_attrs(trial: optuna.Trial, r: TrialRecord, d: Diagnosis) -> dict[str, Any]:
+    """A complete trial's first dashboard note, with its figure (uploaded now), as the study
+    system attrs to write in the transaction that records its result. Never raises: a failure
+    is logged and gives none (where optuna-dashboard's helpers moved, `save_note` writes it)."""
     try:
-        _save_first_note(trial, trial_note(r, d, _try_upload(trial, r)))
+        body = trial_note(r, d, _try_upload(trial, r))
+        attrs = first_note_attrs(trial._trial_id, body)
+        if attrs is None:
+            _save_first_note(trial, body)
+            return {}
+        return attrs
     except Exception as e:  # a note must never fail a trial
         log.warning("trial %s: dashboard note not written (%s)", trial.number, e)
+        return {}
 
 
 def annotate_finished(study: optuna.Study, trial: FrozenTrial, d: Diagnosis) -> None:

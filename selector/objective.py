@@ -65,16 +65,23 @@ class _Writer:
             raise optuna.TrialPruned(f"pruned at epoch {epoch} (mean CV score {value:.4f})")
 
     def flush(
-        self, attrs: dict[str, Any] | None = None, system: dict[str, Any] | None = None
+        self,
+        attrs: dict[str, Any] | None = None,
+        system: dict[str, Any] | None = None,
+        study_system: dict[str, Any] | None = None,
     ) -> None:
-        """Write what is pending, `attrs` and `system` attrs, in one transaction (retried if
-        transient)."""
+        """Write what is pending, `attrs` and `system` attrs (and the study's `study_system`
+        attrs: the trial's dashboard note), in one transaction (retried if transient)."""
         self.attrs.update(attrs or {})
         scores, pending = self.scores, self.attrs
-        if scores or pending or system:
+        if scores or pending or system or study_system:
             storage.retrying(
                 lambda: storage.write_trial(
-                    self.trial, user_attrs=pending, system_attrs=system, intermediate=scores
+                    self.trial,
+                    user_attrs=pending,
+                    system_attrs=system,
+                    intermediate=scores,
+                    study_system_attrs=study_system,
                 )
             )
         self.scores, self.attrs, self.flushed = [], {}, time.monotonic()
@@ -105,6 +112,7 @@ class Objective:
         self.metric = metrics.get(spec.metric)
         self.folds: list[FoldData] = list(iter_folds(dev))
         self.n_out = dev.n_classes if dev.task == "classification" else 1
+        self._baseline: tuple[float | None] | None = None  # read once: recorded at create
 
     @property
     def device(self) -> Any:
@@ -177,9 +185,9 @@ class Objective:
     def finish(self, s: Started, result: engine.CVResult) -> float:
         """Record a trial's result: its record, out-of-fold predictions and dashboard note."""
         done = finished_record(s.record, result, time.perf_counter() - s.began)
-        s.out.flush(done.to_user_attrs(), done.to_system_attrs())
+        note = notes.trial_note_attrs(s.trial, done, self._diagnosis(s.trial, done))  # no raise
+        s.out.flush(done.to_user_attrs(), done.to_system_attrs(), note)  # one transaction
         self._write_oof(s.trial, result)
-        notes.annotate_trial(s.trial, done, self._diagnosis(s.trial, done))  # never raises
         return result.value
 
     def group(
@@ -278,6 +286,12 @@ class Objective:
 
         storage.retrying(write)
 
+    def _baseline_of(self, study: optuna.Study) -> float | None:
+        """The trivial predictor's score, recorded when the study was created."""
+        if self._baseline is None:
+            self._baseline = (study.user_attrs.get(record.ATTR_BASELINE),)
+        return self._baseline[0]
+
     def _diagnosis(self, trial: optuna.Trial, done: TrialRecord) -> diagnose.Diagnosis:
         """The new trial's diagnosis against the study's best scores now (the dashboard
         refreshes its note when later trials change it)."""
@@ -285,7 +299,7 @@ class Objective:
         ctx = diagnose.context(
             [done, *([best] if best else [])],
             metric=self.spec.metric,
-            baseline=trial.study.user_attrs.get(record.ATTR_BASELINE),
+            baseline=self._baseline_of(trial.study),
             max_epochs=self.spec.training.max_epochs,
         )
         return diagnose.diagnose(done, ctx)

@@ -505,6 +505,7 @@ class TrialWrite:
     user_attrs: Mapping[str, Any] = field(default_factory=dict)
     system_attrs: Mapping[str, Any] = field(default_factory=dict)
     intermediate: Sequence[tuple[int, float]] = ()
+    study_system_attrs: Mapping[str, Any] = field(default_factory=dict)  # its dashboard note
 
 
 def write_trial(
@@ -513,14 +514,22 @@ def write_trial(
     user_attrs: Mapping[str, Any] | None = None,
     system_attrs: Mapping[str, Any] | None = None,
     intermediate: Sequence[tuple[int, float]] = (),
+    study_system_attrs: Mapping[str, Any] | None = None,
 ) -> None:
     """Record a running trial's user attrs, system attrs and intermediate values (step, value)
-    together (`write_trials` for one trial)."""
-    write_trials([TrialWrite(trial, user_attrs or {}, system_attrs or {}, intermediate)])
+    together, with `study_system_attrs` (`write_trials` for one trial)."""
+    write_trials(
+        [
+            TrialWrite(
+                trial, user_attrs or {}, system_attrs or {}, intermediate, study_system_attrs or {}
+            )
+        ]
+    )
 
 
 def write_trials(writes: Sequence[TrialWrite]) -> None:
-    """Record running trials' user attrs, system attrs and intermediate values (step, value).
+    """Record running trials' user attrs, system attrs and intermediate values (step, value),
+    and the study system attrs that go with them (a complete trial's dashboard note).
 
     On SQLite and PostgreSQL this is one transaction for all of them (each trial's state check,
     one multi-row insert of the values, one multi-row upsert per kind of attrs) into Optuna's
@@ -550,6 +559,8 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
                 trial.set_user_attr(key, value)
             for key, value in system.items():
                 trial.storage.set_trial_system_attr(trial._trial_id, key, value)
+            for key, value in w.study_system_attrs.items():
+                trial.storage.set_study_system_attr(trial.study._study_id, key, value)
         return
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
@@ -557,6 +568,7 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
     rows: list[dict[str, Any]] = []
     user: list[dict[str, Any]] = []
     sys_rows: list[dict[str, Any]] = []
+    study_rows: list[dict[str, Any]] = []
     for w, values, attrs, system in pending:
         tid = w.trial._trial_id
         for step, value in values.items():
@@ -573,6 +585,7 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
             )
         user += _attr_rows(tid, attrs)
         sys_rows += _attr_rows(tid, system)
+        study_rows += _attr_rows(w.trial.study._study_id, w.study_system_attrs, "study_id")
     with _create_scoped_session(rdb.scoped_session, True) as session:
         for w, *_ in pending:
             tid = w.trial._trial_id
@@ -583,6 +596,7 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
         for table, pairs in (
             (models.TrialUserAttributeModel, user),
             (models.TrialSystemAttributeModel, sys_rows),
+            (models.StudySystemAttributeModel, study_rows),
         ):
             if pairs:
                 session.execute(_upsert(rdb.engine.name, table), pairs)
@@ -649,16 +663,20 @@ def _write_params(
 
 
 def _upsert(dialect: str, table: Any) -> Any:
-    """INSERT ... ON CONFLICT (trial_id, key) DO UPDATE for an Optuna attribute table."""
+    """INSERT ... ON CONFLICT (trial_id or study_id, key) DO UPDATE for an Optuna attribute
+    table."""
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     else:
         from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
     stmt = insert(table)
+    owner = table.trial_id if hasattr(table, "trial_id") else table.study_id
     return stmt.on_conflict_do_update(
-        index_elements=[table.trial_id, table.key], set_={"value_json": stmt.excluded.value_json}
+        index_elements=[owner, table.key], set_={"value_json": stmt.excluded.value_json}
     )
 
 
-def _attr_rows(trial_id: int, pairs: Mapping[str, Any]) -> list[dict[str, Any]]:
-    return [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in pairs.items()]
+def _attr_rows(
+    owner: int, pairs: Mapping[str, Any], column: str = "trial_id"
+) -> list[dict[str, Any]]:
+    return [{column: owner, "key": k, "value_json": json.dumps(v)} for k, v in pairs.items()]

@@ -168,7 +168,7 @@ def claim_group(
     Returns each trial with its config (None for a lone trial, sampled when it starts)."""
     from selector import fused
 
-    with budget_lock(url, study.study_name):
+    with budget_lock(url, study.study_name), record.core_trial_reads(study):  # ask reads back
         free = limit - count(study, ACTIVE)
         if free <= 0:
             return []

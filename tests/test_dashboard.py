@@ -170,7 +170,7 @@ def test_a_failing_note_never_fails_a_trial(
     def broken(*_: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(notes, "_save_first_note", broken)
+    monkeypatch.setattr(notes, "trial_note", broken)
     with caplog.at_level(logging.WARNING, logger="selector.notes"):
         study.run(spec.parse(small_raw(n_trials=2), origin="t.toml"), url)
     trials = optuna.load_study(study_name="iris-small", storage=url).trials
@@ -181,7 +181,7 @@ def test_a_failing_note_never_fails_a_trial(
 def test_publish_writes_figures_the_study_note_and_missing_trial_notes(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(notes, "annotate_trial", lambda *_: None)  # trials from before notes
+    monkeypatch.setattr(notes, "trial_note_attrs", lambda *_: {})  # trials from before notes
     study.run(spec.parse(small_raw(n_trials=2), origin="t.toml"), url)
     monkeypatch.undo()
     st, _ = dashboard.studies(url)

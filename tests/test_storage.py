@@ -55,6 +55,12 @@ def _write_both_ways(url: str) -> tuple[optuna.trial.FrozenTrial, optuna.trial.F
     storage.write_trial(batched, system_attrs={"selector:heartbeat": 0})
     storage.write_trial(batched, user_attrs=attrs, system_attrs=system, intermediate=scores[:2])
     storage.write_trial(batched, intermediate=[(2, 9.0), *scores[2:]])  # step 2: kept, as report
+    storage.write_trial(batched, study_system_attrs={"note:a": 1})  # the study's, upserted too
+    storage.write_trial(batched, study_system_attrs={"note:a": [2], "note:b": "x"})
+    assert study_._storage.get_study_system_attrs(study_._study_id) == {
+        "note:a": [2],
+        "note:b": "x",
+    }
     for key, value in attrs.items():
         one_by_one.set_user_attr(key, value)
     for key, value in system.items():
@@ -95,8 +101,13 @@ def test_write_trial_refuses_a_finished_trial_and_writes_nothing(url: str) -> No
     study_.tell(trial, 1.0)
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         storage.write_trial(
-            trial, user_attrs={"late": 1}, system_attrs={"late": 1}, intermediate=[(1, 0.5)]
+            trial,
+            user_attrs={"late": 1},
+            system_attrs={"late": 1},
+            intermediate=[(1, 0.5)],
+            study_system_attrs={"late": 1},
         )
+    assert study_._storage.get_study_system_attrs(study_._study_id) == {}
     frozen = study_.trials[0]
     assert "late" not in frozen.user_attrs and frozen.intermediate_values == {}
     assert "late" not in frozen.system_attrs
@@ -106,8 +117,13 @@ def test_write_trial_on_other_storages_calls_optuna_per_value() -> None:
     study_ = optuna.create_study()  # in memory: no SQL database behind it
     trial = study_.ask()
     storage.write_trial(
-        trial, user_attrs={"a": 1}, system_attrs={"b": 2}, intermediate=[(1, 0.5), (2, 0.6)]
+        trial,
+        user_attrs={"a": 1},
+        system_attrs={"b": 2},
+        intermediate=[(1, 0.5), (2, 0.6)],
+        study_system_attrs={"c": 3},
     )
+    assert study_._storage.get_study_system_attrs(study_._study_id) == {"c": 3}
     assert study_.trials[0].user_attrs == {"a": 1}
     assert study_.trials[0].system_attrs == {"b": 2}
     assert study_.trials[0].intermediate_values == {1: 0.5, 2: 0.6}
