@@ -225,6 +225,55 @@ def test_pruned_trials_count_towards_the_budget(url: str) -> None:
         assert t.value == t.intermediate_values[at]
 
 
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_prune_decisions_equal_optunas_should_prune(tmp_path: Path, pruner: str) -> None:
+    """`objective.prune_decisions` (a trial's scores partly written, partly pending; one read of
+    the study) decides as Optuna's `Trial.should_prune` does with every score written: two
+    copies of one study, each trial asked both ways (successive halving's rungs included)."""
+    from selector import storage
+
+    def make(where: str) -> optuna.Study:
+        chosen = {
+            "median": optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2),
+            "hyperband": optuna.pruners.HyperbandPruner(min_resource=1, max_resource=12),
+        }[pruner]
+        return optuna.create_study(
+            study_name="same",
+            storage=storage.open_storage(f"sqlite:///{tmp_path / where}.db", must_exist=False),
+            pruner=chosen,
+            direction="maximize",
+        )
+
+    ours, theirs = make("ours"), make("theirs")
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        values = rng.uniform(0.4, 0.9, 12)
+        for st in (ours, theirs):
+            t = st.ask()
+            for step, value in enumerate(values, 1):
+                t.report(float(value), step)
+                t.should_prune()  # successive halving records its rungs as it goes
+            st.tell(t, float(values[-1]))
+    decided = []
+    for trial_no in range(12):
+        a, b = ours.ask(), theirs.ask()
+        out = objective._Writer(a, prune_from=1)
+        for step in range(1, 13):
+            value = float((0.6 + 0.03 * trial_no) * rng.uniform(0.8, 1.0))
+            out.scores.append((step, value))
+            if step % 4 == 0:
+                out.flush()  # some written, the rest pending
+            b.report(value, step)
+            decided.append((objective.prune_decisions(ours, [out])[0], b.should_prune()))
+            if any(decided[-1]):
+                break
+        out.flush()
+        ours.tell(a, state=TrialState.PRUNED)
+        theirs.tell(b, state=TrialState.PRUNED)
+    assert [m for m, _ in decided] == [t for _, t in decided]
+    assert any(m for m, _ in decided) and not all(m for m, _ in decided)
+
+
 def test_same_file_and_seed_give_identical_trials(tmp_path: Path) -> None:
     runs = []
     for i in range(2):
