@@ -153,11 +153,17 @@ class FusedModel:
                 )
         with torch.no_grad():
             for m, (config, member_seeds) in enumerate(zip(configs, seeds, strict=True)):
+                model = build_mlp(config, n_in, n_out)  # built once, initialised per fold:
+                linears = [x for x in model.modules() if isinstance(x, torch.nn.Linear)]
                 for k, s in enumerate(member_seeds):
                     # what the member's solo run does for this fold (`torch.manual_seed` seeds the
-                    # default CPU generator, which builds the weights, and queues a CUDA seeding)
+                    # default CPU generator, which builds the weights, and queues a CUDA seeding);
+                    # its linear layers draw in the order they are built (modules() order), and
+                    # nothing else draws
                     torch.default_generator.manual_seed(s)
-                    self._load_row(m * self.K + k, build_mlp(config, n_in, n_out).state_dict())
+                    for layer in linears:
+                        layer.reset_parameters()
+                    self._load_row(m * self.K + k, model.state_dict())
         self._derive()
 
     # --- layout --------------------------------------------------------------------------------
