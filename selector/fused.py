@@ -219,8 +219,8 @@ class FusedModel:
         # The CPU draws' cut and scale per row, as `stacked.dropout_mask` rounds them.
         levels = 1 << DROP_BITS
         cuts = [min(round(c.dropout * levels), levels - 1) for c in cfgs]
-        self.drop_floor = torch.tensor([k - levels // 2 for k in cuts], dtype=torch.int16)
-        self.drop_floor = self.drop_floor.view(G, 1, 1).to(dev)
+        floors = [k - levels // 2 for k in cuts]
+        self.drop_floor = torch.tensor(floors, dtype=torch.int16, device=dev).view(G, 1, 1)
         self.drop_scale = column([levels / (levels - k) for k in cuts])
         self.runs = _runs([(c.activation, c.batch_norm) for c in cfgs])
         self.acts = {a: ACTIVATIONS[a]() for a in {c.activation for c in cfgs}}

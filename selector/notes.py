@@ -203,18 +203,6 @@ def first_note_attrs(trial_id: int, body: str) -> dict[str, Any] | None:
     return {note_ver_key(trial_id): 1, **split_body(body, trial_id)}
 
 
-def _save_first_note(trial: optuna.Trial, body: str) -> None:
-    """A first note written by itself (`first_note_attrs`; `save_note` if those helpers move)."""
-    attrs = first_note_attrs(trial._trial_id, body)
-    if attrs is None:
-        from optuna_dashboard import save_note
-
-        save_note(trial, body)
-        return
-    for key, value in attrs.items():
-        trial.storage.set_study_system_attr(trial.study._study_id, key, value)
-
-
 def trial_note_attrs(trial: optuna.Trial, r: TrialRecord, d: Diagnosis) -> dict[str, Any]:
     """A complete trial's first dashboard note, with its figure (uploaded now), as the study
     system attrs to write in the transaction that records its result. Never raises: a failure
@@ -223,7 +211,9 @@ def trial_note_attrs(trial: optuna.Trial, r: TrialRecord, d: Diagnosis) -> dict[
         body = trial_note(r, d, _try_upload(trial, r))
         attrs = first_note_attrs(trial._trial_id, body)
         if attrs is None:
-            _save_first_note(trial, body)
+            from optuna_dashboard import save_note
+
+            save_note(trial, body)
             return {}
         return attrs
     except Exception as e:  # a note must never fail a trial

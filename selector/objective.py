@@ -63,8 +63,12 @@ class _Writer:
             self.flush()
         prunes = self.prune_from is not None and epoch >= self.prune_from
         if prunes and storage.retrying(lambda: prune_decisions(self.trial.study, [self])[0]):
-            self.attrs["pruned_at_epoch"] = epoch
-            raise optuna.TrialPruned(f"pruned at epoch {epoch} (mean CV score {value:.4f})")
+            raise self.pruned(epoch, value)
+
+    def pruned(self, epoch: int, value: float) -> optuna.TrialPruned:
+        """The trial stops here: the epoch is recorded with it, and the exception that says so."""
+        self.attrs["pruned_at_epoch"] = epoch
+        return optuna.TrialPruned(f"pruned at epoch {epoch} (mean CV score {value:.4f})")
 
     def flush(
         self,
@@ -199,8 +203,9 @@ class Objective:
     ) -> None:
         """Train the `members` (sharing depth and batch size) as fused models: cut by width
         where padding would cost more than a group's step (`fused.split_by_width`), each part
-        one model (a part of one trains with the stacked engine, as a trial alone). Each member's epochs, pruning and result go to its own trial,
-        `on_done(member, outcome)` as each leaves its group (`selector.fused.drive_group`)."""
+        one model (a part of one trains with the stacked engine, as a trial alone). Each
+        member's epochs, pruning and result go to its own trial, `on_done(member, outcome)` as
+        each leaves its group (`selector.fused.drive_group`)."""
         from selector import fused
 
         prune_from = first_prunable_epoch(self.spec.search.pruner)
@@ -329,10 +334,7 @@ def prune_members(
     decisions = prune_decisions(study, [members[i].out for i in scored])
     for i, prune in zip(scored, decisions, strict=True):
         if prune:
-            members[i].out.attrs["pruned_at_epoch"] = epoch
-            pruned[i] = optuna.TrialPruned(
-                f"pruned at epoch {epoch} (mean CV score {values[i]:.4f})"
-            )
+            pruned[i] = members[i].out.pruned(epoch, values[i])
     return pruned
 
 

@@ -495,7 +495,7 @@ def refresh(study: optuna.Study, *, running: bool = True) -> None:
             study._study_id, optuna.storages._cached_storage._StudyInfo()
         )
         t = _trials_t.c
-        wanted: Any = sa.select(t.trial_id).where(
+        wanted = sa.select(t.trial_id).where(
             t.study_id == study._study_id,
             sa.or_(
                 t.trial_id.in_(sorted(cache.unfinished_trial_ids) or [-1]),
@@ -503,19 +503,21 @@ def refresh(study: optuna.Study, *, running: bool = True) -> None:
             ),
         )
         with backend.engine.connect() as conn:
-            if not running:
+            if running:
+                trials = frozen_trials(conn, wanted)
+            else:
                 states = [
                     (tid, TrialState[s]) for tid, s in conn.execute(wanted.add_columns(t.state))
                 ]
                 cache.unfinished_trial_ids.update(  # those not read again stay unfinished
                     tid for tid, state in states if not state.is_finished()
                 )
-                wanted = [
+                changed = [
                     tid
                     for tid, state in states
                     if state.is_finished() or not _cached_params(store, tid)
                 ]
-            trials = frozen_trials(conn, wanted) if running or wanted else []
+                trials = frozen_trials(conn, changed) if changed else []
         store._add_trials_to_cache(study._study_id, trials)
         for trial in trials:
             if not trial.state.is_finished():

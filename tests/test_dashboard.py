@@ -155,7 +155,7 @@ def test_a_first_note_reads_back_as_optuna_dashboards_own(url: str) -> None:
     s = optuna.create_study(storage=storage.open_storage(url, must_exist=False))
     trial = s.ask()
     body = "### Trial 0\n" + "x" * 5000
-    notes._save_first_note(trial, body)
+    storage.write_trial(trial, study_system_attrs=notes.first_note_attrs(trial._trial_id, body))
     assert get_note(trial) == body
     save_note(trial, "edited")
     assert get_note(trial) == "edited"
