@@ -163,7 +163,9 @@ def claim_group(
 
     The first (the leader) is sampled freely. The others are sampled with the leader's depth and
     batch size fixed (`fused.group_key`; Optuna's `PartialFixedSampler` over the study's own
-    sampler), every other parameter as the sampler chooses. All are claimed under the budget lock,
+    sampler), every other parameter as the sampler chooses: under TPE, each follower is TPE's own
+    proposal from one fit of its model for the whole group (`follower_proposals`), with any other
+    sampler its `ask` with the key fixed. All are claimed under the budget lock,
     so `n_trials` stays exact; members are as many as fit in memory at the space's widest width.
     Returns each trial with its config (None for a lone trial, sampled when it starts)."""
     from selector import fused
@@ -193,21 +195,79 @@ def claim_group(
                 if getattr(space, name).kind != "fixed"
             }
             own = study.sampler
-            with warnings.catch_warnings():  # experimental since Optuna 2.4, and stable since
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.sampler = optuna.samplers.PartialFixedSampler(fixed, own)
-            try:
+            with record.one_read(study, running=False), storage.buffered_params(study):
+                planned = follower_proposals(study, own, fixed, n - 1)  # one fit for all
                 members: list[tuple[optuna.Trial, TrialConfig | None]] = [(leader, config)]
-                for _ in range(n - 1):
-                    with (
-                        record.one_read(study, running=False),
-                        storage.buffered_params(study),
-                    ):  # sees those
-                        trial = study.ask()  # sampled before it
+                try:
+                    for j in range(n - 1):
+                        with warnings.catch_warnings():  # experimental since Optuna 2.4
+                            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                            study.sampler = optuna.samplers.PartialFixedSampler(
+                                {**fixed, **planned[j]} if planned else fixed, own
+                            )
+                        trial = study.ask()
                         members.append((trial, sample_config(trial, space)))  # the key fixed
-            finally:
-                study.sampler = own
+                finally:
+                    study.sampler = own
     return members
+
+
+def follower_proposals(
+    study: optuna.Study, sampler: optuna.samplers.BaseSampler, fixed: dict[str, Any], n: int
+) -> list[dict[str, Any]] | None:
+    """The params of `n` followers of a group whose key is `fixed`, as TPE proposes them, from
+    one fit of its two Parzen estimators for the whole group; None where the sampler does not
+    propose this way (not a multivariate TPE, or still in its random start-up trials), and
+    followers are then asked one by one.
+
+    TPE's proposal for one trial: split the finished trials (and, with its constant liar, the
+    running ones, as bad) into good and bad, fit a Parzen estimator l to the good and g to the
+    bad over the parameters not fixed, draw `n_ei_candidates` from l and keep the one with the
+    largest l/g. Each follower here is exactly that, with its own candidates drawn from the same
+    l and g: the draws TPE makes for trials asked side by side, as when workers ask at once.
+    What it leaves out is the liar inside the group (a follower does not see the followers
+    before it among the bad; the leader and every other running trial it does see). Fitting
+    once instead of once a follower cuts a group's sampling about M-fold: 11 of a fused
+    penguins trial's 40 ms went to TPE's fit at 900 trials."""
+    if not isinstance(sampler, optuna.samplers.TPESampler) or n <= 0:
+        return None
+    try:
+        if sampler._group:  # TPE's grouped search spaces: asked one by one
+            return None
+        from optuna.samplers._tpe.sampler import _split_trials, default_gamma
+
+        finished = study._get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED), use_cache=True
+        )
+        if len(finished) < sampler._n_startup_trials:
+            return None
+        space = {
+            name: dist
+            for name, dist in sampler.infer_relative_search_space(study, finished[-1]).items()
+            if name not in fixed
+        }
+        if not space:
+            return None
+        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        trials = study._get_trials(deepcopy=False, states=states, use_cache=False)
+        if not sampler._constant_liar:
+            trials = [t for t in trials if t.state != TrialState.RUNNING]
+        gamma = sampler._gamma or default_gamma
+        n_finished = sum(t.state != TrialState.RUNNING for t in trials)
+        below, above = _split_trials(study, trials, gamma(n_finished))
+        good = sampler._build_parzen_estimator(study, space, below, handle_below=True)
+        bad = sampler._build_parzen_estimator(study, space, above, handle_below=False)
+        k = sampler._n_ei_candidates
+        candidates = good.sample(sampler._rng.rng, k * n)
+        acquisition = sampler._compute_acquisition_func(candidates, good, bad)
+    except (ImportError, AttributeError):  # Optuna's internals moved: ask one by one
+        return None
+    proposals = []
+    for j in range(n):
+        own = {name: v[j * k : (j + 1) * k] for name, v in candidates.items()}
+        best = sampler._compare(own, acquisition[j * k : (j + 1) * k])
+        proposals.append({name: space[name].to_external_repr(best[name]) for name in space})
+    return proposals
 
 
 # --- running one trial ----------------------------------------------------------------------

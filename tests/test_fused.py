@@ -555,6 +555,78 @@ def test_group_members_are_sampled_with_the_leader_key(url: str) -> None:
     assert worker.claim_group(st, url, 5, 4, dev) == []
 
 
+def _tpe_history(n: int = 40) -> optuna.Study:
+    """An in-memory study past TPE's start-up: `n` finished trials of the fused test space."""
+    space = _fused_spec().space
+    history = optuna.create_study(direction="maximize")
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        t = history.ask(
+            {
+                "optimizer": optuna.distributions.CategoricalDistribution(
+                    ["adam", "momentum", "sgd", "rmsprop"]
+                )
+            }
+        )
+        c = sample_config(t, space)
+        history.tell(t, -abs(np.log10(c.lr) + 2) - 0.1 * c.depth + 0.01 * rng.normal())
+    return history
+
+
+def test_follower_proposals_are_tpe_proposals_from_one_fit() -> None:
+    """With no running trial, a follower proposed from the group's one fit is exactly what TPE
+    proposes for the next trial (the same candidates from its seed, the same l/g)."""
+    history = _tpe_history()
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=7, constant_liar=True)
+    )
+    study.add_trials(history.get_trials())
+    proposed = worker.follower_proposals(study, study.sampler, {}, 1)
+    assert proposed is not None
+    twin = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.TPESampler(seed=7, constant_liar=True)
+    )
+    twin.add_trials(history.get_trials())
+    trial = twin.ask()
+    sample_config(trial, _fused_spec().space)
+    assert proposed[0] == trial.params
+
+    fixed = {"depth": 2, "batch_size": 16}
+    several = worker.follower_proposals(study, study.sampler, fixed, 6)
+    assert several is not None and len(several) == 6
+    assert all(not fixed.keys() & p.keys() for p in several)  # the key stays the leader's
+    assert len({p["lr"] for p in several}) == 6  # each from its own candidates
+
+
+def test_follower_proposals_fall_back_where_tpe_does_not_fit() -> None:
+    fresh = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=1))
+    assert worker.follower_proposals(fresh, fresh.sampler, {}, 3) is None  # start-up trials
+    history = _tpe_history()
+    rand = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    rand.add_trials(history.get_trials())
+    assert worker.follower_proposals(rand, rand.sampler, {}, 3) is None
+
+
+def test_a_claimed_group_past_start_up_takes_the_planned_proposals(url: str) -> None:
+    """Past TPE's start-up, claim_group's followers carry the leader's key and params that are
+    recorded in the study as the configs they train."""
+    s = _fused_spec(n_trials=100)
+    study_mod.create_or_resume(s, url)
+    st = optuna.load_study(
+        study_name=s.name, storage=url, sampler=worker.make_sampler(s, 0, fusing=True)
+    )
+    st.add_trials(_tpe_history().get_trials())
+    dev = objective.Objective(s, data.dev_set(data.prepare(s)))
+    claimed = worker.claim_group(st, url, 100, 5, dev)
+    assert len(claimed) == 5
+    configs = [c for _, c in claimed]
+    assert len({fused.group_key(c) for c in configs if c is not None}) == 1
+    assert len({c.lr for c in configs if c is not None}) == 5
+    stored = {t.number: t.params for t in st.get_trials(states=(TrialState.RUNNING,))}
+    for trial, config in claimed:
+        assert replay_config(stored[trial.number], s.space) == config
+
+
 def test_cli_fuse_option(tmp_path: Path) -> None:
     f = write_study(tmp_path / "s.toml", small_raw(n_trials=4))
     url = f"sqlite:///{tmp_path / 's.db'}"
