@@ -63,7 +63,8 @@ warnings.filterwarnings("ignore", message="grad and param do not obey the gradie
 
 # (epoch, {member: mean CV score}) -> {member: why it stops} (pruned): called once an epoch
 OnEpoch = Callable[[int, dict[int, float]], dict[int, Exception]]
-OnDone = Callable[[int, "CVResult | Exception"], None]  # a member's result, or why it left
+# [(member, its result or why it left)]: the members that left at one epoch, together
+OnDone = Callable[[list[tuple[int, "CVResult | Exception"]]], None]
 
 
 # What the members of one group share: the layer count and the batches of every step.
@@ -732,20 +733,20 @@ def drive_group(
     leaves with `TrialDiverged`. After each epoch `on_epoch(epoch, {member: mean score})` is
     told every other member's score at once (one write and one pruning read for the group) and
     returns the members that stop, each with its exception (pruned); one that stops early or
-    reaches the last epoch leaves with its `CVResult`. `on_done(member, outcome)` is called as
-    each leaves, before the others train on. An exception `on_epoch` raises (Ctrl-C) stops the
-    whole group."""
+    reaches the last epoch leaves with its `CVResult`. `on_done([(member, outcome), ...])` is
+    called once an epoch with the members that left at it (their results recorded together),
+    before the others train on. An exception `on_epoch` raises (Ctrl-C) stops the whole group."""
     folds = run.folds
     state = {m: _Member(seeds=list(seeds[m])) for m in run.members}
     outcomes: dict[int, CVResult | Exception] = {}
 
     def done(m: int, outcome: CVResult | Exception) -> None:
         outcomes[m] = outcome
-        if on_done is not None:
-            on_done(m, outcome)
+        left.append((m, outcome))
 
     for epoch in range(1, training.max_epochs + 1):
         losses, norms = run.train_epoch()
+        left: list[tuple[int, CVResult | Exception]] = []
         leaving: list[int] = []
         finished: list[int] = []
         live = list(run.members)
@@ -776,7 +777,12 @@ def drive_group(
                 )
                 st.best_state = run.snapshot(m)
             means[m] = mean
-        stopped = on_epoch(epoch, means) if on_epoch is not None and means else {}
+        try:
+            stopped = on_epoch(epoch, means) if on_epoch is not None and means else {}
+        except BaseException:  # a stop: those that diverged first are told so
+            if left and on_done is not None:
+                on_done(left)
+            raise
         for m in means:
             st = state[m]
             if m in stopped:  # pruned (or its record failed): this member leaves
@@ -787,6 +793,8 @@ def drive_group(
         for m in finished:
             done(m, _finish(run, m, state[m], task, n_classes, metric, training))
             leaving.append(m)
+        if left and on_done is not None:
+            on_done(left)
         run.leave(leaving)
         if not run.members:
             break

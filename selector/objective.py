@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 import traceback
 from collections.abc import Callable
@@ -92,9 +93,6 @@ class _Writer:
             )
         self.scores, self.attrs, self.flushed = [], {}, time.monotonic()
 
-    def fail(self, reason: FailReason, error: str) -> None:
-        self.flush({"fail_reason": reason, "error": error[-MAX_TRACEBACK_CHARS:]})
-
 
 @dataclass
 class Started:
@@ -175,37 +173,74 @@ class Objective:
     def record_failure(self, s: Started, e: BaseException) -> None:
         """Record why a trial stopped without a result: pruned (its time), diverged, terminated,
         interrupted, out of memory, or an exception (its traceback)."""
-        if isinstance(e, optuna.TrialPruned):
-            s.out.flush({"seconds": round(time.perf_counter() - s.began, 3)})
-        elif isinstance(e, TrialDiverged):
-            s.out.fail("diverged", str(e))
-        elif isinstance(e, interrupt.Terminated):
-            s.out.fail("terminated", "terminated by a signal (SIGTERM): the process was stopped")
-        elif isinstance(e, KeyboardInterrupt):
-            s.out.fail("interrupted", "interrupted by the user (Ctrl-C)")
-        elif engine.is_out_of_memory(e):  # estimated before allocating, or a failed allocation
-            s.out.fail("oom", str(e).strip() or type(e).__name__)
-        else:
-            s.out.fail("exception", "".join(traceback.format_exception(e)))
+        s.out.flush(failure_attrs(s, e))
 
     def finish(self, s: Started, result: engine.CVResult) -> float:
         """Record a trial's result: its record, out-of-fold predictions and dashboard note."""
-        done = finished_record(s.record, result, time.perf_counter() - s.began)
-        note = notes.trial_note_attrs(s.trial, done, self._diagnosis(s.trial, done))  # no raise
+        done, note = self._result(
+            s, result, storage.retrying(lambda: _best_complete(s.trial.study))
+        )
         s.out.flush(done.to_user_attrs(), done.to_system_attrs(), note)  # one transaction
-        self._write_oof(s.trial, result)
+        self.write_oof([(s.trial, result)])
         return result.value
+
+    def _result(
+        self, s: Started, result: engine.CVResult, best: TrialRecord | None
+    ) -> tuple[TrialRecord, dict[str, Any]]:
+        """A complete trial's record, and its dashboard note (study system attrs) diagnosed
+        against `best`, the study's best complete trial."""
+        done = finished_record(s.record, result, time.perf_counter() - s.began)
+        return done, notes.trial_note_attrs(s.trial, done, self._diagnosis(s.trial, done, best))
+
+    def endings(
+        self, left: list[tuple[Started, engine.CVResult | BaseException]]
+    ) -> list[storage.TrialWrite]:
+        """The last writes of trials that ended together (a fused group's members leaving at
+        one epoch), for `storage.write_trials` as one transaction: each one's pending scores,
+        its record and note where complete or its failure reason, the state it ends in and its
+        value (Optuna's: a pruned trial's last score). The study's best trial is read once."""
+        best = None
+        if any(isinstance(o, engine.CVResult) for _, o in left):
+            best = storage.retrying(lambda: _best_complete(left[0][0].trial.study))
+        writes = []
+        for s, outcome in left:
+            system: dict[str, Any] = {}
+            note: dict[str, Any] = {}
+            value: float | None = None
+            if isinstance(outcome, engine.CVResult):
+                done, note = self._result(s, outcome, best)
+                attrs, system = done.to_user_attrs(), done.to_system_attrs()
+                finite = math.isfinite(outcome.value)
+                state = TrialState.COMPLETE if finite else TrialState.FAIL
+                value = outcome.value if finite else None
+            else:
+                attrs = failure_attrs(s, outcome)
+                pruned = isinstance(outcome, optuna.TrialPruned)
+                state = TrialState.PRUNED if pruned else TrialState.FAIL
+                if pruned:
+                    steps = {
+                        **s.trial._cached_frozen_trial.intermediate_values,
+                        **dict(s.out.scores),
+                    }
+                    last = steps[max(steps)] if steps else None
+                    value = last if last is not None and math.isfinite(last) else None
+            writes.append(
+                storage.TrialWrite(
+                    s.trial, {**s.out.attrs, **attrs}, system, s.out.scores, note, state, value
+                )
+            )
+        return writes
 
     def group(
         self,
         members: list[Started],
-        on_done: Callable[[Started, engine.CVResult | Exception], None],
+        on_done: Callable[[list[tuple[Started, engine.CVResult | BaseException]]], None],
     ) -> None:
         """Train the `members` (sharing depth and batch size) as fused models: cut by width
         where padding would cost more than a group's step (`fused.split_by_width`), each part
         one model (a part of one trains with the stacked engine, as a trial alone). Each
-        member's epochs, pruning and result go to its own trial, `on_done(member, outcome)` as
-        each leaves its group (`selector.fused.drive_group`)."""
+        member's epochs, pruning and result go to its own trial; `on_done([(member, outcome)])`
+        with the members that leave their group at one epoch (`selector.fused.drive_group`)."""
         from selector import fused
 
         prune_from = first_prunable_epoch(self.spec.search.pruner)
@@ -254,42 +289,50 @@ class Objective:
                 training=self.spec.training,
                 seeds=[m.seed for m in group],
                 on_epoch=on_epoch,
-                on_done=lambda i, outcome, group=group: on_done(group[i], outcome),  # type: ignore[misc]
+                on_done=lambda left, group=group: on_done([(group[i], o) for i, o in left]),  # type: ignore[misc]
             )
 
     def _alone(
-        self, m: Started, on_done: Callable[[Started, engine.CVResult | Exception], None]
+        self,
+        m: Started,
+        on_done: Callable[[list[tuple[Started, engine.CVResult | BaseException]]], None],
     ) -> None:
         """One member trained by itself, its outcome to `on_done` as a group's would be."""
         try:
             result = train(self.spec, self.dev, self.folds, m.config, m.seed, on_epoch=m.out.epoch)
         except Exception as e:  # pruned, diverged, out of memory: this member's outcome
-            on_done(m, e)
+            on_done([(m, e)])
             return
-        on_done(m, result)
+        on_done([(m, result)])
 
-    def _write_oof(self, trial: optuna.Trial, result: engine.CVResult) -> None:
-        """The trial's out-of-fold predictions, for the bias-corrected estimate (SQL storages;
-        through a gRPC proxy no worker reaches selector's tables)."""
-        url = notes.storage_url(trial.storage)
-        if url is None or not result.oof:
+    def write_oof(self, results: list[tuple[optuna.Trial, engine.CVResult]]) -> None:
+        """Trials' out-of-fold predictions, for the bias-corrected estimate, in one transaction
+        (SQL storages; through a gRPC proxy no worker reaches selector's tables)."""
+        results = [(t, r) for t, r in results if r.oof]
+        url = notes.storage_url(results[0][0].storage) if results else None
+        if url is None:
             return
-        kind, pred = oof_predictions(self.dev, self.metric, result.oof, self.spec.cv.folds)
-        row = {
-            "study_name": self.spec.name,
-            "trial_number": trial.number,
-            "kind": kind,
-            "data": record.pack_oof(pred, kind),
-        }
+        rows = []
+        for trial, result in results:
+            kind, pred = oof_predictions(self.dev, self.metric, result.oof, self.spec.cv.folds)
+            rows.append(
+                {
+                    "study_name": self.spec.name,
+                    "trial_number": trial.number,
+                    "kind": kind,
+                    "data": record.pack_oof(pred, kind),
+                }
+            )
+        numbers = [r["trial_number"] for r in rows]
 
         def write() -> None:
             with db.transaction(url) as conn:
                 conn.execute(
                     sa.delete(db.oof).where(
-                        db.oof.c.study_name == self.spec.name, db.oof.c.trial_number == trial.number
+                        db.oof.c.study_name == self.spec.name, db.oof.c.trial_number.in_(numbers)
                     )
                 )
-                conn.execute(db.oof.insert(), [row])
+                conn.execute(db.oof.insert(), rows)
 
         storage.retrying(write)
 
@@ -299,10 +342,11 @@ class Objective:
             self._baseline = (study.user_attrs.get(record.ATTR_BASELINE),)
         return self._baseline[0]
 
-    def _diagnosis(self, trial: optuna.Trial, done: TrialRecord) -> diagnose.Diagnosis:
-        """The new trial's diagnosis against the study's best scores now (the dashboard
+    def _diagnosis(
+        self, trial: optuna.Trial, done: TrialRecord, best: TrialRecord | None
+    ) -> diagnose.Diagnosis:
+        """The new trial's diagnosis against the study's best scores now, `best` (the dashboard
         refreshes its note when later trials change it)."""
-        best = storage.retrying(lambda: _best_complete(trial.study))
         ctx = diagnose.context(
             [done, *([best] if best else [])],
             metric=self.spec.metric,
@@ -310,6 +354,25 @@ class Objective:
             max_epochs=self.spec.training.max_epochs,
         )
         return diagnose.diagnose(done, ctx)
+
+
+def failure_attrs(s: Started, e: BaseException) -> dict[str, Any]:
+    """What a trial that stopped without a result records: a pruned one its time; a failed
+    one its reason (diverged, terminated, interrupted, out of memory, exception) and error."""
+    if isinstance(e, optuna.TrialPruned):
+        return {"seconds": round(time.perf_counter() - s.began, 3)}
+    if isinstance(e, TrialDiverged):
+        reason: FailReason = "diverged"
+        error = str(e)
+    elif isinstance(e, interrupt.Terminated):
+        reason, error = "terminated", "terminated by a signal (SIGTERM): the process was stopped"
+    elif isinstance(e, KeyboardInterrupt):
+        reason, error = "interrupted", "interrupted by the user (Ctrl-C)"
+    elif engine.is_out_of_memory(e):  # estimated before allocating, or a failed allocation
+        reason, error = "oom", str(e).strip() or type(e).__name__
+    else:
+        reason, error = "exception", "".join(traceback.format_exception(e))
+    return {"fail_reason": reason, "error": error[-MAX_TRACEBACK_CHARS:]}
 
 
 def flush_all(writers: list[_Writer]) -> None:

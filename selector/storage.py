@@ -499,13 +499,23 @@ def stale_trial_ids(study: optuna.Study) -> list[int]:
 
 @dataclass(frozen=True)
 class TrialWrite:
-    """What `write_trials` records for one running trial."""
+    """What `write_trials` records for one running trial; with a `state`, its last write: the
+    trial ends in that state with `value`, as `Study.tell` records it."""
 
     trial: optuna.Trial
     user_attrs: Mapping[str, Any] = field(default_factory=dict)
     system_attrs: Mapping[str, Any] = field(default_factory=dict)
     intermediate: Sequence[tuple[int, float]] = ()
     study_system_attrs: Mapping[str, Any] = field(default_factory=dict)  # its dashboard note
+    state: optuna.trial.TrialState | None = None
+    value: float | None = None
+
+
+def writes_in_one(study: optuna.Study) -> bool:
+    """Whether `write_trials` writes in one transaction (SQLite and PostgreSQL), and so can end
+    trials; through a gRPC proxy it makes one call per value, and trials end by `tell`."""
+    rdb = _rdb_behind(study._storage)
+    return rdb is not None and rdb.engine.name in ("sqlite", "postgresql")
 
 
 def write_trial(
@@ -535,9 +545,12 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
     one multi-row insert of the values, one multi-row upsert per kind of attrs) into Optuna's
     own tables, with the row formats `report` and `set_user_attr` write. One call per value costs
     a commit each: 20 epochs and 20 attrs took about 65 ms on SQLite that way; a fused group's
-    members write their epoch together. Each trial's own cached copy is updated as theirs is.
-    Other storages get one call per value. Steps already reported are skipped, as `report`
-    skips them."""
+    members write their epoch together. A write with a `state` ends its trial in the same
+    transaction (state, completion time and value, as `RDBStorage.set_trial_state_values`
+    writes them; a trial already finished, reaped as stale, fails the whole write with
+    `UpdateFinishedTrialError`). Each trial's own cached copy is updated as theirs is.
+    Other storages get one call per value and cannot end trials. Steps already reported are
+    skipped, as `report` skips them."""
     if not writes:
         return
     pending = []
@@ -551,6 +564,8 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
         pending.append((w, values, dict(w.user_attrs), dict(w.system_attrs)))
     rdb = _rdb_behind(writes[0].trial.study._storage)
     if rdb is None or rdb.engine.name not in ("sqlite", "postgresql"):
+        if any(w.state is not None for w in writes):
+            raise ValueError("trials end in one transaction only on SQLite and PostgreSQL")
         for w, values, attrs, system in pending:
             trial = w.trial
             for step, value in values.items():
@@ -586,11 +601,30 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
         user += _attr_rows(tid, attrs)
         sys_rows += _attr_rows(tid, system)
         study_rows += _attr_rows(w.trial.study._study_id, w.study_system_attrs, "study_id")
+    ended = datetime.datetime.now()  # Optuna's clock for datetime_complete: local, naive
     with _create_scoped_session(rdb.scoped_session, True) as session:
+        rows_of = []
         for w, *_ in pending:
+            row = models.TrialModel.find_or_raise_by_id(
+                w.trial._trial_id, session, for_update=w.state is not None
+            )
+            if row.state.is_finished():  # not Optuna's check: its read-back commits the session
+                raise optuna.exceptions.UpdateFinishedTrialError(
+                    f"Trial#{row.number} has already finished and can not be updated."
+                )
+            rows_of.append(row)
+        for (w, *_), row in zip(pending, rows_of, strict=True):
             tid = w.trial._trial_id
-            row = models.TrialModel.find_or_raise_by_id(tid, session)
-            rdb.check_trial_is_updatable(tid, row.state)  # type: ignore[arg-type]
+            if w.state is not None:  # as RDBStorage.set_trial_state_values records it
+                row.state = w.state
+                row.datetime_complete = ended
+                if w.value is not None:
+                    end, end_type = models.TrialValueModel.value_to_stored_repr(w.value)
+                    session.add(
+                        models.TrialValueModel(
+                            trial_id=tid, objective=0, value=end, value_type=end_type
+                        )
+                    )
         if rows:
             session.execute(sa.insert(models.TrialIntermediateValueModel), rows)
         for table, pairs in (
@@ -605,6 +639,10 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
         cached.intermediate_values.update(values)
         cached.user_attrs.update(attrs)
         cached.system_attrs.update(system)
+        if w.state is not None:
+            cached.state = w.state
+            cached.values = None if w.value is None else [w.value]
+            cached.datetime_complete = ended
 
 
 @contextlib.contextmanager

@@ -330,7 +330,7 @@ def test_cv_results_equal_solo_runs(iris_folds: list[FoldData]) -> None:
     configs = [c for c in GROUP if not (c.batch_norm and c.optimizer in ADAPTIVE)]
     seeds = SEEDS[: len(configs)]
     done: list[int] = []
-    out = _group(configs, iris_folds, seeds, on_done=lambda m, _: done.append(m))
+    out = _group(configs, iris_folds, seeds, on_done=lambda left: done.extend(m for m, _ in left))
     assert sorted(done) == list(range(len(configs)))
     for m, c in enumerate(configs):
         solo = _solo(c, iris_folds, seeds[m])
@@ -527,6 +527,34 @@ def test_a_stop_records_every_running_member(url: str, monkeypatch: pytest.Monke
     trials = _all_trials(url)
     assert trials and all(t.state == TrialState.FAIL for t in trials)
     assert {t.user_attrs["fail_reason"] for t in trials} == {"terminated"}
+
+
+def test_a_member_reaped_meanwhile_keeps_its_result_and_the_others_end(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Members that leave together end in one transaction; where one of them was reaped as
+    stale meanwhile that end is refused whole, and each is told as a lone trial: the others are
+    recorded as usual, the reaped one keeps its result as a late result."""
+    s = _fused_spec(n_trials=3, search={"pruner": "none", "fuse": 3})
+    own = objective.Objective.endings
+    reaped: list[int] = []
+
+    def reap_first(self: objective.Objective, left: list) -> list:  # type: ignore[type-arg]
+        if not reaped:
+            trial = left[0][0].trial
+            trial.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            reaped.append(trial.number)
+        return own(self, left)
+
+    monkeypatch.setattr(objective.Objective, "endings", reap_first)
+    study_mod.run(s, url)
+    trials = {t.number: t for t in _all_trials(url)}
+    assert trials[reaped[0]].state == TrialState.FAIL  # its place in the budget freed: 4 ran
+    late = optuna.load_study(study_name=s.name, storage=url).user_attrs
+    assert f"late_result:{reaped[0]}" in late
+    others = [t for n, t in trials.items() if n != reaped[0]]
+    assert len(others) == 3
+    assert all(t.state == TrialState.COMPLETE and "best_epoch" in t.user_attrs for t in others)
 
 
 def test_heartbeats_cover_every_member(url: str) -> None:

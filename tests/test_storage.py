@@ -127,3 +127,86 @@ def test_write_trial_on_other_storages_calls_optuna_per_value() -> None:
     assert study_.trials[0].user_attrs == {"a": 1}
     assert study_.trials[0].system_attrs == {"b": 2}
     assert study_.trials[0].intermediate_values == {1: 0.5, 2: 0.6}
+
+
+def _end_both_ways(url: str) -> list[tuple[optuna.trial.FrozenTrial, optuna.trial.FrozenTrial]]:
+    """Trials ended by `worker.end_trials` (their last writes and states in one transaction)
+    and twins ended by `Study.tell`: complete, pruned (its value Optuna's, the last score) and
+    failed; read back by a fresh Optuna storage."""
+    from selector import worker
+
+    study_ = optuna.create_study(
+        storage=storage.open_storage(url, must_exist=False), direction="maximize"
+    )
+    ends = [
+        (optuna.trial.TrialState.COMPLETE, 0.75, [(1, 0.5), (2, 0.75)]),
+        (optuna.trial.TrialState.PRUNED, 0.25, [(1, 0.5), (3, 0.25)]),
+        (optuna.trial.TrialState.FAIL, None, [(1, 0.5)]),
+    ]
+    ours, theirs = [], []
+    for _ in ends:
+        ours.append(study_.ask())
+        theirs.append(study_.ask())
+    frozen = worker.end_trials(
+        study_,
+        [
+            storage.TrialWrite(t, {"seconds": 1.5}, {}, scores, {}, state, value)
+            for t, (state, value, scores) in zip(ours, ends, strict=True)
+        ],
+    )
+    for t, (state, value, scores) in zip(theirs, ends, strict=True):
+        t.set_user_attr("seconds", 1.5)
+        for step, v in scores:
+            t.report(v, step)
+        study_.tell(t, value if state == optuna.trial.TrialState.COMPLETE else None, state=state)
+    assert [f.state for f in frozen] == [state for state, _, _ in ends]
+    fresh = optuna.load_study(study_name=study_.study_name, storage=url)
+    by_number = {t.number: t for t in fresh.get_trials()}
+    for f in frozen:  # what the worker's progress sees is what is stored
+        stored = by_number[f.number]
+        assert (f.state, f.values, f.user_attrs) == (stored.state, stored.values, stored.user_attrs)
+    return [(by_number[a.number], by_number[b.number]) for a, b in zip(ours, theirs, strict=True)]
+
+
+def _ended_alike(pairs: list[tuple[optuna.trial.FrozenTrial, optuna.trial.FrozenTrial]]) -> None:
+    for a, b in pairs:
+        assert (a.state, a.values, a.user_attrs, a.intermediate_values) == (
+            b.state,
+            b.values,
+            b.user_attrs,
+            b.intermediate_values,
+        )
+        assert a.datetime_complete is not None and a.datetime_start is not None
+        assert a.datetime_complete >= a.datetime_start
+
+
+def test_trials_end_together_as_tell_ends_them(url: str) -> None:
+    _ended_alike(_end_both_ways(url))
+
+
+@pytest.mark.postgres
+def test_trials_end_together_on_postgresql(pg_url: str) -> None:
+    _ended_alike(_end_both_ways(pg_url))
+
+
+def test_ending_trials_writes_nothing_when_one_was_reaped(url: str) -> None:
+    """A member reaped as stale meanwhile: the whole end is refused and nothing written (the
+    worker then tells each member as a lone trial, and the reaped one's result is kept as a
+    late result)."""
+    from selector import worker
+
+    study_ = optuna.create_study(storage=storage.open_storage(url, must_exist=False))
+    alive, reaped = study_.ask(), study_.ask()
+    study_._storage.set_trial_state_values(reaped._trial_id, optuna.trial.TrialState.FAIL)
+    writes = [
+        storage.TrialWrite(t, {"seconds": 1.0}, {}, [(1, 0.5)], {}, optuna.trial.TrialState.PRUNED)
+        for t in (alive, reaped)
+    ]
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        worker.end_trials(study_, writes)
+    stored = optuna.load_study(study_name=study_.study_name, storage=url).get_trials()
+    assert [t.state for t in stored] == [
+        optuna.trial.TrialState.RUNNING,
+        optuna.trial.TrialState.FAIL,
+    ]
+    assert all(not t.user_attrs and not t.intermediate_values for t in stored)
