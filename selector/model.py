@@ -66,7 +66,14 @@ def build_mlp(config: TrialConfig, n_in: int, n_out: int) -> MLP:
 
 
 def count_params(config: TrialConfig, n_in: int, n_out: int) -> int:
-    """Trainable parameters of the network (the model size used by `one-se` and the diagnosis)."""
-    with torch.device("meta"):
-        model = build_mlp(config, n_in, n_out)
-    return sum(p.numel() for p in model.parameters())
+    """Trainable parameters of the network (the model size used by `one-se` and the diagnosis),
+    counted from the layer widths as `MLP` builds them (a test checks it against the built
+    model's): building the model on the meta device cost a fused trial 1.2 ms at its start."""
+    widths = config.widths()
+    ins = [n_in, *widths[:-1]]
+    total = widths[-1] * n_out + n_out  # the head
+    for k, (i, o) in enumerate(zip(ins, widths, strict=True)):
+        total += i * o + o + (2 * o if config.batch_norm else 0)
+        if config.residual and k > 0 and i != o:
+            total += i * o  # the bias-free projection of a funnel's skip
+    return total

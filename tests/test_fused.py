@@ -414,7 +414,7 @@ def test_dropout_members_differ_by_rate(iris_folds: list[FoldData]) -> None:
 def test_cost_model_sizes() -> None:
     small = TrialConfig(depth=2, width=32, batch_size=32)
     big = TrialConfig(depth=3, width=1024, batch_size=256)
-    assert fused.cost_size(small, folds=5, n_in=10, n_out=3, device="cpu") == 16
+    assert fused.cost_size(small, folds=5, n_in=10, n_out=3, device="cpu") == 32
     assert fused.cost_size(big, folds=5, n_in=100, n_out=5, device="cpu") == 1
     assert fused.cost_size(big, folds=5, n_in=100, n_out=5, device="cuda") > 1
 
