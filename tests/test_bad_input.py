@@ -937,8 +937,10 @@ def test_a_really_full_disk_during_run_is_one_line_naming_the_database(
     work.db = tiny_disk / "s.db"
     s = work.created({"n_trials": 200})
     disk = os.statvfs(tiny_disk)
-    with (tiny_disk / "filler").open("wb") as fh:  # leaves 800 KiB: a few trials' worth
-        fh.write(b"\0" * (disk.f_bavail * disk.f_frsize - 800 * 1024))
+    # leaves 2 MiB: a few trials' worth (a fused group's members end together, with their
+    # figures beside the database)
+    with (tiny_disk / "filler").open("wb") as fh:
+        fh.write(b"\0" * (disk.f_bavail * disk.f_frsize - 2048 * 1024))
     result = CliRunner().invoke(app, ["run", s, "--storage", work.url, "--workers", "1"])
     assert "trial 0: " in result.output, "the disk filled before the first trial"
     assert_disk_full_reported(result, work.db)
