@@ -41,9 +41,14 @@ class Bar:
         finished = study.get_trials(deepcopy=False, states=FINISHED)
         done = len(finished)
         if trial.state in FINISHED and trial.datetime_complete is not None:
-            # several workers: trials are reported after they finish, so count those before it
-            at = trial.datetime_complete
-            done = sum(1 for t in finished if t.datetime_complete and t.datetime_complete <= at)
+            # several workers: trials are reported after they finish, so count those before it;
+            # a fused group's members that end together share their time, and count in order
+            at = (trial.datetime_complete, trial.number)
+            done = sum(
+                1
+                for t in finished
+                if t.datetime_complete and (t.datetime_complete, t.number) <= at
+            )
         if self.total is None:
             self.total = int(study.user_attrs.get(ATTR_BUDGET, 0)) or None
         line = self._line(trial)

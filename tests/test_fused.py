@@ -557,6 +557,26 @@ def test_a_member_reaped_meanwhile_keeps_its_result_and_the_others_end(
     assert all(t.state == TrialState.COMPLETE and "best_epoch" in t.user_attrs for t in others)
 
 
+def test_progress_counts_members_that_end_together_in_order(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Members that end at one epoch share their completion time; the progress lines still
+    count 1, 2, 3... (one line per trial where stderr is not a terminal)."""
+    from selector import progress
+
+    s = _fused_spec(search={"pruner": "none", "fuse": 4})
+    study_mod.run(s, url)
+    st = optuna.load_study(study_name=s.name, storage=url)
+    ended = sorted(st.get_trials(), key=lambda t: (t.datetime_complete, t.number))
+    assert len({t.datetime_complete for t in ended}) < len(ended)  # some ended together
+    capsys.readouterr()
+    with progress.Bar(8) as bar:
+        for t in ended:
+            bar.update(st, t)
+    counts = [line.split("]")[0] for line in capsys.readouterr().err.splitlines()]
+    assert counts == [f"[{k}/8" for k in range(1, 9)]
+
+
 def test_heartbeats_cover_every_member(url: str) -> None:
     """A killed worker's members are reaped like any stale trial: each one beats."""
     s = _fused_spec(search={"pruner": "none", "fuse": 4})
