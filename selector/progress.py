@@ -45,9 +45,7 @@ class Bar:
             # a fused group's members that end together share their time, and count in order
             at = (trial.datetime_complete, trial.number)
             done = sum(
-                1
-                for t in finished
-                if t.datetime_complete and (t.datetime_complete, t.number) <= at
+                1 for t in finished if t.datetime_complete and (t.datetime_complete, t.number) <= at
             )
         if self.total is None:
             self.total = int(study.user_attrs.get(ATTR_BUDGET, 0)) or None
