@@ -198,7 +198,8 @@ class Objective:
         """The last writes of trials that ended together (a fused group's members leaving at
         one epoch), for `storage.write_trials` as one transaction: each one's pending scores,
         its record and note where complete or its failure reason, the state it ends in and its
-        value (Optuna's: a pruned trial's last score). The study's best trial is read once."""
+        value (Optuna's: a pruned trial's last score; `worker.end_trials` fails a complete one
+        whose value is not finite, as `tell` does). The study's best trial is read once."""
         best = None
         if any(isinstance(o, engine.CVResult) for _, o in left):
             best = storage.retrying(lambda: _best_complete(left[0][0].trial.study))
@@ -210,9 +211,7 @@ class Objective:
             if isinstance(outcome, engine.CVResult):
                 done, note = self._result(s, outcome, best)
                 attrs, system = done.to_user_attrs(), done.to_system_attrs()
-                finite = math.isfinite(outcome.value)
-                state = TrialState.COMPLETE if finite else TrialState.FAIL
-                value = outcome.value if finite else None
+                state, value = TrialState.COMPLETE, outcome.value
             else:
                 attrs = failure_attrs(s, outcome)
                 pruned = isinstance(outcome, optuna.TrialPruned)

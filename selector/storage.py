@@ -603,18 +603,13 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
         study_rows += _attr_rows(w.trial.study._study_id, w.study_system_attrs, "study_id")
     ended = datetime.datetime.now()  # Optuna's clock for datetime_complete: local, naive
     with _create_scoped_session(rdb.scoped_session, True) as session:
-        rows_of = []
         for w, *_ in pending:
-            row = models.TrialModel.find_or_raise_by_id(
-                w.trial._trial_id, session, for_update=w.state is not None
-            )
+            tid = w.trial._trial_id
+            row = models.TrialModel.find_or_raise_by_id(tid, session, for_update=bool(w.state))
             if row.state.is_finished():  # not Optuna's check: its read-back commits the session
                 raise optuna.exceptions.UpdateFinishedTrialError(
                     f"Trial#{row.number} has already finished and can not be updated."
                 )
-            rows_of.append(row)
-        for (w, *_), row in zip(pending, rows_of, strict=True):
-            tid = w.trial._trial_id
             if w.state is not None:  # as RDBStorage.set_trial_state_values records it
                 row.state = w.state
                 row.datetime_complete = ended

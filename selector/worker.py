@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -415,13 +416,23 @@ def end_trials(study: optuna.Study, writes: list[storage.TrialWrite]) -> list[Fr
     writing nothing, if one of them was reaped meanwhile."""
     from optuna.pruners import _filter_study
 
+    ends = []
     for w in writes:
         assert w.state is not None
+        state, value = _recorded(w.state, w.value)
+        ends.append(dataclasses.replace(w, state=state, value=value))
         frozen = w.trial._cached_frozen_trial
-        values = None if w.value is None else [w.value]
-        study.sampler.after_trial(_filter_study(study, frozen), frozen, w.state, values)
-    storage.retrying(lambda: storage.write_trials(writes))
+        values = None if value is None else [value]
+        study.sampler.after_trial(_filter_study(study, frozen), frozen, state, values)
+    storage.retrying(lambda: storage.write_trials(ends))
     return [copy.deepcopy(w.trial._cached_frozen_trial) for w in writes]
+
+
+def _recorded(state: TrialState, value: float | None) -> tuple[TrialState, float | None]:
+    """The state and value a trial ends with: a complete one without a finite value fails."""
+    if state == TrialState.COMPLETE and (value is None or not math.isfinite(value)):
+        return TrialState.FAIL, None
+    return state, value
 
 
 def _tell(
@@ -429,8 +440,7 @@ def _tell(
 ) -> FrozenTrial:
     """Tell the result; one that arrives after its trial was reaped as stale is kept as a study
     attribute (`late_result:N`) instead of crashing the worker."""
-    if state == TrialState.COMPLETE and (value is None or not math.isfinite(value)):
-        state, value = TrialState.FAIL, None
+    state, value = _recorded(state, value)
     try:  # tell reads the trial back: its state is the one recorded, ours or the reaper's
         with record.core_trial_reads(study):
             frozen = study.tell(
