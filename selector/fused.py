@@ -429,13 +429,18 @@ class _Schedule:
     """A member's learning rate per epoch, from torch's own scheduler on a stand-in optimizer."""
 
     def __init__(self, config: TrialConfig, max_epochs: int) -> None:
-        self.opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
-        self.schedule = make_schedule(config, self.opt, max_epochs)
+        self.lr = config.lr
+        self.opt: torch.optim.Optimizer | None = None
+        self.schedule = None
+        if config.lr_schedule != "constant":  # a stand-in optimizer costs about 2 ms to build
+            self.opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+            self.schedule = make_schedule(config, self.opt, max_epochs)
 
     def next_lr(self) -> float:
-        if self.schedule is not None:
-            self.opt.step()  # no gradient: nothing moves; torch wants a step before the schedule's
-            self.schedule.step()
+        if self.opt is None or self.schedule is None:
+            return self.lr
+        self.opt.step()  # no gradient: nothing moves; torch wants a step before the schedule's
+        self.schedule.step()
         return float(self.opt.param_groups[0]["lr"])
 
 

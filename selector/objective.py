@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -409,7 +410,11 @@ def prune_decisions(study: optuna.Study, writers: list[_Writer]) -> list[bool]:
         study.pruner, optuna.pruners.PercentilePruner | optuna.pruners.NopPruner
     )
     decisions = []
-    with record.one_read(study, running=not finished_only), record.core_trial_reads(study):
+    with (
+        record.one_read(study, running=not finished_only),
+        record.core_trial_reads(study),
+        _shared_percentiles(study) as view,
+    ):
         for w in writers:
             # Successive halving reads the rungs it recorded on the trial: read it back.
             now = copy.copy(
@@ -418,8 +423,58 @@ def prune_decisions(study: optuna.Study, writers: list[_Writer]) -> list[bool]:
                 else study._storage.get_trial(w.trial._trial_id)
             )
             now.intermediate_values = {**now.intermediate_values, **dict(w.scores)}
-            decisions.append(bool(study.pruner.prune(study, now)))
+            decisions.append(bool(study.pruner.prune(view, now)))
     return decisions
+
+
+class _ReadOnce:
+    """A study whose trial lists are read once (`get_trials` without deep copies, by states),
+    for one round of pruning decisions; everything else is the study's own."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+        self._lists: dict[Any, list[optuna.trial.FrozenTrial]] = {}
+
+    def get_trials(
+        self, deepcopy: bool = True, states: Any = None
+    ) -> list[optuna.trial.FrozenTrial]:
+        if deepcopy:
+            return self._study.get_trials(deepcopy=True, states=states)
+        key = None if states is None else tuple(states)
+        if key not in self._lists:
+            self._lists[key] = self._study.get_trials(deepcopy=False, states=states)
+        return self._lists[key]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+
+@contextlib.contextmanager
+def _shared_percentiles(study: optuna.Study) -> Iterator[Any]:
+    """Within the block, the study as a percentile (median) pruner reads it for the members of
+    a group deciding at one epoch: the complete trials listed once, and each step's percentile
+    over them computed once (Optuna's `_get_percentile_intermediate_result_over_trials`, the
+    same value for every member at that step), instead of once a member, each O(trials).
+    Other pruners get the study itself."""
+    if not isinstance(study.pruner, optuna.pruners.PercentilePruner):
+        yield study
+        return
+    from optuna.pruners import _percentile
+
+    own = _percentile._get_percentile_intermediate_result_over_trials
+    memo: dict[tuple[Any, ...], float] = {}
+
+    def percentile(trials: list[Any], direction: Any, step: int, q: float, n_min: int) -> float:
+        key = (id(trials), direction, step, q, n_min)
+        if key not in memo:
+            memo[key] = own(trials, direction, step, q, n_min)
+        return memo[key]
+
+    _percentile._get_percentile_intermediate_result_over_trials = percentile
+    try:
+        yield _ReadOnce(study)
+    finally:
+        _percentile._get_percentile_intermediate_result_over_trials = own
 
 
 def finished_record(started: TrialRecord, r: engine.CVResult, seconds: float) -> TrialRecord:

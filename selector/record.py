@@ -548,6 +548,9 @@ def core_trial_reads(study: optuna.Study) -> Iterator[None]:
     own = store.get_trial
 
     def get_trial(trial_id: int) -> FrozenTrial:
+        fresh = store.__dict__.get("_selector_fresh", {}).pop(trial_id, None)
+        if fresh is not None:  # just created with others (`storage.new_trials`): read once
+            return fresh  # type: ignore[no-any-return]
         with store._lock:
             cached = store._get_cached_trial(trial_id)
         if cached is not None:

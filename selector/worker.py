@@ -199,6 +199,7 @@ def claim_group(
             with record.one_read(study, running=False), storage.buffered_params(study):
                 planned = follower_proposals(study, own, fixed, n - 1)  # one fit for all
                 members: list[tuple[optuna.Trial, TrialConfig | None]] = [(leader, config)]
+                ids = storage.new_trials(study, n - 1)  # one transaction for all
                 try:
                     for j in range(n - 1):
                         with warnings.catch_warnings():  # experimental since Optuna 2.4
@@ -206,10 +207,11 @@ def claim_group(
                             study.sampler = optuna.samplers.PartialFixedSampler(
                                 {**fixed, **planned[j]} if planned else fixed, own
                             )
-                        trial = study.ask()
+                        trial = study.ask() if ids is None else optuna.Trial(study, ids[j])
                         members.append((trial, sample_config(trial, space)))  # the key fixed
                 finally:
                     study.sampler = own
+                    storage.forget_fresh(study)
     return members
 
 

@@ -85,7 +85,15 @@ def _assert_exact(url: str, n: int) -> None:
 
 
 def test_three_local_workers_on_sqlite_exact_budget_no_lock_errors(tmp_path: Path) -> None:
-    raw = small_raw(n_trials=9, training=FAST, space=FAST_SPACE)
+    # trials one at a time, long enough (200 epochs) that the first worker cannot finish the
+    # study before the others have started
+    training = {**FAST, "max_epochs": 200, "patience": 200}
+    raw = small_raw(
+        n_trials=9,
+        training=training,
+        space=FAST_SPACE,
+        search={"sampler": "random", "pruner": "none", "fuse": 1},
+    )
     f = write_study(tmp_path / "s.toml", raw)
     url = f"sqlite:///{tmp_path / 's.db'}"
     cmd = [sys.executable, "-m", "selector", "run", str(f), "--storage", url, "--workers", "3"]
