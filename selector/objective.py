@@ -470,7 +470,7 @@ def _shared_percentiles(study: optuna.Study) -> Iterator[Any]:
             memo[key] = own(trials, direction, step, q, n_min)
         return memo[key]
 
-    _percentile._get_percentile_intermediate_result_over_trials = percentile
+    _percentile._get_percentile_intermediate_result_over_trials = percentile  # type: ignore[assignment]
     try:
         yield _ReadOnce(study)
     finally:

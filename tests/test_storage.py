@@ -210,3 +210,50 @@ def test_ending_trials_writes_nothing_when_one_was_reaped(url: str) -> None:
         optuna.trial.TrialState.FAIL,
     ]
     assert all(not t.user_attrs and not t.intermediate_values for t in stored)
+
+
+def _created_together(url: str) -> None:
+    """`storage.new_trials` numbers trials as `Study.ask` would, per study, in one transaction;
+    each one's first read-back is served from memory, once."""
+    from selector import record
+
+    store = storage.open_storage(url, must_exist=False)
+    a = optuna.create_study(storage=store, study_name="a")
+    b = optuna.create_study(storage=store, study_name="b")
+    a.ask()
+    b.ask()
+    ids = storage.new_trials(a, 3)
+    assert ids is not None and len(ids) == 3
+    b.ask()
+    last = a.ask()
+    assert last.number == 4
+    with record.core_trial_reads(a):
+        trials = [optuna.Trial(a, i) for i in ids]
+        assert a._storage.__dict__.get("_selector_fresh") == {}  # each served once
+    assert [t.number for t in trials] == [1, 2, 3]
+    trials[0].suggest_float("x", 0.0, 1.0)
+    a.tell(trials[0], 0.5)
+    fresh = optuna.load_study(study_name="a", storage=url).get_trials()
+    assert [t.number for t in fresh] == [0, 1, 2, 3, 4]
+    assert [t.state for t in fresh][2:] == [optuna.trial.TrialState.RUNNING] * 3
+    assert fresh[1].state == optuna.trial.TrialState.COMPLETE and "x" in fresh[1].params
+    assert all(t.datetime_start is not None for t in fresh)
+    assert [t.number for t in optuna.load_study(study_name="b", storage=url).get_trials()] == [0, 1]
+
+
+def test_new_trials_are_numbered_as_ask_numbers_them(url: str) -> None:
+    _created_together(url)
+
+
+@pytest.mark.postgres
+def test_new_trials_on_postgresql(pg_url: str) -> None:
+    _created_together(pg_url)
+
+
+def test_new_trials_leave_waiting_trials_to_ask(url: str) -> None:
+    study_ = optuna.create_study(storage=storage.open_storage(url, must_exist=False))
+    study_.enqueue_trial({"x": 0.5})
+    assert storage.new_trials(study_, 2) is None
+    asked = study_.ask()  # the queued trial, as Optuna asks it
+    assert asked.number == 0 and asked.suggest_float("x", 0.0, 1.0) == 0.5
+    assert len(study_.get_trials()) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -272,6 +273,39 @@ def test_prune_decisions_equal_optunas_should_prune(tmp_path: Path, pruner: str)
         theirs.tell(b, state=TrialState.PRUNED)
     assert [m for m, _ in decided] == [t for _, t in decided]
     assert any(m for m, _ in decided) and not all(m for m, _ in decided)
+
+
+def test_group_prune_decisions_equal_each_members_own(tmp_path: Path) -> None:
+    """Members deciding together (one call, the median's list and each step's percentile
+    shared) decide as each would alone through the pruner itself."""
+    from selector import storage
+
+    study_ = optuna.create_study(
+        storage=storage.open_storage(f"sqlite:///{tmp_path / 's'}.db", must_exist=False),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+        direction="maximize",
+    )
+    rng = np.random.default_rng(1)
+    for _ in range(9):
+        t = study_.ask()
+        values = rng.uniform(0.4, 0.9, 6)
+        for step, value in enumerate(values, 1):
+            t.report(float(value), step)
+        study_.tell(t, float(values.max()))
+    writers = []
+    for j in range(12):
+        out = objective._Writer(study_.ask(), prune_from=1)
+        for step in range(1, 4 + j % 3):  # members at steps 3, 4 and 5
+            out.scores.append((step, float(rng.uniform(0.4, 0.9))))
+        writers.append(out)
+    together = objective.prune_decisions(study_, writers)
+    alone = []
+    for out in writers:
+        now = copy.copy(out.trial._cached_frozen_trial)
+        now.intermediate_values = dict(out.scores)
+        alone.append(bool(study_.pruner.prune(study_, now)))
+    assert together == alone
+    assert any(together) and not all(together)
 
 
 def test_same_file_and_seed_give_identical_trials(tmp_path: Path) -> None:
