@@ -156,7 +156,9 @@ class FusedModel:
             for m, (config, member_seeds) in enumerate(zip(configs, seeds, strict=True)):
                 model = build_mlp(config, n_in, n_out)  # built once, initialised per fold:
                 linears = [x for x in model.modules() if isinstance(x, torch.nn.Linear)]
-                for k, s in enumerate(member_seeds):
+                tensors = model.state_dict(keep_vars=True)  # the same tensors, reset in place
+                folds: dict[str, list[torch.Tensor]] = {key: [] for key in tensors}
+                for s in member_seeds:
                     # what the member's solo run does for this fold (`torch.manual_seed` seeds the
                     # default CPU generator, which builds the weights, and queues a CUDA seeding);
                     # its linear layers draw in the order they are built (modules() order), and
@@ -164,7 +166,9 @@ class FusedModel:
                     torch.default_generator.manual_seed(s)
                     for layer in linears:
                         layer.reset_parameters()
-                    self._load_row(m * self.K + k, model.state_dict())
+                    for key, t in tensors.items():
+                        folds[key].append(t.detach().clone())
+                self._load_rows(m * self.K, {key: torch.stack(ts) for key, ts in folds.items()})
         self._derive()
 
     # --- layout --------------------------------------------------------------------------------
@@ -173,10 +177,15 @@ class FusedModel:
         s = self.slots[key]
         return t[:, s.offset : s.offset + s.numel].view(t.shape[0], *s.shape)
 
-    def _load_row(self, row: int, state: dict[str, torch.Tensor]) -> None:
+    def _load_rows(self, row: int, state: dict[str, torch.Tensor]) -> None:
+        """Rows from `row` on set from `state`: each key's tensors stacked along a first axis,
+        in the reference layout (padding left as it is)."""
         for key, t in state.items():
             target = self._view(self.flat, key) if key in self.slots else self.buffers[key]
-            corner: tuple[Any, ...] = (row, *(slice(0, n) for n in t.shape))
+            corner: tuple[Any, ...] = (
+                slice(row, row + t.shape[0]),
+                *(slice(0, n) for n in t.shape[1:]),
+            )
             target[corner] = t.to(self.device)
 
     def _derive(self) -> None:
@@ -264,9 +273,11 @@ class FusedModel:
             pre = f"blocks.{i}."
             W, bias = cut(p_all[pre + "linear.weight"]), cut(p_all[pre + "linear.bias"])
             h = torch.baddbmm(bias.unsqueeze(-1), W, x)
+            # one split, not a slice per run: a slice's backward fills a zero gradient of the
+            # whole of h for each run
+            pieces = h.split([e - s for _, _, s, e in runs]) if len(runs) > 1 else (h,)
             parts = []
-            for act, bn, s, e in runs:
-                hs = h[s:e] if len(runs) > 1 else h
+            for (act, bn, s, e), hs in zip(runs, pieces, strict=True):
                 if bn:
                     hs = self._batch_norm(
                         hs, i, a + s, a + e, train, row_mask, counts, active, (s, e)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -162,8 +163,20 @@ def storage_url(st: Any) -> str | None:
     return url if isinstance(url, str) else None
 
 
-def _upload_curves(trial: optuna.Trial, r: TrialRecord) -> str | None:
-    """Upload the SVG to the artifact store; the URL the dashboard serves it at, or None."""
+class _ArtifactMeta:
+    """Takes the artifact meta `optuna.artifacts.upload_artifact` records on the trial, to be
+    written with the trial's result in its one transaction instead of a transaction of its own."""
+
+    def __init__(self) -> None:
+        self.attrs: dict[str, Any] = {}
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self.attrs[key] = value
+
+
+def _upload_curves(trial: optuna.Trial, r: TrialRecord, meta: _ArtifactMeta) -> str | None:
+    """Upload the SVG to the artifact store (its meta into `meta`); the URL the dashboard
+    serves it at, or None."""
     url = storage_url(trial.storage)
     root = artifact_root(url) if url else None
     if root is None:
@@ -178,14 +191,15 @@ def _upload_curves(trial: optuna.Trial, r: TrialRecord) -> str | None:
             artifact_store=FileSystemArtifactStore(str(root)),
             file_path=str(path),
             study_or_trial=trial,
+            storage=meta,  # type: ignore[arg-type]
             mimetype="image/svg+xml",
         )
     return f"/artifacts/{trial.study._study_id}/{trial._trial_id}/{artifact_id}"
 
 
-def _try_upload(trial: optuna.Trial, r: TrialRecord) -> str | None:
+def _try_upload(trial: optuna.Trial, r: TrialRecord, meta: _ArtifactMeta) -> str | None:
     try:
-        return _upload_curves(trial, r)
+        return _upload_curves(trial, r, meta)
     except Exception as e:
         log.warning("trial %s: learning-curve figure not stored (%s)", trial.number, e)
         return None
@@ -203,22 +217,33 @@ def first_note_attrs(trial_id: int, body: str) -> dict[str, Any] | None:
     return {note_ver_key(trial_id): 1, **split_body(body, trial_id)}
 
 
-def trial_note_attrs(trial: optuna.Trial, r: TrialRecord, d: Diagnosis) -> dict[str, Any]:
-    """A complete trial's first dashboard note, with its figure (uploaded now), as the study
-    system attrs to write in the transaction that records its result. Never raises: a failure
+@dataclass(frozen=True)
+class NoteAttrs:
+    """A complete trial's first dashboard note as attributes to write with its result: the
+    note (study system attrs, optuna-dashboard's format) and its figure's artifact meta (trial
+    system attrs, Optuna's format)."""
+
+    study: dict[str, Any] = field(default_factory=dict)
+    trial: dict[str, Any] = field(default_factory=dict)
+
+
+def trial_note_attrs(trial: optuna.Trial, r: TrialRecord, d: Diagnosis) -> NoteAttrs:
+    """A complete trial's first dashboard note, with its figure (uploaded now), as the
+    attributes to write in the transaction that records its result. Never raises: a failure
     is logged and gives none (where optuna-dashboard's helpers moved, `save_note` writes it)."""
+    meta = _ArtifactMeta()
     try:
-        body = trial_note(r, d, _try_upload(trial, r))
+        body = trial_note(r, d, _try_upload(trial, r, meta))
         attrs = first_note_attrs(trial._trial_id, body)
         if attrs is None:
             from optuna_dashboard import save_note
 
             save_note(trial, body)
-            return {}
-        return attrs
+            return NoteAttrs(trial=meta.attrs)
+        return NoteAttrs(attrs, meta.attrs)
     except Exception as e:  # a note must never fail a trial
         log.warning("trial %s: dashboard note not written (%s)", trial.number, e)
-        return {}
+        return NoteAttrs(trial=meta.attrs)
 
 
 def annotate_finished(study: optuna.Study, trial: FrozenTrial, d: Diagnosis) -> None:

@@ -181,14 +181,15 @@ class Objective:
         done, note = self._result(
             s, result, storage.retrying(lambda: _best_complete(s.trial.study))
         )
-        s.out.flush(done.to_user_attrs(), done.to_system_attrs(), note)  # one transaction
+        system = {**done.to_system_attrs(), **note.trial}
+        s.out.flush(done.to_user_attrs(), system, note.study)  # one transaction
         self.write_oof([(s.trial, result)])
         return result.value
 
     def _result(
         self, s: Started, result: engine.CVResult, best: TrialRecord | None
-    ) -> tuple[TrialRecord, dict[str, Any]]:
-        """A complete trial's record, and its dashboard note (study system attrs) diagnosed
+    ) -> tuple[TrialRecord, notes.NoteAttrs]:
+        """A complete trial's record, and its dashboard note (with its figure) diagnosed
         against `best`, the study's best complete trial."""
         done = finished_record(s.record, result, time.perf_counter() - s.began)
         return done, notes.trial_note_attrs(s.trial, done, self._diagnosis(s.trial, done, best))
@@ -207,11 +208,11 @@ class Objective:
         writes = []
         for s, outcome in left:
             system: dict[str, Any] = {}
-            note: dict[str, Any] = {}
+            note = notes.NoteAttrs()
             value: float | None = None
             if isinstance(outcome, engine.CVResult):
                 done, note = self._result(s, outcome, best)
-                attrs, system = done.to_user_attrs(), done.to_system_attrs()
+                attrs, system = done.to_user_attrs(), {**done.to_system_attrs(), **note.trial}
                 state, value = TrialState.COMPLETE, outcome.value
             else:
                 attrs = failure_attrs(s, outcome)
@@ -226,7 +227,13 @@ class Objective:
                     value = last if last is not None and math.isfinite(last) else None
             writes.append(
                 storage.TrialWrite(
-                    s.trial, {**s.out.attrs, **attrs}, system, s.out.scores, note, state, value
+                    s.trial,
+                    {**s.out.attrs, **attrs},
+                    system,
+                    s.out.scores,
+                    note.study,
+                    state,
+                    value,
                 )
             )
         return writes

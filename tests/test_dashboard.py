@@ -181,7 +181,9 @@ def test_a_failing_note_never_fails_a_trial(
 def test_publish_writes_figures_the_study_note_and_missing_trial_notes(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(notes, "trial_note_attrs", lambda *_: {})  # trials from before notes
+    monkeypatch.setattr(
+        notes, "trial_note_attrs", lambda *_: notes.NoteAttrs()
+    )  # trials from before notes
     study.run(spec.parse(small_raw(n_trials=2), origin="t.toml"), url)
     monkeypatch.undo()
     st, _ = dashboard.studies(url)
