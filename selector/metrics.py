@@ -61,9 +61,48 @@ def _accuracy(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def _roc_auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
+    fast = _ranked_roc_auc(y, proba, n_classes)
+    if fast is not None:
+        return fast
     if n_classes == 2:
         return _sk("roc_auc_score")(y, proba[:, 1])
     return _sk("roc_auc_score")(y, proba, multi_class="ovr", labels=np.arange(n_classes))
+
+
+def _ranked_roc_auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float | None:
+    """`roc_auc_score` (binary, or one-vs-rest macro over `n_classes`) from ranks: the area
+    under the ROC curve is the Mann-Whitney statistic, the share of (positive, negative) pairs
+    the score orders rightly, a tie counting half (the trapezoids of scikit-learn's curve), so
+    the two agree to rounding (a test checks 1e-12). scikit-learn's call costs about 1.4 ms, in
+    its input checks and curve; a trial scores every fold every epoch, and on breast_cancer
+    that was two thirds of a fused trial's time. None (scikit-learn decides, and raises) where
+    its checks would object: a class absent from `y`, scores not finite, labels not 0..n-1,
+    or one-vs-rest probabilities that do not sum to 1."""
+    y, proba = np.asarray(y), np.asarray(proba)
+    if (
+        y.ndim != 1
+        or y.dtype.kind not in "iu"
+        or proba.shape != (len(y), n_classes)
+        or n_classes < 2
+        or not np.isfinite(proba).all()
+    ):
+        return None
+    counts = np.bincount(y, minlength=n_classes) if len(y) and y.min() >= 0 else None
+    if counts is None or len(counts) != n_classes or not counts.all():
+        return None
+    if n_classes > 2 and not np.allclose(proba.sum(axis=1), 1.0):
+        return None
+    from scipy.stats import rankdata
+
+    classes = [1] if n_classes == 2 else range(n_classes)
+    areas = []
+    for c in classes:
+        positive = y == c
+        n1 = int(counts[c])
+        n0 = len(y) - n1
+        ranks = rankdata(proba[:, c])  # ties get their average rank
+        areas.append((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return float(np.mean(areas))
 
 
 def _log_loss(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
