@@ -771,3 +771,27 @@ def test_buffered_params_are_written_once_and_read_back(url: str) -> None:
     again = optuna.load_study(study_name=s.name, storage=url).get_trials()[-1]
     assert again.params == trial.params and again.distributions == trial.distributions
     assert replay_config(again.params, s.space) == config
+
+
+def test_members_schedules_are_each_ones_own() -> None:
+    """Members sharing a stand-in optimizer per kind of schedule get, epoch by epoch, exactly
+    the rates their own optimizer and scheduler give alone."""
+    configs = [
+        TrialConfig(lr=0.1, lr_schedule="cosine"),
+        TrialConfig(lr=0.003, lr_schedule="step"),
+        TrialConfig(lr=0.02),
+        TrialConfig(lr=0.0007, lr_schedule="cosine"),
+        TrialConfig(lr=0.05, lr_schedule="step"),
+    ]
+    shared = fused._Schedules(configs, 12)
+    alone = []
+    for c in configs:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=c.lr)
+        alone.append((opt, engine.make_schedule(c, opt, 12)))
+    for _ in range(12):
+        shared.step()
+        for m, (opt, schedule) in enumerate(alone):
+            if schedule is not None:
+                opt.step()
+                schedule.step()
+            assert shared.lr[m] == opt.param_groups[0]["lr"]
