@@ -49,3 +49,87 @@ def test_roc_auc_leaves_what_scikit_learn_objects_to_it() -> None:
     assert metrics._ranked_roc_auc(np.array([0, 1, 2]), three, 3) is None
     with pytest.raises(ValueError, match="sum up to 1"):
         auc.of_predictions(np.array([0, 1, 2]), three, 3)
+
+
+def _sklearn(name: str, y: np.ndarray, p: np.ndarray, k: int) -> float:
+    """The study's score as scikit-learn's own call gives it (signs as the metric table's)."""
+    import warnings
+
+    import sklearn.metrics as skm
+
+    labels = name in ("balanced_accuracy", "matthews_corrcoef") or name.startswith("f1")
+    if labels:
+        p = p.argmax(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name.startswith("f1"):
+            average = {"f1": "binary", "f1_macro": "macro", "f1_weighted": "weighted"}[name]
+            return skm.f1_score(y, p, average=average, zero_division=0)
+        if name == "neg_log_loss":
+            return -skm.log_loss(y, p, labels=np.arange(k))
+        if name == "neg_root_mean_squared_error":
+            return -float(np.sqrt(skm.mean_squared_error(y, p)))
+        fn = {
+            "balanced_accuracy": skm.balanced_accuracy_score,
+            "matthews_corrcoef": skm.matthews_corrcoef,
+            "r2": skm.r2_score,
+            "explained_variance": skm.explained_variance_score,
+            "neg_mean_squared_error": skm.mean_squared_error,
+            "neg_mean_absolute_error": skm.mean_absolute_error,
+        }[name]
+        sign = -1.0 if name.startswith("neg_") else 1.0
+        return sign * float(fn(y, p))
+
+
+CLASSIFICATION = [
+    "balanced_accuracy",
+    "matthews_corrcoef",
+    "f1_macro",
+    "f1_weighted",
+    "neg_log_loss",
+]
+REGRESSION = [
+    "r2",
+    "explained_variance",
+    "neg_mean_squared_error",
+    "neg_root_mean_squared_error",
+    "neg_mean_absolute_error",
+]
+
+
+@pytest.mark.parametrize("name", [*CLASSIFICATION, "f1", *REGRESSION])
+def test_every_score_equals_scikit_learns(name: str) -> None:
+    """Random labels and predictions with ties, classes missing from the labels or from the
+    predictions, and near-perfect ones: the study's score equals scikit-learn's to 1e-12."""
+    rng = np.random.default_rng(abs(hash(name)) % 1000)
+    metric = metrics.get(name)
+    for trial in range(40):
+        n = int(rng.integers(5, 200))
+        if metric.task == "regression":
+            y = rng.normal(size=n)
+            p = y + rng.normal(scale=[0.0, 0.1, 1.0, 3.0][trial % 4], size=n)
+            k = 0
+        else:
+            k = 2 if name == "f1" else int(rng.integers(2, 8))
+            y = rng.integers(0, k, n)
+            if trial % 3 == 0:
+                y = np.where(y == k - 1, 0, y)  # a class absent from the labels
+            p = _proba(rng, n, k, decimals=[1, 2, 8][trial % 3])
+            if trial % 5 == 0:
+                p = np.eye(k)[y] * 0.9 + 0.1 / k  # every prediction right
+        want = _sklearn(name, y, p, k)
+        got = metric.of_predictions(y, p, k)
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12), (name, trial)
+
+
+def test_scores_scikit_learn_objects_to_are_its_own() -> None:
+    """Where scikit-learn warns or a score is undefined, its own call decides."""
+    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):
+        value = metrics.get("balanced_accuracy").score(np.array([0, 0, 1]), np.array([0, 2, 1]))
+    assert value == pytest.approx(0.75)
+    assert metrics._f1_of("binary")(np.array([0, 0]), np.array([0, 0])) is None
+    assert metrics.get("f1").score(np.array([0, 0]), np.array([0, 0])) == 0.0
+    flat = np.ones(5)
+    assert metrics._r2(flat, flat + 0.1) is None
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.get("r2").score(np.array([1.0, np.nan]), np.array([1.0, 2.0]))
