@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import datetime as dt
 import json
 import math
@@ -515,9 +516,16 @@ def refresh(study: optuna.Study, *, running: bool = True) -> None:
                 changed = [
                     tid
                     for tid, state in states
-                    if state.is_finished() or not _cached_params(store, tid)
+                    if not _cached_finished(store, tid)
+                    and (state.is_finished() or not _cached_params(store, tid))
                 ]
                 trials = frozen_trials(conn, changed) if changed else []
+                ended = [  # finished, and cached so by this worker (`cache_finished`)
+                    tid for tid, state in states if state.is_finished() and tid not in changed
+                ]
+                for tid in ended:
+                    cache.last_finished_trial_id = max(cache.last_finished_trial_id, tid)
+                    cache.unfinished_trial_ids.discard(tid)
         store._add_trials_to_cache(study._study_id, trials)
         for trial in trials:
             if not trial.state.is_finished():
@@ -525,6 +533,28 @@ def refresh(study: optuna.Study, *, running: bool = True) -> None:
                 continue
             cache.last_finished_trial_id = max(cache.last_finished_trial_id, trial._trial_id)
             cache.unfinished_trial_ids.discard(trial._trial_id)
+
+
+def cache_finished(study: optuna.Study, trials: list[FrozenTrial]) -> None:
+    """Put trials this worker just ended (`worker.end_trials`: what it wrote is what they hold)
+    into Optuna's cache, so that `refresh(running=False)` does not read them back: their
+    states are still read, as every running trial's. Optuna's cache never reads a finished
+    trial again either. Other storages: nothing."""
+    store: Any = study._storage
+    if not hasattr(store, "_add_trials_to_cache") or not trials:
+        return
+    with store._lock:
+        store._studies.setdefault(study._study_id, optuna.storages._cached_storage._StudyInfo())
+        store._add_trials_to_cache(study._study_id, [copy.deepcopy(t) for t in trials])
+
+
+def _cached_finished(store: Any, trial_id: int) -> bool:
+    """Whether Optuna's cache holds the trial as finished."""
+    where = store._trial_id_to_study_id_and_number.get(trial_id)
+    if where is None:
+        return False
+    trial = store._studies[where[0]].trials.get(where[1])
+    return trial is not None and trial.state.is_finished()
 
 
 def _cached_params(store: Any, trial_id: int) -> bool:

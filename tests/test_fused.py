@@ -718,6 +718,46 @@ def test_core_reads_equal_optuna_reads(url: str) -> None:
         assert fresh.get_trials(deepcopy=False) == theirs
 
 
+def test_trials_a_worker_ended_are_cached_as_stored_and_not_read_back(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`worker.end_trials` puts the trials it ended into Optuna's cache as they were written:
+    the next `refresh(running=False)` reads their states only, and the study then reads as a
+    fresh reader of the database reads it."""
+    from selector import worker
+
+    s = _fused_spec(n_trials=6)
+    study_mod.create_or_resume(s, url)
+    st = optuna.load_study(study_name=s.name, storage=storage.open_storage(url, must_exist=True))
+    trials = [st.ask() for _ in range(3)]
+    for t in trials:
+        t.suggest_float("lr", 1e-3, 1e-1, log=True)
+    record.refresh(st, running=False)  # they are cached as running, with their params
+    ends = [
+        (TrialState.COMPLETE, 0.75, [(1, 0.5), (2, 0.75)]),
+        (TrialState.PRUNED, 0.25, [(1, 0.25)]),
+        (TrialState.FAIL, None, [(1, 0.5)]),
+    ]
+    worker.end_trials(
+        st,
+        [
+            storage.TrialWrite(t, {"seconds": 1.5}, {"k": 1}, scores, {}, state, value)
+            for t, (state, value, scores) in zip(trials, ends, strict=True)
+        ],
+    )
+    read: list[list[int]] = []
+    own = record.frozen_trials
+    monkeypatch.setattr(
+        record, "frozen_trials", lambda conn, ids: read.append(ids) or own(conn, ids)
+    )
+    with record.one_read(st, running=False):
+        ours = st.get_trials(deepcopy=False)
+    assert read == []  # nothing read back
+    fresh = optuna.load_study(study_name=s.name, storage=url).get_trials(deepcopy=False)
+    assert ours == fresh
+    assert [t.state for t in ours] == [state for state, _, _ in ends]
+
+
 def test_refresh_of_finished_trials_only_keeps_running_ones_as_cached(url: str) -> None:
     """`refresh(running=False)`: trials that finished elsewhere, new trials and a running trial
     whose params were not yet written when first read are read in full; a running trial already
