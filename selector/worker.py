@@ -427,9 +427,9 @@ def end_trials(study: optuna.Study, writes: list[storage.TrialWrite]) -> list[Fr
         values = None if value is None else [value]
         study.sampler.after_trial(_filter_study(study, frozen), frozen, state, values)
     storage.retrying(lambda: storage.write_trials(ends))
-    frozen = [copy.deepcopy(w.trial._cached_frozen_trial) for w in writes]
-    record.cache_finished(study, frozen)  # the next reads of the study need not read them
-    return frozen
+    ended = [copy.deepcopy(w.trial._cached_frozen_trial) for w in writes]
+    record.cache_finished(study, ended)  # the next reads of the study need not read them
+    return ended
 
 
 def _recorded(state: TrialState, value: float | None) -> tuple[TrialState, float | None]:
