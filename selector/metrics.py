@@ -243,8 +243,10 @@ def _log_loss(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
         and y.min() >= 0
         and y.max() < n_classes
         and bool(np.isfinite(proba).all())
-        and np.allclose(proba.sum(axis=1), 1.0, rtol=np.sqrt(np.finfo(np.float64).eps))
-    ):
+        and proba.min() >= 0
+        and proba.max() <= 1
+        and np.allclose(proba.sum(axis=1), 1.0, rtol=np.sqrt(np.finfo(np.float64).eps), atol=0)
+    ):  # else scikit-learn's own call: it raises, or warns that they do not sum to one
         eps = np.finfo(proba.dtype).eps
         picked = np.clip(proba, eps, 1 - eps)[np.arange(len(y)), y]
         return float(np.average(-np.log(picked)))
