@@ -176,11 +176,7 @@ def _f1_of(average: str) -> Callable[[np.ndarray, np.ndarray], float | None]:
             return None if denom == 0 else 2.0 * tp / denom
         C = _confusion(y, pred)
         true_sum, pred_sum = C.sum(axis=1), C.sum(axis=0)
-        f = (
-            2.0
-            * np.diagonal(C).astype(np.float64)
-            / (1.0 * true_sum.astype(np.float64) + pred_sum.astype(np.float64))
-        )
+        f = 2.0 * np.diagonal(C) / (true_sum + pred_sum).astype(np.float64)
         return float(np.average(f, weights=true_sum if average == "weighted" else None))
 
     return f1

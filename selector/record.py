@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import copy
 import datetime as dt
 import json
 import math
@@ -503,6 +502,7 @@ def refresh(study: optuna.Study, *, running: bool = True) -> None:
                 t.trial_id > cache.last_finished_trial_id,
             ),
         )
+        ended: list[int] = []  # finished trials: none need reading again
         with backend.engine.connect() as conn:
             if running:
                 trials = frozen_trials(conn, wanted)
@@ -513,57 +513,45 @@ def refresh(study: optuna.Study, *, running: bool = True) -> None:
                 cache.unfinished_trial_ids.update(  # those not read again stay unfinished
                     tid for tid, state in states if not state.is_finished()
                 )
-                changed = [
-                    tid
-                    for tid, state in states
-                    if not _cached_finished(store, tid)
-                    and (state.is_finished() or not _cached_params(store, tid))
-                ]
+                changed = []
+                for tid, state in states:
+                    cached = _cached(store, tid)
+                    if cached is not None and cached.state.is_finished():
+                        ended.append(tid)  # ended by this worker (`cache_finished`)
+                    elif state.is_finished() or cached is None or not cached.params:
+                        changed.append(tid)
                 trials = frozen_trials(conn, changed) if changed else []
-                ended = [  # finished, and cached so by this worker (`cache_finished`)
-                    tid for tid, state in states if state.is_finished() and tid not in changed
-                ]
-                for tid in ended:
-                    cache.last_finished_trial_id = max(cache.last_finished_trial_id, tid)
-                    cache.unfinished_trial_ids.discard(tid)
         store._add_trials_to_cache(study._study_id, trials)
         for trial in trials:
             if not trial.state.is_finished():
                 cache.unfinished_trial_ids.add(trial._trial_id)
-                continue
-            cache.last_finished_trial_id = max(cache.last_finished_trial_id, trial._trial_id)
-            cache.unfinished_trial_ids.discard(trial._trial_id)
+            else:
+                ended.append(trial._trial_id)
+        for tid in ended:
+            cache.last_finished_trial_id = max(cache.last_finished_trial_id, tid)
+            cache.unfinished_trial_ids.discard(tid)
 
 
 def cache_finished(study: optuna.Study, trials: list[FrozenTrial]) -> None:
-    """Put trials this worker just ended (`worker.end_trials`: what it wrote is what they hold)
-    into Optuna's cache, so that `refresh(running=False)` does not read them back: their
-    states are still read, as every running trial's. Optuna's cache never reads a finished
-    trial again either. Other storages: nothing."""
+    """Put trials this worker just ended (`worker.end_trials`: what it wrote is what they hold;
+    the cache keeps these objects, read-only from now on) into Optuna's cache, so that
+    `refresh(running=False)` does not read them back: their states are still read, as every
+    running trial's. Optuna's cache never reads a finished trial again either. Other storages:
+    nothing."""
     store: Any = study._storage
     if not hasattr(store, "_add_trials_to_cache") or not trials:
         return
     with store._lock:
         store._studies.setdefault(study._study_id, optuna.storages._cached_storage._StudyInfo())
-        store._add_trials_to_cache(study._study_id, [copy.deepcopy(t) for t in trials])
+        store._add_trials_to_cache(study._study_id, trials)
 
 
-def _cached_finished(store: Any, trial_id: int) -> bool:
-    """Whether Optuna's cache holds the trial as finished."""
+def _cached(store: Any, trial_id: int) -> FrozenTrial | None:
+    """The trial as Optuna's cache holds it, or None."""
     where = store._trial_id_to_study_id_and_number.get(trial_id)
     if where is None:
-        return False
-    trial = store._studies[where[0]].trials.get(where[1])
-    return trial is not None and trial.state.is_finished()
-
-
-def _cached_params(store: Any, trial_id: int) -> bool:
-    """Whether Optuna's cache holds the trial with its params."""
-    where = store._trial_id_to_study_id_and_number.get(trial_id)
-    if where is None:
-        return False
-    trial = store._studies[where[0]].trials.get(where[1])
-    return trial is not None and bool(trial.params)
+        return None
+    return store._studies[where[0]].trials.get(where[1])  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager
@@ -578,7 +566,7 @@ def core_trial_reads(study: optuna.Study) -> Iterator[None]:
     own = store.get_trial
 
     def get_trial(trial_id: int) -> FrozenTrial:
-        fresh = store.__dict__.get("_selector_fresh", {}).pop(trial_id, None)
+        fresh = storage.take_fresh(store, trial_id)
         if fresh is not None:  # just created with others (`storage.new_trials`): read once
             return fresh  # type: ignore[no-any-return]
         with store._lock:

@@ -700,16 +700,25 @@ def new_trials(study: optuna.Study, n: int) -> list[int] | None:
         ]
     with store._lock:
         store._add_trials_to_cache(study._study_id, created)
-    fresh = store.__dict__.setdefault("_selector_fresh", {})
+    fresh = store.__dict__.setdefault(_FRESH, {})
     for frozen in created:
         fresh[frozen._trial_id] = copy.deepcopy(frozen)
     return [frozen._trial_id for frozen in created]
 
 
+# Where `new_trials` keeps its trials' first read-backs, on Optuna's cached storage.
+_FRESH = "_selector_fresh"
+
+
+def take_fresh(store: Any, trial_id: int) -> Any:
+    """The first read-back `new_trials` kept for `trial_id` (a FrozenTrial), once; else None."""
+    return store.__dict__.get(_FRESH, {}).pop(trial_id, None)
+
+
 def forget_fresh(study: optuna.Study) -> None:
     """Drop the read-backs `new_trials` kept that were not read (a claim that stopped midway):
     later reads go to the database."""
-    study._storage.__dict__.pop("_selector_fresh", None)
+    study._storage.__dict__.pop(_FRESH, None)
 
 
 @contextlib.contextmanager

@@ -429,7 +429,7 @@ def end_trials(study: optuna.Study, writes: list[storage.TrialWrite]) -> list[Fr
     storage.retrying(lambda: storage.write_trials(ends))
     ended = [copy.deepcopy(w.trial._cached_frozen_trial) for w in writes]
     record.cache_finished(study, ended)  # the next reads of the study need not read them
-    return ended
+    return ended  # as cached: read-only
 
 
 def _recorded(state: TrialState, value: float | None) -> tuple[TrialState, float | None]:
