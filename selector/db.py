@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from selector import storage
-from selector.errors import StorageError
+from selector.errors import ConnectionLost, StorageError
 
 metadata = sa.MetaData()
 
@@ -101,6 +101,8 @@ def read_all(url: str, stmt: sa.Select[Any]) -> list[sa.Row[Any]]:
         if _missing_table(e):
             return []
         first = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+        if storage.dropped(e):  # retried where a caller retries (a worker joining)
+            raise ConnectionLost(f"storage {storage.mask(url)}: {first}") from e
         raise StorageError(f"storage {storage.mask(url)}: {first}") from None
 
 
@@ -128,5 +130,7 @@ def transaction(url: str) -> Iterator[sa.Connection]:
     except sa.exc.IntegrityError:
         raise
     except sa.exc.OperationalError as e:
+        # transient, as `storage.retrying` sees a raw OperationalError: retried where a caller
+        # retries (a worker's writes), the user's one-line message elsewhere
         first = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
-        raise StorageError(f"storage {storage.mask(url)}: {first}") from None
+        raise ConnectionLost(f"storage {storage.mask(url)}: {first}") from e

@@ -32,6 +32,12 @@ class StorageError(SelectorError):
     """The storage URL is wrong or the database cannot be reached."""
 
 
+class ConnectionLost(StorageError):
+    """A database statement failed in a way a retry may get past: a connection dropped mid-use
+    (a terminated backend, a restarted server) or a busy SQLite file. `storage.retrying` retries
+    it; where nothing retries, it is the user's one-line message like any `StorageError`."""
+
+
 class StudyError(SelectorError):
     """The study does not exist, or its recorded spec or data differ from what is given."""
 

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
 from selector import redact
-from selector.errors import StorageError
+from selector.errors import ConnectionLost, StorageError
 
 DEFAULT_URL = "sqlite:///selector.db"
 SQLITE_TIMEOUT_S = 60
@@ -279,6 +279,8 @@ def _check_server(url: str) -> None:
         ) from None
     except sa.exc.SQLAlchemyError as e:
         first = scrub(str(getattr(e, "orig", e)).strip().splitlines()[0], url)
+        if dropped(e):  # connected, then lost: `retrying` retries
+            raise ConnectionLost(f"storage {mask(url)}: connection lost ({first})") from e
         raise StorageError(f"storage {mask(url)}: cannot connect ({first})") from None
 
 
@@ -394,6 +396,8 @@ def open_storage(
         if path is not None and (kind := _sqlite_failure(e, path) or _damaged(path)) is not None:
             raise _sqlite_error(path, kind) from None
         first = scrub(str(getattr(e, "orig", e)).strip().splitlines()[0][:200], url)
+        if dropped(e):  # a connection that dropped while Optuna opened it: `retrying` retries
+            raise ConnectionLost(f"storage {mask(url)}: connection lost ({first})") from e
         raise StorageError(
             f"storage {mask(url)}: cannot open as an Optuna storage ({first})"
         ) from None
@@ -407,7 +411,22 @@ TRANSIENT = (
     optuna.exceptions.StorageInternalError,
     sa.exc.OperationalError,
     sa.exc.InterfaceError,
+    ConnectionLost,
 )
+
+
+def dropped(e: BaseException | None) -> bool:
+    """Whether `e`, or an error that caused it, is a database connection lost mid-use (SQLAlchemy
+    marks those `connection_invalidated`): a terminated backend, a restarted server. A server
+    that refuses to connect at all is not: a worker starting against it fails at once."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, sa.exc.DBAPIError) and e.connection_invalidated:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 RETRIES = 6
 
 
@@ -646,6 +665,27 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
             cached.state = w.state
             cached.values = None if w.value is None else [w.value]
             cached.datetime_complete = ended
+
+
+@contextlib.contextmanager
+def created_trials(study: optuna.Study) -> Iterator[list[int]]:
+    """The ids of the trials `study`'s storage creates while the block runs. Optuna's `ask`
+    creates its trial, then samples, reading the database again: a connection lost there leaves
+    a trial created that nobody will run, which its caller must end."""
+    store: Any = study._storage
+    made: list[int] = []
+    create = store.create_new_trial
+
+    def recording(study_id: int, template_trial: optuna.trial.FrozenTrial | None = None) -> int:
+        trial_id = create(study_id, template_trial)
+        made.append(trial_id)
+        return int(trial_id)
+
+    store.create_new_trial = recording
+    try:
+        yield made
+    finally:
+        del store.create_new_trial
 
 
 def new_trials(study: optuna.Study, n: int) -> list[int] | None:

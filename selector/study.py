@@ -229,13 +229,13 @@ def run(
     """Create or resume the study, then work on it in this process (`fuse`: the most trials
     trained as one group, default the study file's `[search] fuse`)."""
     study, prep, _ = create_or_resume(spec, url)
-    limit = budget_limit(study, url, spec.n_trials, n_trials)
+    limit = storage.retrying(lambda: budget_limit(study, url, spec.n_trials, n_trials))
     objective = Objective(spec, data.dev_set(prep))
     return worker.work(
         spec,
         url,
         objective,
-        worker=register_worker(url, spec.name, heartbeat),
+        worker=storage.retrying(lambda: register_worker(url, spec.name, heartbeat)),
         limit=limit,
         timeout=timeout,
         heartbeat=heartbeat,
@@ -320,19 +320,23 @@ def work(
 ) -> record.RunSummary:
     """`selector worker`: join an existing study and run trials until its budget is spent
     (or `n_trials` more are finished, or the study holds `limit` finished trials)."""
-    joined = join(url, name, data_path=data_path, heartbeat=heartbeat)
-    study = record.load_study(
-        storage.open_storage(url, must_exist=True, heartbeat=heartbeat), url, name
+    # a worker joins a running study: a connection lost while it starts is retried, as
+    # everything it does later is
+    joined = storage.retrying(lambda: join(url, name, data_path=data_path, heartbeat=heartbeat))
+    study = storage.retrying(
+        lambda: record.load_study(
+            storage.open_storage(url, must_exist=True, heartbeat=heartbeat), url, name
+        )
     )
-    worker.reap_stale(study)
+    storage.retrying(lambda: worker.reap_stale(study))
     if limit is None:
-        limit = budget_limit(study, url, joined.n_trials, n_trials)
+        limit = storage.retrying(lambda: budget_limit(study, url, joined.n_trials, n_trials))
     objective = Objective(joined.spec, data.dev_set(joined.prep))
     return worker.work(
         joined.spec,
         url,
         objective,
-        worker=register_worker(url, name, heartbeat),
+        worker=storage.retrying(lambda: register_worker(url, name, heartbeat)),
         limit=limit,
         timeout=timeout,
         heartbeat=heartbeat,

@@ -169,50 +169,74 @@ def claim_group(
     sampler its `ask` with the key fixed. All are claimed under the budget lock,
     so `n_trials` stays exact; members are as many as fit in memory at the space's widest width.
     Returns each trial with its config (None for a lone trial, sampled when it starts)."""
+    with storage.created_trials(study) as made:
+        try:
+            with budget_lock(url, study.study_name), record.core_trial_reads(study):  # ask reads
+                free = limit - count(study, ACTIVE)
+                if free <= 0:
+                    return []
+                with warnings.catch_warnings():  # Optuna warns: heartbeats are for optimize()
+                    warnings.simplefilter("ignore", UserWarning)
+                    n = min(size, free)
+                    return [(study.ask(), None)] if n <= 1 else _group(study, objective, n, made)
+        except storage.TRANSIENT:
+            # the claim is retried from the start. Where the lock's own connection was lost,
+            # the lock went with it, and another worker may have claimed the same places: what
+            # this one created must not run (nor stay running)
+            _abandon(study, made)
+            raise
+
+
+def _group(
+    study: optuna.Study, objective: Objective, n: int, made: list[int]
+) -> list[tuple[optuna.Trial, TrialConfig | None]]:
+    """`claim_group`'s group of `n`, under its lock: the leader, then its followers (the ids of
+    those created together appended to `made`)."""
     from selector import fused
 
-    with budget_lock(url, study.study_name), record.core_trial_reads(study):  # ask reads back
-        free = limit - count(study, ACTIVE)
-        if free <= 0:
-            return []
-        with warnings.catch_warnings():  # Optuna warns that heartbeats are meant for optimize()
-            warnings.simplefilter("ignore", UserWarning)
-            n = min(size, free)
-            if n <= 1:
-                return [(study.ask(), None)]
-            space = objective.spec.space
-            with (
-                record.one_read(study, running=False),
-                storage.buffered_params(study),
-            ):  # 1 read, 1 write
-                leader = study.ask()
-                config = sample_config(leader, space)
-            n = fused.members_that_fit(
-                fused.widest(config, space), objective.folds, objective.n_out, objective.device, n
-            )
-            fixed = {
-                name: getattr(config, name)
-                for name in fused.GROUP_KEY
-                if getattr(space, name).kind != "fixed"
-            }
-            own = study.sampler
-            with record.one_read(study, running=False), storage.buffered_params(study):
-                planned = follower_proposals(study, own, fixed, n - 1)  # one fit for all
-                members: list[tuple[optuna.Trial, TrialConfig | None]] = [(leader, config)]
-                ids = storage.new_trials(study, n - 1)  # one transaction for all
-                try:
-                    for j in range(n - 1):
-                        with warnings.catch_warnings():  # experimental since Optuna 2.4
-                            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                            study.sampler = optuna.samplers.PartialFixedSampler(
-                                {**fixed, **planned[j]} if planned else fixed, own
-                            )
-                        trial = study.ask() if ids is None else optuna.Trial(study, ids[j])
-                        members.append((trial, sample_config(trial, space)))  # the key fixed
-                finally:
-                    study.sampler = own
-                    storage.forget_fresh(study)
+    space = objective.spec.space
+    with record.one_read(study, running=False), storage.buffered_params(study):  # 1 read, 1 write
+        leader = study.ask()
+        config = sample_config(leader, space)
+    n = fused.members_that_fit(
+        fused.widest(config, space), objective.folds, objective.n_out, objective.device, n
+    )
+    fixed = {
+        name: getattr(config, name)
+        for name in fused.GROUP_KEY
+        if getattr(space, name).kind != "fixed"
+    }
+    own = study.sampler
+    with record.one_read(study, running=False), storage.buffered_params(study):
+        planned = follower_proposals(study, own, fixed, n - 1)  # one fit for all
+        members: list[tuple[optuna.Trial, TrialConfig | None]] = [(leader, config)]
+        ids = storage.new_trials(study, n - 1)  # one transaction for all
+        made.extend(ids or [])
+        try:
+            for j in range(n - 1):
+                with warnings.catch_warnings():  # experimental since Optuna 2.4
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.sampler = optuna.samplers.PartialFixedSampler(
+                        {**fixed, **planned[j]} if planned else fixed, own
+                    )
+                trial = study.ask() if ids is None else optuna.Trial(study, ids[j])
+                members.append((trial, sample_config(trial, space)))  # the key fixed
+        finally:
+            study.sampler = own
+            storage.forget_fresh(study)
     return members
+
+
+def _abandon(study: optuna.Study, trial_ids: list[int]) -> None:
+    """Fail the trials of a claim that a lost connection cut short, before it is retried: they
+    never trained, and would otherwise stay running, without a heartbeat, until a reaper saw
+    them (`storage.orphaned_trial_ids`; none does once the budget is spent), or would be places
+    of the budget claimed twice. Failed as the
+    reaper fails them: no retry, failure reason `stale`. One try each (the pool hands out a
+    fresh connection); where the database is still out of reach, the reaper is the fallback."""
+    for trial_id in trial_ids:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, *storage.TRANSIENT):
+            study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
 
 
 def follower_proposals(
@@ -499,11 +523,13 @@ def work(
     """Run trials until the study holds `limit` finished trials or `timeout` seconds passed;
     in fused groups of up to `fuse` trials (default: the study's `[search] fuse`)."""
     size = group_size(spec, objective, spec.search.fuse if fuse is None else fuse)
-    study = optuna.load_study(
-        study_name=spec.name,
-        storage=storage.open_storage(url, must_exist=True, heartbeat=heartbeat),
-        sampler=make_sampler(spec, worker, fusing=size > 1),
-        pruner=make_pruner(spec),
+    study = storage.retrying(
+        lambda: optuna.load_study(
+            study_name=spec.name,
+            storage=storage.open_storage(url, must_exist=True, heartbeat=heartbeat),
+            sampler=make_sampler(spec, worker, fusing=size > 1),
+            pruner=make_pruner(spec),
+        )
     )
     deadline = time.monotonic() + timeout if timeout is not None else math.inf
     streak, ran = _Streak(spec.search.max_failures), 0

@@ -9,7 +9,8 @@ in front of a batch norm under an adaptive optimizer moves by rounding noise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -601,6 +602,45 @@ def test_group_members_are_sampled_with_the_leader_key(url: str) -> None:
     assert len({c.lr for c in configs if c is not None}) == 4  # the rest is the sampler's
     assert worker.claim_group(st, url, 5, 4, dev)[0][1] is None  # one place left: a lone trial
     assert worker.claim_group(st, url, 5, 4, dev) == []
+
+
+def test_a_claim_cut_short_by_a_lost_connection_fails_what_it_created(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection lost after the leader was created: the claim is retried from the start, so
+    the leader (never trained) is failed at once instead of running, unbeaten, for ever."""
+    s = _fused_spec()
+    study_mod.create_or_resume(s, url)
+    st = optuna.load_study(
+        study_name=s.name, storage=url, sampler=worker.make_sampler(s, 0, fusing=True)
+    )
+    dev = objective.Objective(s, data.dev_set(data.prepare(s)))
+    lost = sa.exc.OperationalError("UPDATE", {}, Exception("server closed the connection"))
+    lost.connection_invalidated = True
+
+    def drop(study: optuna.Study, n: int) -> None:
+        raise lost
+
+    with monkeypatch.context() as m:
+        m.setattr(storage, "new_trials", drop)
+        with pytest.raises(sa.exc.OperationalError):
+            worker.claim_group(st, url, 8, 4, dev)
+    (leader,) = st.get_trials()
+    assert leader.state == TrialState.FAIL and record.failure_reason(leader) == "stale"
+    claimed = storage.retrying(lambda: worker.claim_group(st, url, 8, 4, dev))
+    assert len(claimed) == 4 and worker.count(st, worker.ACTIVE) == 4
+
+    @contextlib.contextmanager
+    def lost_at_release(url: str, name: str) -> Iterator[None]:
+        yield  # the lock's connection lost: its commit fails after the group was claimed
+        raise lost
+
+    with monkeypatch.context() as m:
+        m.setattr(worker, "budget_lock", lost_at_release)
+        with pytest.raises(sa.exc.OperationalError):
+            worker.claim_group(st, url, 8, 4, dev)
+    states = [t.state for t in sorted(st.get_trials(), key=lambda t: t.number)]
+    assert states == [TrialState.FAIL, *[TrialState.RUNNING] * 4, *[TrialState.FAIL] * 4]
 
 
 def _tpe_history(n: int = 40) -> optuna.Study:

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy as sa
 
-from selector import final, spec, storage, study
-from tests.conftest import small_raw
+from selector import db, final, spec, storage, study
+from selector.errors import ConnectionLost, StorageError
+from tests.conftest import PG_ADMIN, small_raw
 
 
 def test_resolution_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -257,3 +259,38 @@ def test_new_trials_leave_waiting_trials_to_ask(url: str) -> None:
     asked = study_.ask()  # the queued trial, as Optuna asks it
     assert asked.number == 0 and asked.suggest_float("x", 0.0, 1.0) == 0.5
     assert len(study_.get_trials()) == 1
+
+
+def test_a_transaction_whose_connection_drops_is_retried(pg_url: str) -> None:
+    """A backend terminated mid-transaction (a restarted server, an administrator): a worker's
+    write, inside `retrying`, goes through on a fresh connection; elsewhere it is one line."""
+    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    attempts: list[int] = []
+
+    def write(drop: bool) -> None:
+        with db.transaction(pg_url) as conn:
+            attempts.append(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+            if drop and len(attempts) == 1:
+                with admin.connect() as a:
+                    a.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": attempts[0]})
+            conn.execute(
+                db.workers.insert().values(
+                    study_name="s", host="h", pid=len(attempts), started_at=sa.func.now()
+                )
+            )
+
+    storage.retrying(lambda: write(drop=True))
+    assert len(attempts) == 2 and attempts[0] != attempts[1]
+    rows = db.read_all(pg_url, sa.select(db.workers.c.pid))
+    assert [r.pid for r in rows] == [2]  # the dropped attempt wrote nothing
+    attempts.clear()
+    with pytest.raises(ConnectionLost, match=r"^storage postgresql\S*/selector_test_\w+: ") as e:
+        write(drop=True)
+    assert storage.dropped(e.value) and "\n" not in str(e.value)
+    admin.dispose()
+
+
+def test_a_server_that_refuses_connections_is_not_retried() -> None:
+    with pytest.raises(StorageError, match="cannot connect") as e:
+        storage.open_storage("postgresql://postgres@127.0.0.1:1/none", must_exist=False)
+    assert not isinstance(e.value, ConnectionLost) and not storage.dropped(e.value)
