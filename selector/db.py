@@ -100,10 +100,14 @@ def read_all(url: str, stmt: sa.Select[Any]) -> list[sa.Row[Any]]:
     except (sa.exc.OperationalError, sa.exc.ProgrammingError) as e:
         if _missing_table(e):
             return []
-        first = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
-        if storage.dropped(e):  # retried where a caller retries (a worker joining)
-            raise ConnectionLost(f"storage {storage.mask(url)}: {first}") from e
-        raise StorageError(f"storage {storage.mask(url)}: {first}") from None
+        raise _storage_error(url, e, transient=storage.dropped(e)) from e  # a worker retries
+
+
+def _storage_error(url: str, e: sa.exc.DBAPIError, *, transient: bool) -> StorageError:
+    """The user's one line for a failed statement on selector's tables, the password masked;
+    `ConnectionLost` (retried by `storage.retrying`) where a retry may get past it."""
+    first = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+    return (ConnectionLost if transient else StorageError)(f"storage {storage.mask(url)}: {first}")
 
 
 def read_one(url: str, stmt: sa.Select[Any]) -> sa.Row[Any] | None:
@@ -130,7 +134,5 @@ def transaction(url: str) -> Iterator[sa.Connection]:
     except sa.exc.IntegrityError:
         raise
     except sa.exc.OperationalError as e:
-        # transient, as `storage.retrying` sees a raw OperationalError: retried where a caller
-        # retries (a worker's writes), the user's one-line message elsewhere
-        first = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
-        raise ConnectionLost(f"storage {storage.mask(url)}: {first}") from e
+        # transient, as `storage.retrying` sees a raw OperationalError (a worker's writes)
+        raise _storage_error(url, e, transient=True) from e

@@ -231,9 +231,9 @@ def _abandon(study: optuna.Study, trial_ids: list[int]) -> None:
     """Fail the trials of a claim that a lost connection cut short, before it is retried: they
     never trained, and would otherwise stay running, without a heartbeat, until a reaper saw
     them (`storage.orphaned_trial_ids`; none does once the budget is spent), or would be places
-    of the budget claimed twice. Failed as the
-    reaper fails them: no retry, failure reason `stale`. One try each (the pool hands out a
-    fresh connection); where the database is still out of reach, the reaper is the fallback."""
+    of the budget claimed twice. Failed as the reaper fails them: no retry, failure reason
+    `stale`. One try each (the pool hands out a fresh connection); where the database is still
+    out of reach, the reaper is the fallback."""
     for trial_id in trial_ids:
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, *storage.TRANSIENT):
             study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
