@@ -1,0 +1,138 @@
+"""Optuna's TPE, made cheaper where its cost grows with the study, with the same proposals.
+
+TPE scores each candidate by the log density of two Parzen estimators, mixtures with one
+component per trial (`_MixtureOfProductDistribution.log_pdf`). For a fused group of 32 on a
+penguins study of 4,700 trials that is 744 candidates x 4,700 components x each parameter, some
+300 ms a group, a third of the group's time, and growing with every trial. Optuna builds the
+whole candidates x components x parameters block at once (150 MB at that size), then passes over
+it a dozen times; `mixture_log_pdf` computes the same elementwise arithmetic, in the same order,
+on blocks of candidates that stay in cache, with the parts that do not depend on the candidates
+(truncation masses, log weights, log scales) computed once instead of once a candidate. Every
+value equals Optuna's bit for bit (a test checks mixtures of every kind of distribution), so TPE
+proposes exactly the trials it would.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+# Candidates scored at a time: a block of components x this many float64 stays in cache.
+CHUNK = 64
+
+
+def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
+    """`_MixtureOfProductDistribution.log_pdf(x)`, equal to Optuna's value for value: each
+    candidate's (a row of `x`) log density under the mixture `self`."""
+    from optuna.samplers._tpe import _truncnorm
+    from optuna.samplers._tpe.probability_distributions import (
+        _BatchedCategoricalDistributions,
+        _log_gauss_mass_unique,
+        _unique_inverse_2d,
+    )
+
+    # What does not depend on the candidates, once. `terms` keeps Optuna's order of addition.
+    terms: list[tuple[str, int, Any]] = []
+    cont: list[tuple[int, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for i, d in enumerate(self.distributions):
+        if isinstance(d, _BatchedCategoricalDistributions):
+            with np.errstate(divide="ignore"):  # log(0) is -inf, as in Optuna's log of the take
+                terms.append(("categorical", i, np.log(d.weights).T))
+            continue
+        if d.step == 0.0:
+            mu, sigma = np.asarray(d.mu), np.asarray(d.sigma)
+            a = (np.asarray([d.adapted_low]) - mu) / sigma
+            b = (np.asarray([d.adapted_high]) - mu) / sigma
+            a1, b1 = np.atleast_1d(a, b)
+            # Optuna: norm_logpdf(z) - log_gauss_mass(a, b) - log(scale), then np.select
+            cont.append((i, d.is_log, mu, sigma, a, b, _truncnorm._log_gauss_mass(a1, b1)))
+            continue
+        mu_uniq, sigma_uniq, inv = _unique_inverse_2d(d.mu, d.sigma)
+        mass = _truncnorm._log_gauss_mass(
+            (d.adapted_low - mu_uniq) / sigma_uniq, (d.adapted_high - mu_uniq) / sigma_uniq
+        )[inv]
+        terms.append(("discrete", i, (d, mu_uniq, sigma_uniq, inv, mass)))
+    log_scales = [np.log(c[3]) for c in cont]
+    degenerate = [c[4] == c[5] for c in cont]
+    log_weights = np.log(self.weights[np.newaxis])
+
+    n = len(x)
+    result = np.empty(n, dtype=np.float64)
+    for start in range(0, n, CHUNK):
+        rows = x[start : start + CHUNK]
+        weighted = np.zeros((len(rows), len(self.weights)), dtype=np.float64)
+        for kind, i, data in terms:
+            if kind == "categorical":
+                weighted += data[rows[:, i].astype(np.int64)]
+                continue
+            d, mu_uniq, sigma_uniq, inv, mass = data
+            step, is_log = d.step, d.is_log
+            xi_uniq, xi_inv = np.unique(rows[:, i], return_inverse=True)
+            left = np.log(xi_uniq - step / 2) if is_log else (xi_uniq - step / 2)
+            right = np.log(xi_uniq + step / 2) if is_log else (xi_uniq + step / 2)
+            weighted += _log_gauss_mass_unique(
+                (left[:, np.newaxis] - mu_uniq) / sigma_uniq,
+                (right[:, np.newaxis] - mu_uniq) / sigma_uniq,
+            )[np.ix_(xi_inv, inv)]
+            weighted -= mass
+        if cont:
+            # filled one parameter at a time, summed over parameters as Optuna sums them
+            block = np.empty((len(rows), len(self.weights), len(cont)), dtype=np.float64)
+            for j, ((i, is_log, mu, sigma, a, b, lgm), log_scale, same) in enumerate(
+                zip(cont, log_scales, degenerate, strict=True)
+            ):
+                xi = np.log(rows[:, i]) if is_log else rows[:, i]
+                z = (xi[:, np.newaxis] - mu) / sigma
+                out = _truncnorm._norm_logpdf(z) - lgm - log_scale
+                out[(z < a) | (z > b)] = -np.inf
+                if same.any():
+                    out[:, same] = np.nan
+                block[..., j] = out
+            weighted += block.sum(axis=-1)
+        weighted += log_weights
+        max_ = weighted.max(axis=1)
+        max_[np.isneginf(max_)] = 0
+        with np.errstate(divide="ignore"):  # log(0) where no component has mass
+            result[start : start + len(rows)] = (
+                np.log(np.exp(weighted - max_[:, None]).sum(axis=1)) + max_
+            )
+    return result
+
+
+# Optuna's own `log_pdf`, kept where `install` replaces it (for the test that compares them).
+optunas_log_pdf: Any = None
+
+
+@functools.cache
+def install() -> None:
+    """Put the cheaper, exact functions in place of Optuna's for this process: scipy's
+    vectorised log Phi (`vectorised_log_ndtr`) and `mixture_log_pdf`. Where this version of
+    Optuna keeps them elsewhere, Optuna's own stay."""
+    global optunas_log_pdf
+    vectorised_log_ndtr()
+    try:
+        from optuna.samplers._tpe.probability_distributions import (
+            _MixtureOfProductDistribution,
+        )
+    except ImportError:
+        return
+    own = getattr(_MixtureOfProductDistribution, "log_pdf", None)
+    if callable(own) and own is not mixture_log_pdf:
+        optunas_log_pdf = own
+        _MixtureOfProductDistribution.log_pdf = mixture_log_pdf  # type: ignore[method-assign]
+
+
+def vectorised_log_ndtr() -> None:
+    """Optuna's TPE evaluates log Phi (the normal's log CDF, in every truncated-normal mass of its
+    acquisition function and its sampling) element by element in Python, through `np.frompyfunc`
+    over a scalar function: half the time of each proposal at a few hundred trials (13 ms of 25).
+    scipy's `special.log_ndtr` is the same function vectorised, and exact where Optuna's is off by
+    up to 6e-8 (relative) just above 6; it takes its place in Optuna's module for this process.
+    A test checks that the two agree and that TPE proposes the same trials with either."""
+    from optuna.samplers._tpe import _truncnorm
+    from scipy.special import log_ndtr
+
+    if callable(getattr(_truncnorm, "_log_ndtr", None)):
+        _truncnorm._log_ndtr = lambda a: log_ndtr(np.asarray(a, dtype=float))
