@@ -33,14 +33,18 @@ from selector.spec import StudySpec
 FINAL_SEED_TAG = 2**31 - 1
 
 
-def _claim(url: str, name: str, rule: str, trial: int, metric: str, cv: float) -> None:
+def _claim(study: optuna.Study, url: str, rule: str, trial: int, metric: str, cv: float) -> None:
+    """Claim the study's test set: its row in selector_final (one only, by the primary key),
+    then the same claim marked in the study itself (`record.mark_opened`), where workers
+    through a gRPC proxy read it. Both before any test row is read."""
+    name, now = study.study_name, dt.datetime.now(dt.UTC)
     try:
         with db.transaction(url) as conn:
             conn.execute(
                 db.final.insert().values(
                     study_name=name,
                     state="claimed",
-                    claimed_at=dt.datetime.now(dt.UTC),
+                    claimed_at=now,
                     claimed_by=f"{socket.gethostname()}:{os.getpid()}",
                     rule=rule,
                     trial_number=trial,
@@ -50,10 +54,13 @@ def _claim(url: str, name: str, rule: str, trial: int, metric: str, cv: float) -
             )
     except sa.exc.IntegrityError:
         raise LockboxError(refusal(stored_final(url, name))) from None
+    record.mark_opened(study, record.Opened(now.isoformat(), trial))
 
 
-def _take_over(url: str, name: str) -> Choice:
-    """Take over a claim whose evaluation never finished; only one process can."""
+def _take_over(study: optuna.Study, url: str) -> Choice:
+    """Take over a claim whose evaluation never finished; only one process can. The claim is
+    marked in the study again, in case its process died before it marked it."""
+    name = study.study_name
     prev = stored_final(url, name)
     if prev is None:
         raise LockboxError(
@@ -79,6 +86,7 @@ def _take_over(url: str, name: str) -> Choice:
             if prev.state == "finished"
             else f"study {name!r}: the crashed evaluation was already resumed once"
         )
+    record.mark_opened(study, record.Opened(prev.claimed_at, prev.trial))
     return Choice(prev.rule, prev.trial, "final", prev.claimed_at)  # type: ignore[arg-type]
 
 
@@ -185,7 +193,7 @@ def evaluate(
     records = record.trials(study)
     remark = None
     if resume_crashed:
-        choice = _take_over(url, name)
+        choice = _take_over(study, url)
     else:
         prev = stored_final(url, name)
         if prev is not None:
@@ -202,7 +210,7 @@ def evaluate(
         )
     artifact_dir(url, name)  # a planted link is refused before the test set is claimed
     if not resume_crashed:
-        _claim(url, name, choice.rule, trial.number, rec.spec.metric, float(trial.value))  # type: ignore[arg-type]
+        _claim(study, url, choice.rule, trial.number, rec.spec.metric, float(trial.value))  # type: ignore[arg-type]
     refit = _refit_and_score(rec, prep, trial, progress)
     meta = _meta(rec, prep, refit, trial)
     doc = export.document(study, rec, url, Choice(choice.rule, trial.number, "final"), records)

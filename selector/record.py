@@ -829,6 +829,36 @@ def stored_final(url: str, name: str) -> FinalResult | None:
     return None if row is None else _final_result(row)
 
 
+# `final`'s mark in the study itself, beside its row in selector_final: what a worker that
+# reaches the study through a gRPC proxy (Optuna's storage only, no selector tables) can read.
+ATTR_OPENED = "selector:test_set_opened"
+
+
+@dataclass(frozen=True)
+class Opened:
+    """When `final` claimed the study's test set, and for which trial."""
+
+    claimed_at: str
+    trial: int
+
+
+def test_set_opened(url: str, study: optuna.Study) -> Opened | None:
+    """Whether `final` has claimed the study's test set (then it takes no more trials): its row
+    in selector_final, or through a gRPC proxy the mark `final` leaves in the study."""
+    if storage.is_grpc(url):
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+        mark = attrs.get(ATTR_OPENED)
+        return None if mark is None else Opened(str(mark["claimed_at"]), int(mark["trial"]))
+    prev = stored_final(url, study.study_name)
+    return None if prev is None else Opened(prev.claimed_at, prev.trial)
+
+
+def mark_opened(study: optuna.Study, opened: Opened) -> None:
+    """Leave `final`'s claim in the study itself, for `test_set_opened` through a gRPC proxy."""
+    value: dict[str, Any] = {"claimed_at": opened.claimed_at, "trial": opened.trial}
+    study._storage.set_study_system_attr(study._study_id, ATTR_OPENED, value)
+
+
 # --- a run's summary -------------------------------------------------------------------------
 
 

@@ -244,15 +244,16 @@ def run(
     )
 
 
-def check_not_sealed(url: str, name: str) -> None:
+def check_not_sealed(url: str, study: optuna.Study) -> None:
     """After `final`, a study takes no more trials: its test score would no longer be an
     unbiased estimate of a new choice."""
-    prev = record.stored_final(url, name) if not storage.is_grpc(url) else None
-    if prev is not None:
+    opened = record.test_set_opened(url, study)
+    if opened is not None:
         raise RefusedError(
-            f"study {name!r} is sealed: its test set was opened by `selector final` at "
-            f"{record.shown_time(prev.claimed_at)} (trial {prev.trial}); a test score is unbiased for one choice "
-            "only, so it runs no more trials — give the study file a new name to search again"
+            f"study {study.study_name!r} is sealed: its test set was opened by `selector final` "
+            f"at {record.shown_time(opened.claimed_at)} (trial {opened.trial}); a test score is "
+            "unbiased for one choice only, so it runs no more trials — give the study file a new "
+            "name to search again"
         )
 
 
@@ -260,7 +261,7 @@ def budget_limit(study: optuna.Study, url: str, n_trials: int, cap: int | None) 
     """How many finished trials this run aims for: the study's n_trials, or `cap` more than now.
     Refused when the study is sealed (`RefusedError`) or its budget is spent (`BudgetSpent`)."""
     name = study.study_name
-    check_not_sealed(url, name)
+    check_not_sealed(url, study)
     done = record.count(study)
     if done >= n_trials:
         raise BudgetSpent(name, done, n_trials)

@@ -265,6 +265,47 @@ def test_four_workers_through_the_grpc_proxy_finish_a_study(pg_url: str) -> None
     assert 12 <= finished <= 12 + 3  # through the proxy no lock spans count and ask
 
 
+def test_a_worker_through_the_grpc_proxy_refuses_a_study_whose_test_set_was_opened(
+    url: str,
+) -> None:
+    """A proxy serves only Optuna's storage, not selector's tables: `final` marks its claim in
+    the study itself too, and a worker joining through a proxy reads it and runs nothing."""
+    from selector import final
+
+    s = _create(url, n_trials=2)
+    study.run(s, url)
+    final.evaluate(url, "iris-small")
+    port = _free_port()
+    proxy = subprocess.Popen(
+        [sys.executable, "-m", "selector", "proxy", "--storage", url, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+    try:
+        grpc_url = f"grpc://127.0.0.1:{port}"
+        _wait(lambda: _proxy_up(grpc_url), timeout=60)
+        opened = record.test_set_opened(
+            grpc_url,
+            record.load_study(
+                storage.open_storage(grpc_url, must_exist=True), grpc_url, "iris-small"
+            ),
+        )
+        [(code, out)] = _finish([_worker(grpc_url, "iris-small", "--n-trials", "1")])
+    finally:
+        proxy.send_signal(signal.SIGINT)
+        proxy.wait(timeout=30)
+    direct = record.test_set_opened(url, optuna.load_study(study_name="iris-small", storage=url))
+    assert opened is not None and direct is not None
+    assert (opened.trial, record.shown_time(opened.claimed_at)) == (
+        direct.trial,
+        record.shown_time(direct.claimed_at),
+    )
+    assert code == 1 and "is sealed" in out, out
+    assert _count(url) == 2
+
+
 def _proxy_up(url: str) -> bool:
     try:
         storage.check(url, must_exist=True)

@@ -75,6 +75,30 @@ def test_crash_after_claim_never_allows_a_silent_second_evaluation(
     assert [r.state for r in _rows(ran)] == ["claimed"]
 
 
+def test_the_claim_is_marked_in_the_study_for_grpc_workers_and_again_on_resume(
+    ran: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`final` marks its claim in the study (read by workers through a gRPC proxy) before any
+    test row is read; a process that died between the claim and the mark leaves it to
+    `--resume-crashed`, which marks it."""
+    s = optuna.load_study(study_name="iris-small", storage=ran)
+    attrs = lambda: s._storage.get_study_system_attrs(s._study_id)  # noqa: E731
+    marked = record.mark_opened
+
+    def power_cut(*_: Any) -> None:
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(record, "mark_opened", power_cut)
+    with pytest.raises(RuntimeError):
+        final.evaluate(ran, "iris-small")
+    assert record.ATTR_OPENED not in attrs() and [r.state for r in _rows(ran)] == ["claimed"]
+    monkeypatch.setattr(record, "mark_opened", marked)
+    done = final.evaluate(ran, "iris-small", resume_crashed=True)
+    mark = attrs()[record.ATTR_OPENED]
+    assert mark["trial"] == done.result.trial
+    assert record.shown_time(mark["claimed_at"]) == record.shown_time(done.result.claimed_at)
+
+
 def test_final_on_a_regression_study(url: str) -> None:
     raw = small_raw(
         name="diabetes",
