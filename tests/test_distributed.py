@@ -4,6 +4,7 @@ The PostgreSQL tests run against the real server on 127.0.0.1:5432 (marker `post
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -11,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,22 +246,9 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_four_workers_through_the_grpc_proxy_finish_a_study(pg_url: str) -> None:
     _create(pg_url, n_trials=12)
-    port = _free_port()
-    proxy = subprocess.Popen(
-        [sys.executable, "-m", "selector", "proxy", "--storage", pg_url, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
-    )
-    try:
-        grpc_url = f"grpc://127.0.0.1:{port}"
-        _wait(lambda: _proxy_up(grpc_url), timeout=60)
+    with _proxy(pg_url) as grpc_url:
         results = _finish([_worker(grpc_url) for _ in range(4)])
-        assert [code for code, _ in results] == [0, 0, 0, 0], results
-    finally:
-        proxy.send_signal(signal.SIGINT)
-        proxy.wait(timeout=30)
+    assert [code for code, _ in results] == [0, 0, 0, 0], results
     finished = _count(pg_url)
     assert 12 <= finished <= 12 + 3  # through the proxy no lock spans count and ask
 
@@ -275,6 +263,23 @@ def test_a_worker_through_the_grpc_proxy_refuses_a_study_whose_test_set_was_open
     s = _create(url, n_trials=2)
     study.run(s, url)
     final.evaluate(url, "iris-small")
+    with _proxy(url) as grpc_url:
+        store = storage.open_storage(grpc_url, must_exist=True)
+        opened = record.test_set_opened(grpc_url, record.load_study(store, grpc_url, "iris-small"))
+        [(code, out)] = _finish([_worker(grpc_url, "iris-small", "--n-trials", "1")])
+    direct = record.test_set_opened(url, optuna.load_study(study_name="iris-small", storage=url))
+    assert opened is not None and direct is not None
+    assert (opened.trial, record.shown_time(opened.claimed_at)) == (
+        direct.trial,
+        record.shown_time(direct.claimed_at),
+    )
+    assert code == 1 and "is sealed" in out, out
+    assert _count(url) == 2
+
+
+@contextlib.contextmanager
+def _proxy(url: str) -> Iterator[str]:
+    """`selector proxy` serving `url`, for the duration: its grpc:// URL, once it answers."""
     port = _free_port()
     proxy = subprocess.Popen(
         [sys.executable, "-m", "selector", "proxy", "--storage", url, "--port", str(port)],
@@ -286,24 +291,10 @@ def test_a_worker_through_the_grpc_proxy_refuses_a_study_whose_test_set_was_open
     try:
         grpc_url = f"grpc://127.0.0.1:{port}"
         _wait(lambda: _proxy_up(grpc_url), timeout=60)
-        opened = record.test_set_opened(
-            grpc_url,
-            record.load_study(
-                storage.open_storage(grpc_url, must_exist=True), grpc_url, "iris-small"
-            ),
-        )
-        [(code, out)] = _finish([_worker(grpc_url, "iris-small", "--n-trials", "1")])
+        yield grpc_url
     finally:
         proxy.send_signal(signal.SIGINT)
         proxy.wait(timeout=30)
-    direct = record.test_set_opened(url, optuna.load_study(study_name="iris-small", storage=url))
-    assert opened is not None and direct is not None
-    assert (opened.trial, record.shown_time(opened.claimed_at)) == (
-        direct.trial,
-        record.shown_time(direct.claimed_at),
-    )
-    assert code == 1 and "is sealed" in out, out
-    assert _count(url) == 2
 
 
 def _proxy_up(url: str) -> bool:
