@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bisect
 import sys
+from collections.abc import Sequence
 from types import TracebackType
 
 import optuna
@@ -38,17 +40,26 @@ class Bar:
             self.bar.close()
 
     def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.update_all(study, [trial])
+
+    def update_all(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
+        """Show `trials` (ended together, as a fused group's members), counting from one read
+        of the study's finished trials: each counts those that finished before it (several
+        workers report trials after they finish; members that end together share their time
+        and count in the order of their numbers)."""
         finished = study.get_trials(deepcopy=False, states=FINISHED)
-        done = len(finished)
-        if trial.state in FINISHED and trial.datetime_complete is not None:
-            # several workers: trials are reported after they finish, so count those before it;
-            # a fused group's members that end together share their time, and count in order
-            at = (trial.datetime_complete, trial.number)
-            done = sum(
-                1 for t in finished if t.datetime_complete and (t.datetime_complete, t.number) <= at
-            )
+        ended = sorted(
+            (t.datetime_complete, t.number) for t in finished if t.datetime_complete is not None
+        )
         if self.total is None:
             self.total = int(study.user_attrs.get(ATTR_BUDGET, 0)) or None
+        for trial in sorted(trials, key=lambda t: t.number):  # ended together: by number
+            done = len(finished)
+            if trial.state in FINISHED and trial.datetime_complete is not None:
+                done = bisect.bisect_right(ended, (trial.datetime_complete, trial.number))
+            self._show(study, trial, done)
+
+    def _show(self, study: optuna.Study, trial: FrozenTrial, done: int) -> None:
         line = self._line(trial)
         if not self.tty:
             print(f"[{done}/{self.total}] {line}", file=sys.stderr, flush=True)

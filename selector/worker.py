@@ -34,6 +34,7 @@ from selector import interrupt, record, storage, tpe
 from selector.engine import CVResult, derive_seed, resolve_device
 from selector.errors import SelectorError, StorageError
 from selector.objective import MEDIAN_WARMUP, Objective, Started
+from selector.progress import Bar
 from selector.record import (
     ACTIVE,
     FINISHED,
@@ -549,8 +550,13 @@ def work(
 
 def _progress(progress: Progress, study: optuna.Study, frozen: list[FrozenTrial]) -> None:
     """Tell `progress` of members that finished together, from one read of the study's trials
-    (running trials as cached: progress reads the finished ones)."""
+    (running trials as cached: progress reads the finished ones). A `progress.Bar`'s update
+    is told of them at once (`Bar.update_all`: one count of the finished trials for all)."""
     with record.one_read(study, running=False):
+        bar = getattr(progress, "__self__", None)
+        if isinstance(bar, Bar) and progress == bar.update:
+            bar.update_all(study, frozen)
+            return
         for f in frozen:
             progress(study, f)
 

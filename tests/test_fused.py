@@ -576,6 +576,16 @@ def test_progress_counts_members_that_end_together_in_order(
             bar.update(st, t)
     counts = [line.split("]")[0] for line in capsys.readouterr().err.splitlines()]
     assert counts == [f"[{k}/8" for k in range(1, 9)]
+    with progress.Bar(8) as bar:  # told of them at once, as a worker tells of a group
+        bar.update_all(st, ended)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("]")[0] for line in lines] == counts
+
+    again = s.model_copy(update={"name": "again"})
+    with progress.Bar(None) as bar:  # a worker's run: each group's members told at once
+        study_mod.run(again, url, progress=bar.update)
+    counts = [line.split("]")[0] for line in capsys.readouterr().err.splitlines()]
+    assert counts == [f"[{k}/8" for k in range(1, 9)]
 
 
 def test_heartbeats_cover_every_member(url: str) -> None:
