@@ -229,6 +229,7 @@ def run(
     """Create or resume the study, then work on it in this process (`fuse`: the most trials
     trained as one group, default the study file's `[search] fuse`)."""
     study, prep, _ = create_or_resume(spec, url)
+    storage.retrying(lambda: record.refresh(study))  # the first read: selector's reader
     limit = storage.retrying(lambda: budget_limit(study, url, spec.n_trials, n_trials))
     objective = Objective(spec, data.dev_set(prep))
     return worker.work(
@@ -329,6 +330,7 @@ def work(
             storage.open_storage(url, must_exist=True, heartbeat=heartbeat), url, name
         )
     )
+    storage.retrying(lambda: record.refresh(study))  # the first read: selector's reader
     storage.retrying(lambda: worker.reap_stale(study))
     if limit is None:
         limit = storage.retrying(lambda: budget_limit(study, url, joined.n_trials, n_trials))

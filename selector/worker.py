@@ -516,6 +516,7 @@ def work(
             pruner=make_pruner(spec),
         )
     )
+    storage.retrying(lambda: record.refresh(study))  # the first read: selector's reader
     deadline = time.monotonic() + timeout if timeout is not None else math.inf
     streak, ran = _Streak(spec.search.max_failures), 0
     while time.monotonic() < deadline:
