@@ -3,13 +3,15 @@
 TPE scores each candidate by the log density of two Parzen estimators, mixtures with one
 component per trial (`_MixtureOfProductDistribution.log_pdf`). For a fused group of 32 on a
 penguins study of 4,700 trials that is 744 candidates x 4,700 components x each parameter, some
-300 ms a group, a third of the group's time, and growing with every trial. Optuna builds the
+380 ms a group, a third of the group's time, and growing with every trial. Optuna builds the
 whole candidates x components x parameters block at once (150 MB at that size), then passes over
 it a dozen times; `mixture_log_pdf` computes the same elementwise arithmetic, in the same order,
-on blocks of candidates that stay in cache, with the parts that do not depend on the candidates
-(truncation masses, log weights, log scales) computed once instead of once a candidate. Every
-value equals Optuna's bit for bit (a test checks mixtures of every kind of distribution), so TPE
-proposes exactly the trials it would.
+on blocks of candidates that stay in cache, one parameter at a time and in place (no block to
+fill and sum), with the parts that do not depend on the candidates (truncation masses, log
+weights, log scales) computed once instead of once a candidate: 2.9x faster (380 to 133 ms at
+4,700 trials, 822 to 281 ms at 8,800). Every value equals Optuna's bit for bit (a test checks
+mixtures of every kind of distribution against Optuna's own function), so TPE proposes exactly
+the trials it would.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 
 # Candidates scored at a time: a block of components x this many float64 stays in cache.
-CHUNK = 64
+CHUNK = 32
 
 
 def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
@@ -57,6 +59,7 @@ def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
     log_scales = [np.log(c[3]) for c in cont]
     degenerate = [c[4] == c[5] for c in cont]
     log_weights = np.log(self.weights[np.newaxis])
+    log_c = _truncnorm._norm_pdf_logC
 
     n = len(x)
     result = np.empty(n, dtype=np.float64)
@@ -78,19 +81,30 @@ def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
             )[np.ix_(xi_inv, inv)]
             weighted -= mass
         if cont:
-            # filled one parameter at a time, summed over parameters as Optuna sums them
-            block = np.empty((len(rows), len(self.weights), len(cont)), dtype=np.float64)
-            for j, ((i, is_log, mu, sigma, a, b, lgm), log_scale, same) in enumerate(
-                zip(cont, log_scales, degenerate, strict=True)
+            total: np.ndarray | None = None
+            for (i, is_log, mu, sigma, a, b, lgm), log_scale, same in zip(
+                cont, log_scales, degenerate, strict=True
             ):
                 xi = np.log(rows[:, i]) if is_log else rows[:, i]
-                z = (xi[:, np.newaxis] - mu) / sigma
-                out = _truncnorm._norm_logpdf(z) - lgm - log_scale
+                z = xi[:, np.newaxis] - mu
+                z /= sigma
+                # Optuna's norm_logpdf(z) - lgm - log_scale, one operation at a time, in place
+                out = np.square(z)
+                np.negative(out, out=out)
+                out /= 2.0
+                out -= log_c
+                out -= lgm
+                out -= log_scale
                 out[(z < a) | (z > b)] = -np.inf
                 if same.any():
                     out[:, same] = np.nan
-                block[..., j] = out
-            weighted += block.sum(axis=-1)
+                # numpy sums a short last axis (Optuna's block of parameters) left to right
+                if total is None:
+                    total = out
+                else:
+                    total += out
+            assert total is not None
+            weighted += total
         weighted += log_weights
         max_ = weighted.max(axis=1)
         max_[np.isneginf(max_)] = 0
