@@ -160,7 +160,7 @@ def _progress(progress: bool | Progress, total: int) -> Iterator[Progress | None
         from selector.progress import Bar
 
         with Bar(total) as bar:
-            yield bar.update
+            yield bar
     else:
         yield progress
 

@@ -382,7 +382,7 @@ def worker(
                     n_trials=n_trials,
                     timeout=timeout,
                     heartbeat=hb,
-                    progress=bar.update,
+                    progress=bar,
                     fuse=_fuse(fuse),
                 )
 

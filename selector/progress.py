@@ -42,6 +42,8 @@ class Bar:
     def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.update_all(study, [trial])
 
+    __call__ = update  # a run's `progress` callback
+
     def update_all(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
         """Show `trials` (ended together, as a fused group's members), counting from one read
         of the study's finished trials: each counts those that finished before it (several

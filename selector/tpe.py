@@ -17,12 +17,42 @@ the trials it would.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 # Candidates scored at a time: a block of components x this many float64 stays in cache.
 CHUNK = 32
+
+
+@dataclass(frozen=True)
+class _Categorical:
+    column: int
+    log_weights: np.ndarray  # (choices, components)
+
+
+@dataclass(frozen=True)
+class _Discrete:
+    column: int
+    dist: Any
+    mu: np.ndarray  # the components' distinct (mu, sigma) pairs, and each component's pair
+    sigma: np.ndarray
+    pair: np.ndarray
+    log_mass: np.ndarray  # each component's truncation mass
+
+
+@dataclass(frozen=True)
+class _Continuous:
+    column: int
+    is_log: bool
+    mu: np.ndarray
+    sigma: np.ndarray
+    a: np.ndarray  # the bounds, standardised per component
+    b: np.ndarray
+    log_mass: np.ndarray
+    log_scale: np.ndarray
+    degenerate: np.ndarray  # components whose bounds coincide: nan, as Optuna gives
 
 
 def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
@@ -35,29 +65,26 @@ def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
         _unique_inverse_2d,
     )
 
-    # What does not depend on the candidates, once. `terms` keeps Optuna's order of addition.
-    terms: list[tuple[str, int, Any]] = []
-    cont: list[tuple[int, bool, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    # What does not depend on the candidates, once. `terms` keeps Optuna's order of addition
+    # (categorical and discrete parameters in turn; the continuous ones summed after them).
+    terms: list[_Categorical | _Discrete] = []
+    cont: list[_Continuous] = []
     for i, d in enumerate(self.distributions):
         if isinstance(d, _BatchedCategoricalDistributions):
             with np.errstate(divide="ignore"):  # log(0) is -inf, as in Optuna's log of the take
-                terms.append(("categorical", i, np.log(d.weights).T))
-            continue
-        if d.step == 0.0:
+                terms.append(_Categorical(i, np.log(d.weights).T))
+        elif d.step == 0.0:
             mu, sigma = np.asarray(d.mu), np.asarray(d.sigma)
             a = (np.asarray([d.adapted_low]) - mu) / sigma
             b = (np.asarray([d.adapted_high]) - mu) / sigma
-            a1, b1 = np.atleast_1d(a, b)
-            # Optuna: norm_logpdf(z) - log_gauss_mass(a, b) - log(scale), then np.select
-            cont.append((i, d.is_log, mu, sigma, a, b, _truncnorm._log_gauss_mass(a1, b1)))
-            continue
-        mu_uniq, sigma_uniq, inv = _unique_inverse_2d(d.mu, d.sigma)
-        mass = _truncnorm._log_gauss_mass(
-            (d.adapted_low - mu_uniq) / sigma_uniq, (d.adapted_high - mu_uniq) / sigma_uniq
-        )[inv]
-        terms.append(("discrete", i, (d, mu_uniq, sigma_uniq, inv, mass)))
-    log_scales = [np.log(c[3]) for c in cont]
-    degenerate = [c[4] == c[5] for c in cont]
+            lgm = _truncnorm._log_gauss_mass(a, b)
+            cont.append(_Continuous(i, d.is_log, mu, sigma, a, b, lgm, np.log(sigma), a == b))
+        else:
+            mu_uniq, sigma_uniq, pair = _unique_inverse_2d(d.mu, d.sigma)
+            mass = _truncnorm._log_gauss_mass(
+                (d.adapted_low - mu_uniq) / sigma_uniq, (d.adapted_high - mu_uniq) / sigma_uniq
+            )[pair]
+            terms.append(_Discrete(i, d, mu_uniq, sigma_uniq, pair, mass))
     log_weights = np.log(self.weights[np.newaxis])
     log_c = _truncnorm._norm_pdf_logC
 
@@ -66,44 +93,40 @@ def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
     for start in range(0, n, CHUNK):
         rows = x[start : start + CHUNK]
         weighted = np.zeros((len(rows), len(self.weights)), dtype=np.float64)
-        for kind, i, data in terms:
-            if kind == "categorical":
-                weighted += data[rows[:, i].astype(np.int64)]
+        for t in terms:
+            if isinstance(t, _Categorical):
+                weighted += t.log_weights[rows[:, t.column].astype(np.int64)]
                 continue
-            d, mu_uniq, sigma_uniq, inv, mass = data
-            step, is_log = d.step, d.is_log
-            xi_uniq, xi_inv = np.unique(rows[:, i], return_inverse=True)
+            step, is_log = t.dist.step, t.dist.is_log
+            xi_uniq, xi_inv = np.unique(rows[:, t.column], return_inverse=True)
             left = np.log(xi_uniq - step / 2) if is_log else (xi_uniq - step / 2)
             right = np.log(xi_uniq + step / 2) if is_log else (xi_uniq + step / 2)
             weighted += _log_gauss_mass_unique(
-                (left[:, np.newaxis] - mu_uniq) / sigma_uniq,
-                (right[:, np.newaxis] - mu_uniq) / sigma_uniq,
-            )[np.ix_(xi_inv, inv)]
-            weighted -= mass
-        if cont:
-            total: np.ndarray | None = None
-            for (i, is_log, mu, sigma, a, b, lgm), log_scale, same in zip(
-                cont, log_scales, degenerate, strict=True
-            ):
-                xi = np.log(rows[:, i]) if is_log else rows[:, i]
-                z = xi[:, np.newaxis] - mu
-                z /= sigma
-                # Optuna's norm_logpdf(z) - lgm - log_scale, one operation at a time, in place
-                out = np.square(z)
-                np.negative(out, out=out)
-                out /= 2.0
-                out -= log_c
-                out -= lgm
-                out -= log_scale
-                out[(z < a) | (z > b)] = -np.inf
-                if same.any():
-                    out[:, same] = np.nan
-                # numpy sums a short last axis (Optuna's block of parameters) left to right
-                if total is None:
-                    total = out
-                else:
-                    total += out
-            assert total is not None
+                (left[:, np.newaxis] - t.mu) / t.sigma,
+                (right[:, np.newaxis] - t.mu) / t.sigma,
+            )[np.ix_(xi_inv, t.pair)]
+            weighted -= t.log_mass
+        total: np.ndarray | None = None
+        for c in cont:
+            xi = np.log(rows[:, c.column]) if c.is_log else rows[:, c.column]
+            z = xi[:, np.newaxis] - c.mu
+            z /= c.sigma
+            # Optuna's norm_logpdf(z) - log_mass - log_scale, one operation at a time, in place
+            out = np.square(z)
+            np.negative(out, out=out)
+            out /= 2.0
+            out -= log_c
+            out -= c.log_mass
+            out -= c.log_scale
+            out[(z < c.a) | (z > c.b)] = -np.inf
+            if c.degenerate.any():
+                out[:, c.degenerate] = np.nan
+            # numpy sums a short last axis (Optuna's block of parameters) left to right
+            if total is None:
+                total = out
+            else:
+                total += out
+        if total is not None:
             weighted += total
         weighted += log_weights
         max_ = weighted.max(axis=1)

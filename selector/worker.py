@@ -550,15 +550,14 @@ def work(
 
 
 def _progress(progress: Progress, study: optuna.Study, frozen: list[FrozenTrial]) -> None:
-    """Tell `progress` of members that finished together, from one read of the study's trials
-    (running trials as cached: progress reads the finished ones). A `progress.Bar`'s update
-    is told of them at once (`Bar.update_all`: one count of the finished trials for all)."""
+    """Tell `progress` of members that finished together, in the order of their numbers, from
+    one read of the study's trials (running trials as cached: progress reads the finished
+    ones). A `progress.Bar` is told of them at once (`Bar.update_all`: one count for all)."""
     with record.one_read(study, running=False):
-        bar = getattr(progress, "__self__", None)
-        if isinstance(bar, Bar) and progress == bar.update:
-            bar.update_all(study, frozen)
+        if isinstance(progress, Bar):
+            progress.update_all(study, frozen)
             return
-        for f in frozen:
+        for f in sorted(frozen, key=lambda t: t.number):
             progress(study, f)
 
 

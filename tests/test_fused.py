@@ -584,7 +584,7 @@ def test_progress_counts_members_that_end_together_in_order(
 
     again = s.model_copy(update={"name": "again"})
     with progress.Bar(None) as bar:  # a worker's run: each group's members told at once
-        study_mod.run(again, url, progress=bar.update)
+        study_mod.run(again, url, progress=bar)
     counts = [line.split("]")[0] for line in capsys.readouterr().err.splitlines()]
     assert counts == [f"[{k}/8" for k in range(1, 9)]
 
