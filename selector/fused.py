@@ -16,9 +16,12 @@ rounding):
 
 * Initial weights: each member's fold models are built under the fold seeds of its own trial and
   copied into the top-left corner of the padded tensors; padded entries are zero.
-* Padded units stay exactly zero: activations are multiplied by a unit mask after the activation
-  (sigmoid(0) is not 0), so their gradients, and those of the weights into and out of them, are
-  zero; with zero gradients and zero weights each optimizer's update is zero (`fused_optim`).
+* Padded units stay exactly zero: their weights, bias and batch-norm scale are zero, so their
+  pre-activation is 0, and so is their output behind an activation that is 0 at 0; behind one
+  that is not (sigmoid) the group multiplies activations by a unit mask. So their gradients, and
+  those of the weights into and out of them, are zero; with zero gradients and zero weights each
+  optimizer's update is zero (`fused_optim`). (The mask, where it is not needed, was two passes
+  over each layer's activations a step: a fifth of a penguins group's step.)
   Parameters a member does not have (batch norm's for a member without it, a projection for a
   member whose skip is the identity) are zero, unused, and stay zero the same way.
 * Batches: each row has the generator its solo run's fold has, so it draws the same permutations.
@@ -51,7 +54,7 @@ from selector.engine import CVResult, MemoryNeed, batch_bounds, derive_seed, mak
 from selector.errors import TrialDiverged
 from selector.fused_optim import STATES, FusedOptimizer, kind
 from selector.metrics import Metric, Task
-from selector.model import ACTIVATIONS, build_mlp
+from selector.model import ACTIVATIONS, ZERO_AT_ZERO, build_mlp
 from selector.space import TrialConfig
 from selector.spec import Param, SpaceSpec, TrainingSpec
 from selector.stacked import DROP_BITS, EVAL_CHUNK_ELEMENTS, pad_rows
@@ -205,12 +208,16 @@ class FusedModel:
             return torch.tensor(values, dtype=self.flat.dtype, device=dev).view(G, 1, 1)
 
         cfgs = self.row_configs
+        # Padded units need their mask only behind an activation that is not 0 at 0 (sigmoid):
+        # everywhere else a padded unit's pre-activation is 0 (zero weights and bias; batch norm
+        # scales it by a zero gamma), so its output is 0 and no gradient reaches its weights.
+        masked = any(not ZERO_AT_ZERO[c.activation] for c in cfgs)
         self.unit: list[torch.Tensor | None] = []
         self.identity: list[torch.Tensor | None] = []
         self.projection: list[torch.Tensor | None] = []
         for i, width in enumerate(self.P):
             ws = [c.widths()[i] for c in cfgs]
-            if len(set(ws)) > 1:
+            if masked and len(set(ws)) > 1:
                 units = torch.arange(width, device=dev).view(1, width, 1) < torch.tensor(
                     ws, device=dev
                 ).view(G, 1, 1)

@@ -17,6 +17,10 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
 }
+# Whether each activation maps 0 to 0 (the fused engine masks padded units behind those that don't).
+ZERO_AT_ZERO: dict[str, bool] = {
+    name: bool(make()(torch.zeros(1)).item() == 0.0) for name, make in ACTIVATIONS.items()
+}
 
 
 class Block(nn.Module):

@@ -10,6 +10,7 @@ in front of a batch norm under an adaptive optimizer moves by rounding noise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,10 @@ GROUP = [
     ),
 ]
 SEEDS = [11 + i for i in range(len(GROUP))]
+# The same group with every activation 0 at 0 (sigmoid's member on GELU): no unit masks.
+UNMASKED = [
+    dataclasses.replace(c, activation="gelu") if c.activation == "sigmoid" else c for c in GROUP
+]
 
 
 def _run(
@@ -220,22 +225,32 @@ def test_segments_and_kinds() -> None:
 # --- members train as they would alone --------------------------------------------------------
 
 
+@pytest.mark.parametrize("group", [GROUP, UNMASKED], ids=["masked", "unmasked"])
 @pytest.mark.parametrize("kernel", [False, True], ids=["formulas", "fused-kernel"])
 def test_every_member_matches_its_solo_run(
-    iris_folds: list[FoldData], kernel: bool, monkeypatch: pytest.MonkeyPatch
+    iris_folds: list[FoldData],
+    kernel: bool,
+    group: list[TrialConfig],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(fused_optim, "KERNEL_ELEMENTS", 0 if kernel else 1 << 40)
-    run = _run(GROUP, iris_folds, SEEDS, epochs=3)
+    run = _run(group, iris_folds, SEEDS, epochs=3)
     for _ in range(3):
         run.train_epoch()
-    for m, config in enumerate(GROUP):
+    for m, config in enumerate(group):
         assert_member_matches_solo(run, m, config, iris_folds, seed=SEEDS[m], epochs=3)
 
 
-def test_padded_units_stay_exactly_zero(iris_folds: list[FoldData]) -> None:
+@pytest.mark.parametrize("group", [GROUP, UNMASKED], ids=["masked", "unmasked"])
+def test_padded_units_stay_exactly_zero(
+    iris_folds: list[FoldData], group: list[TrialConfig]
+) -> None:
     """Weights, gradients and optimizer state of padded units (and of parameters a member does
-    not have) are exactly zero after training."""
-    run = _run(GROUP, iris_folds, SEEDS, epochs=2)
+    not have) are exactly zero after training: behind a unit mask where an activation is not 0
+    at 0 (sigmoid), by their zero weights alone where every activation is."""
+    run = _run(group, iris_folds, SEEDS, epochs=2)
+    masks = [u is not None for u in run.model.unit]
+    assert masks == ([True] * len(masks) if group is GROUP else [False] * len(masks))
     for _ in range(2):
         run.train_epoch()
     model = run.model
