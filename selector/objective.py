@@ -436,10 +436,12 @@ def prune_decisions(study: optuna.Study, writers: list[_Writer]) -> list[bool]:
 
 class _ReadOnce:
     """A study whose trial lists are read once (`get_trials` without deep copies, by states),
-    for one round of pruning decisions; everything else is the study's own."""
+    for one round of pruning decisions; its complete trials from `record.finished_trials`
+    where Optuna's cache holds them; everything else is the study's own."""
 
-    def __init__(self, study: optuna.Study) -> None:
+    def __init__(self, study: optuna.Study, finished: record.Finished | None) -> None:
         self._study = study
+        self._finished = finished
         self._lists: dict[Any, list[optuna.trial.FrozenTrial]] = {}
 
     def get_trials(
@@ -448,6 +450,8 @@ class _ReadOnce:
         if deepcopy:
             return self._study.get_trials(deepcopy=True, states=states)
         key = None if states is None else tuple(states)
+        if key == (TrialState.COMPLETE,) and self._finished is not None:
+            return self._finished.complete
         if key not in self._lists:
             self._lists[key] = self._study.get_trials(deepcopy=False, states=states)
         return self._lists[key]
@@ -460,8 +464,10 @@ class _ReadOnce:
 def _shared_percentiles(study: optuna.Study) -> Iterator[Any]:
     """Within the block, the study as a percentile (median) pruner reads it for the members of
     a group deciding at one epoch: the complete trials listed once, and each step's percentile
-    over them computed once (Optuna's `_get_percentile_intermediate_result_over_trials`, the
-    same value for every member at that step), instead of once a member, each O(trials).
+    over them (Optuna's `_get_percentile_intermediate_result_over_trials`, the same value for
+    every member at that step) computed once, instead of once a member, each O(trials). Where
+    Optuna's cache holds the study, the complete trials are `record.finished_trials`' and the
+    percentile is computed once per count of complete trials, across epochs and groups.
     Other pruners get the study itself."""
     if not isinstance(study.pruner, optuna.pruners.PercentilePruner):
         yield study
@@ -469,9 +475,12 @@ def _shared_percentiles(study: optuna.Study) -> Iterator[Any]:
     from optuna.pruners import _percentile
 
     own = _percentile._get_percentile_intermediate_result_over_trials
+    finished = record.finished_trials(study)
     memo: dict[tuple[Any, ...], float] = {}
 
     def percentile(trials: list[Any], direction: Any, step: int, q: float, n_min: int) -> float:
+        if finished is not None and trials is finished.complete:
+            return finished.percentile(own, direction, step, q, n_min)
         key = (id(trials), direction, step, q, n_min)
         if key not in memo:
             memo[key] = own(trials, direction, step, q, n_min)
@@ -479,7 +488,7 @@ def _shared_percentiles(study: optuna.Study) -> Iterator[Any]:
 
     _percentile._get_percentile_intermediate_result_over_trials = percentile  # type: ignore[assignment]
     try:
-        yield _ReadOnce(study)
+        yield _ReadOnce(study, finished)
     finally:
         _percentile._get_percentile_intermediate_result_over_trials = own
 

@@ -11,7 +11,14 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm  # a notebook widget in Jupyter (with ipywidgets), else the text bar
 
-from selector.record import ATTR_BUDGET, FINISHED, TrialRecord, describe_failure
+from selector.record import (
+    ATTR_BUDGET,
+    FINISHED,
+    TrialRecord,
+    describe_failure,
+    finished_trials,
+    one_read,
+)
 
 
 def interactive() -> bool:
@@ -40,23 +47,29 @@ class Bar:
             self.bar.close()
 
     def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.update_all(study, [trial])
+        with one_read(study, running=False):
+            self.update_all(study, [trial])
 
     __call__ = update  # a run's `progress` callback
 
     def update_all(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
         """Show `trials` (ended together, as a fused group's members), counting from one read
-        of the study's finished trials: each counts those that finished before it (several
-        workers report trials after they finish; members that end together share their time
-        and count in the order of their numbers)."""
-        finished = study.get_trials(deepcopy=False, states=FINISHED)
-        ended = sorted(
-            (t.datetime_complete, t.number) for t in finished if t.datetime_complete is not None
-        )
+        of the study's finished trials (`record.finished_trials` where Optuna's cache holds
+        them, read by the caller): each counts those that finished before it (several workers
+        report trials after they finish; members that end together share their time and count
+        in the order of their numbers)."""
+        index = finished_trials(study)
+        if index is not None:
+            ended = index.ended
+        else:
+            finished = study.get_trials(deepcopy=False, states=FINISHED)
+            ended = sorted(
+                (t.datetime_complete, t.number) for t in finished if t.datetime_complete is not None
+            )
         if self.total is None:
             self.total = int(study.user_attrs.get(ATTR_BUDGET, 0)) or None
         for trial in sorted(trials, key=lambda t: t.number):  # ended together: by number
-            done = len(finished)
+            done = len(ended)
             if trial.state in FINISHED and trial.datetime_complete is not None:
                 done = bisect.bisect_right(ended, (trial.datetime_complete, trial.number))
             self._show(study, trial, done)

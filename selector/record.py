@@ -17,10 +17,12 @@ torch nor the engine.
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import datetime as dt
 import json
 import math
+import weakref
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -550,6 +552,74 @@ def cache_finished(study: optuna.Study, trials: list[FrozenTrial]) -> None:
         store._add_trials_to_cache(study._study_id, trials)
 
 
+class Finished:
+    """A study's finished trials as this process's copy of Optuna's cache holds them, indexed as
+    they finish (`finished_trials`): each look reads only the trials from the oldest one not yet
+    finished on, instead of listing and sorting every trial (a median pruner's read and a
+    progress line each did, about 1 ms at 5,000 trials, several times a group's epoch).
+
+    Exact because a finished trial never changes: the complete trials at a given count are the
+    same trials whenever this process sees that count, so a median over them is memoised by it."""
+
+    def __init__(self) -> None:
+        self.low = 0  # every trial numbered below is finished and indexed
+        self.seen: set[int] = set()  # numbers from `low` on, finished and indexed already
+        self.complete: list[FrozenTrial] = []  # by number
+        self.ended: list[tuple[dt.datetime, int]] = []  # complete or pruned: (completion, number)
+        self._memo: dict[tuple[Any, ...], float] = {}
+        self._memo_n = 0
+
+    def update(self, trials: dict[int, FrozenTrial]) -> None:
+        """Index what finished in `trials` (Optuna's cache of the study: number -> trial)."""
+        top = len(trials)
+        if top and top - 1 not in trials:  # numbers with a gap: go up to the largest
+            top = max(trials) + 1
+        held = False  # an older trial is still unfinished: `low` stays
+        for n in range(self.low, top):
+            t = trials.get(n)
+            if t is None or not t.state.is_finished():
+                held = True
+                continue
+            if n not in self.seen:
+                if t.state == TrialState.COMPLETE:
+                    bisect.insort(self.complete, t, key=lambda x: x.number)
+                if t.state in FINISHED and t.datetime_complete is not None:
+                    bisect.insort(self.ended, (t.datetime_complete, n))
+                self.seen.add(n)
+            if not held:
+                self.seen.discard(n)
+                self.low = n + 1
+
+    def percentile(self, compute: Any, direction: Any, step: int, q: float, n_min: int) -> float:
+        """`compute(self.complete, direction, step, q, n_min)` (Optuna's percentile over the
+        complete trials), once per count of complete trials."""
+        if len(self.complete) != self._memo_n:
+            self._memo, self._memo_n = {}, len(self.complete)
+        key = (direction, step, q, n_min)
+        if key not in self._memo:
+            self._memo[key] = compute(self.complete, direction, step, q, n_min)
+        return self._memo[key]
+
+
+_FINISHED: weakref.WeakKeyDictionary[Any, dict[int, Finished]] = weakref.WeakKeyDictionary()
+
+
+def finished_trials(study: optuna.Study) -> Finished | None:
+    """The study's finished trials as Optuna's cache holds them now (`Finished`, brought up to
+    date; read the study first, `refresh` or `one_read`). None where the storage keeps no such
+    cache (in memory, a gRPC proxy's client): callers read `get_trials` there."""
+    store: Any = study._storage
+    if not hasattr(store, "_studies") or not hasattr(store, "_lock"):
+        return None
+    with store._lock:
+        info = store._studies.get(study._study_id)
+        if info is None:
+            return None
+        index = _FINISHED.setdefault(store, {}).setdefault(study._study_id, Finished())
+        index.update(info.trials)
+    return index
+
+
 def _cached(store: Any, trial_id: int) -> FrozenTrial | None:
     """The trial as Optuna's cache holds it, or None."""
     where = store._trial_id_to_study_id_and_number.get(trial_id)
@@ -595,7 +665,10 @@ def one_read(study: optuna.Study, *, running: bool = True) -> Iterator[None]:
     ORM at each `get_trials` (each pruner decision, each parameter a sampler draws), about
     25 ms with a fused group's members running."""
     store: Any = study._storage
-    if getattr(type(store), "_read_trials_from_remote_storage", None) is None:
+    if (
+        getattr(type(store), "_read_trials_from_remote_storage", None) is None
+        or "_read_trials_from_remote_storage" in vars(store)  # within another: read already
+    ):
         yield
         return
     refresh(study, running=running)

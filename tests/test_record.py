@@ -97,3 +97,37 @@ def test_a_trial_without_scores_is_not_complete() -> None:
     r = TrialRecord(number=0, state=TrialState.COMPLETE, value=0.5)
     assert not r.complete and r.to_user_attrs() == {}
     assert r.state == TrialState.COMPLETE
+
+
+def test_finished_trials_index_follows_optunas_lists(url: str) -> None:
+    """`record.finished_trials` holds the complete trials (by number) and the finished ones (by
+    completion) that `get_trials` lists, as trials finish out of order, fail, are pruned, and
+    finish in another process's handle on the study (read at the next `one_read`)."""
+    import optuna
+
+    from selector import storage
+
+    mine = optuna.create_study(
+        study_name="s", storage=storage.open_storage(url, must_exist=False), direction="maximize"
+    )
+    other = optuna.load_study(study_name="s", storage=storage.open_storage(url, must_exist=True))
+    rng = np.random.default_rng(0)
+    running: list[tuple[optuna.Study, optuna.Trial]] = []
+    for i in range(40):
+        handle = mine if i % 3 else other
+        running.append((handle, handle.ask()))
+        if rng.uniform() < 0.6 and running:  # one of the running trials ends, any of them
+            st, t = running.pop(int(rng.integers(len(running))))
+            ending = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL][int(rng.integers(3))]
+            st.tell(
+                t, float(rng.uniform()) if ending == TrialState.COMPLETE else None, state=ending
+            )
+        with record.one_read(mine, running=False):
+            index = record.finished_trials(mine)
+            listed = mine.get_trials(deepcopy=False, states=record.FINISHED)
+        assert index is not None
+        complete = [t.number for t in listed if t.state == TrialState.COMPLETE]
+        assert [t.number for t in index.complete] == complete
+        assert index.ended == sorted((t.datetime_complete, t.number) for t in listed)
+        assert index.low <= min((t.number for _, t in running), default=index.low)
+    assert len(index.complete) > 5 and index.seen  # out of order: some held above `low`

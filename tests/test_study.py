@@ -308,6 +308,49 @@ def test_group_prune_decisions_equal_each_members_own(tmp_path: Path) -> None:
     assert any(together) and not all(together)
 
 
+def test_group_prune_decisions_follow_the_complete_trials_as_they_grow(tmp_path: Path) -> None:
+    """The median is memoised per count of complete trials (`record.Finished`): decisions made
+    as trials complete between rounds, at the same steps, are each member's own decision."""
+    from selector import storage
+
+    study_ = optuna.create_study(
+        storage=storage.open_storage(f"sqlite:///{tmp_path / 's'}.db", must_exist=False),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        direction="maximize",
+    )
+    rng = np.random.default_rng(2)
+
+    def complete(low: float, high: float) -> None:
+        t = study_.ask()
+        values = rng.uniform(low, high, 6)
+        for step, value in enumerate(values, 1):
+            t.report(float(value), step)
+        study_.tell(t, float(values.max()))
+
+    for _ in range(3):
+        complete(0.3, 0.6)
+    rounds = []
+    for low, high in [(0.9, 0.99)] * 5:
+        writers = []
+        for _ in range(6):
+            out = objective._Writer(study_.ask(), prune_from=1)
+            for step in range(1, 4):
+                out.scores.append((step, float(rng.uniform(0.4, 0.8))))
+            writers.append(out)
+        together = objective.prune_decisions(study_, writers)
+        alone = []
+        for out in writers:
+            now = copy.copy(out.trial._cached_frozen_trial)
+            now.intermediate_values = dict(out.scores)
+            alone.append(bool(study_.pruner.prune(study_, now)))
+        assert together == alone
+        rounds.append(sum(together))
+        for out in writers:
+            study_.tell(out.trial, state=TrialState.PRUNED)
+        complete(low, high)  # the median at step 3 moves
+    assert len(set(rounds)) > 1  # the median moved between rounds
+
+
 def test_same_file_and_seed_give_identical_trials(tmp_path: Path) -> None:
     runs = []
     for i in range(2):
