@@ -275,6 +275,16 @@ def test_prune_decisions_equal_optunas_should_prune(tmp_path: Path, pruner: str)
     assert any(m for m, _ in decided) and not all(m for m, _ in decided)
 
 
+def _alone(study_: optuna.Study, writers: list[objective._Writer]) -> list[bool]:
+    """Each writer's trial decided alone by the study's pruner, with its scores so far."""
+    decided = []
+    for out in writers:
+        now = copy.copy(out.trial._cached_frozen_trial)
+        now.intermediate_values = dict(out.scores)
+        decided.append(bool(study_.pruner.prune(study_, now)))
+    return decided
+
+
 def test_group_prune_decisions_equal_each_members_own(tmp_path: Path) -> None:
     """Members deciding together (one call, the median's list and each step's percentile
     shared) decide as each would alone through the pruner itself."""
@@ -299,12 +309,7 @@ def test_group_prune_decisions_equal_each_members_own(tmp_path: Path) -> None:
             out.scores.append((step, float(rng.uniform(0.4, 0.9))))
         writers.append(out)
     together = objective.prune_decisions(study_, writers)
-    alone = []
-    for out in writers:
-        now = copy.copy(out.trial._cached_frozen_trial)
-        now.intermediate_values = dict(out.scores)
-        alone.append(bool(study_.pruner.prune(study_, now)))
-    assert together == alone
+    assert together == _alone(study_, writers)
     assert any(together) and not all(together)
 
 
@@ -338,12 +343,7 @@ def test_group_prune_decisions_follow_the_complete_trials_as_they_grow(tmp_path:
                 out.scores.append((step, float(rng.uniform(0.4, 0.8))))
             writers.append(out)
         together = objective.prune_decisions(study_, writers)
-        alone = []
-        for out in writers:
-            now = copy.copy(out.trial._cached_frozen_trial)
-            now.intermediate_values = dict(out.scores)
-            alone.append(bool(study_.pruner.prune(study_, now)))
-        assert together == alone
+        assert together == _alone(study_, writers)
         rounds.append(sum(together))
         for out in writers:
             study_.tell(out.trial, state=TrialState.PRUNED)
