@@ -529,6 +529,7 @@ class TrialWrite:
     study_system_attrs: Mapping[str, Any] = field(default_factory=dict)  # its dashboard note
     state: optuna.trial.TrialState | None = None
     value: float | None = None
+    heartbeat: bool = False  # record the trial's heartbeat too (as `record_heartbeat` does)
 
 
 def writes_in_one(study: optuna.Study) -> bool:
@@ -568,7 +569,8 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
     members write their epoch together. A write with a `state` ends its trial in the same
     transaction (state, completion time and value, as `RDBStorage.set_trial_state_values`
     writes them; a trial already finished, reaped as stale, fails the whole write with
-    `UpdateFinishedTrialError`). Each trial's own cached copy is updated as theirs is.
+    `UpdateFinishedTrialError`). With `heartbeat`, the trial's heartbeat is recorded in it
+    too. Each trial's own cached copy is updated as theirs is.
     Other storages get one call per value and cannot end trials. Steps already reported are
     skipped, as `report` skips them."""
     if not writes:
@@ -649,6 +651,9 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
                     )
         if rows:
             session.execute(sa.insert(models.TrialIntermediateValueModel), rows)
+        beats = [{"trial_id": w.trial._trial_id} for w, *_ in pending if w.heartbeat]
+        if beats:  # the heartbeat column's default is the database's clock, as Optuna's
+            session.execute(_heartbeat_upsert(rdb.engine.name), beats)
         for table, pairs in (
             (models.TrialUserAttributeModel, user),
             (models.TrialSystemAttributeModel, sys_rows),
@@ -827,6 +832,21 @@ def _upsert(dialect: str, table: Any) -> Any:
     owner = table.trial_id if hasattr(table, "trial_id") else table.study_id
     return stmt.on_conflict_do_update(
         index_elements=[owner, table.key], set_={"value_json": stmt.excluded.value_json}
+    )
+
+
+def _heartbeat_upsert(dialect: str) -> Any:
+    """INSERT ... ON CONFLICT (trial_id) DO UPDATE of a trial's heartbeat: now, by the
+    database's clock (the column's default, as `RDBStorage.record_heartbeat` records it)."""
+    from optuna.storages._rdb import models
+
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+    table = models.TrialHeartbeatModel
+    return insert(table).on_conflict_do_update(
+        index_elements=[table.trial_id], set_={"heartbeat": sa.func.current_timestamp()}
     )
 
 

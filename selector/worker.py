@@ -285,21 +285,35 @@ def follower_proposals(
 # --- running one trial ----------------------------------------------------------------------
 
 
+def beats(study: optuna.Study) -> bool:
+    """Whether the study's storage records heartbeats (set up with an interval)."""
+    store: Any = study._storage
+    return getattr(store, "get_heartbeat_interval", lambda: None)() is not None
+
+
 @contextlib.contextmanager
 def beating(
-    study: optuna.Study, trial: optuna.Trial | list[optuna.Trial], every: int
+    study: optuna.Study,
+    trial: optuna.Trial | list[optuna.Trial],
+    every: int,
+    *,
+    first_recorded: bool = False,
 ) -> Iterator[set[int]]:
     """Record the heartbeats of `trial` (or of each trial in a list) from a thread while they
-    train; yields the set of trial ids still beating (remove one as it is told)."""
+    train; yields the set of trial ids still beating (remove one as it is told). With
+    `first_recorded` the caller records their first heartbeats (with their start, in one
+    transaction: `TrialWrite.heartbeat`), and the thread's first beat is `every` seconds on."""
     trials = trial if isinstance(trial, list) else [trial]
     live = {t._trial_id for t in trials}
     store: Any = study._storage  # Optuna wraps an RDBStorage in a cache that beats for it
-    if getattr(store, "get_heartbeat_interval", lambda: None)() is None:
+    if not beats(study):
         yield live
         return
     stop = threading.Event()
 
     def beat() -> None:
+        if first_recorded and stop.wait(every):
+            return
         while True:
             for trial_id in list(live):
                 with contextlib.suppress(Exception):  # a missed beat is retried; never kill it
@@ -360,12 +374,18 @@ def run_group(
     beat = {"interval": heartbeat.interval, "grace": heartbeat.grace}
     told: dict[int, FrozenTrial] = {}
     trials = [t for t, _ in claimed]
-    with beating(study, trials, heartbeat.interval) as live:
+    in_one = beats(study) and storage.writes_in_one(study)  # first beats with the start
+    with beating(study, trials, heartbeat.interval, first_recorded=in_one) as live:
         attrs = {"worker": worker, "group": trials[0].number, "group_size": len(trials)}
         members = [objective.start(t, attrs, config=c, write=False) for t, c in claimed]
-        storage.retrying(  # every member's start in one transaction
+        storage.retrying(  # every member's start (and first heartbeat) in one transaction
             lambda: storage.write_trials(
-                [storage.TrialWrite(m.trial, m.out.attrs, {HEARTBEAT_ATTR: beat}) for m in members]
+                [
+                    storage.TrialWrite(
+                        m.trial, m.out.attrs, {HEARTBEAT_ATTR: beat}, heartbeat=in_one
+                    )
+                    for m in members
+                ]
             )
         )
         for m in members:
@@ -588,7 +608,7 @@ def reap_stale(study: optuna.Study) -> None:
     callback), and trials that never beat at all (`storage.orphaned_trial_ids`): they never
     trained, so they are failed without a retry. Both read as failure reason `stale`."""
     store: Any = study._storage
-    if getattr(store, "get_heartbeat_interval", lambda: None)() is None:
+    if not beats(study):
         return
     failed = []
     for trial_id in storage.stale_trial_ids(study):

@@ -191,6 +191,34 @@ def test_trials_end_together_on_postgresql(pg_url: str) -> None:
     _ended_alike(_end_both_ways(pg_url))
 
 
+def _heartbeats_with_the_start(url: str) -> None:
+    """A write with `heartbeat` records the trial's heartbeat as Optuna's `record_heartbeat`
+    does (the database's clock: not stale to Optuna's own check), and again on a second write."""
+    store = storage.open_storage(url, must_exist=False, heartbeat=storage.Heartbeat(10, 20))
+    st = optuna.create_study(storage=store)
+    with pytest.warns(UserWarning, match="Heartbeat"):  # Optuna's: meant for optimize()
+        beaten, silent = st.ask(), st.ask()
+    storage.write_trials([storage.TrialWrite(beaten, {"a": 1}, heartbeat=True)])
+    storage.write_trials([storage.TrialWrite(silent, {"a": 1})])
+    rdb = storage._rdb_behind(st._storage)
+    assert rdb is not None
+    with rdb.engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT trial_id, heartbeat FROM trial_heartbeats")).all()
+    assert [r[0] for r in rows] == [beaten._trial_id]
+    storage.write_trials([storage.TrialWrite(beaten, {"b": 2}, heartbeat=True)])  # an upsert
+    assert rdb._get_stale_trial_ids(st._study_id) == []
+    assert storage.orphaned_trial_ids(st) == []  # neither started long ago
+
+
+def test_a_trials_heartbeat_is_written_with_its_start(url: str) -> None:
+    _heartbeats_with_the_start(url)
+
+
+@pytest.mark.postgres
+def test_a_trials_heartbeat_is_written_with_its_start_on_postgresql(pg_url: str) -> None:
+    _heartbeats_with_the_start(pg_url)
+
+
 def test_ending_trials_writes_nothing_when_one_was_reaped(url: str) -> None:
     """A member reaped as stale meanwhile: the whole end is refused and nothing written (the
     worker then tells each member as a lone trial, and the reaped one's result is kept as a
