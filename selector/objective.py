@@ -480,7 +480,7 @@ def _shared_percentiles(study: optuna.Study) -> Iterator[Any]:
 
     def percentile(trials: list[Any], direction: Any, step: int, q: float, n_min: int) -> float:
         if finished is not None and trials is finished.complete:
-            return finished.percentile(own, direction, step, q, n_min)
+            return finished.percentile(direction, step, q, n_min)
         key = (id(trials), direction, step, q, n_min)
         if key not in memo:
             memo[key] = own(trials, direction, step, q, n_min)

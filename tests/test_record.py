@@ -103,7 +103,11 @@ def test_finished_trials_index_follows_optunas_lists(url: str) -> None:
     """`record.finished_trials` holds the complete trials (by number) and the finished ones (by
     completion) that `get_trials` lists, as trials finish out of order, fail, are pruned, and
     finish in another process's handle on the study (read at the next `one_read`)."""
+    import math
+
     import optuna
+    from optuna.pruners import _percentile
+    from optuna.study import StudyDirection
 
     from selector import storage
 
@@ -119,6 +123,9 @@ def test_finished_trials_index_follows_optunas_lists(url: str) -> None:
         if rng.uniform() < 0.6 and running:  # one of the running trials ends, any of them
             st, t = running.pop(int(rng.integers(len(running))))
             ending = [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL][int(rng.integers(3))]
+            if ending != TrialState.FAIL:
+                for step in range(1, int(rng.integers(1, 4)) + 1):
+                    t.report(float(rng.uniform()) if rng.uniform() < 0.9 else math.nan, step)
             st.tell(
                 t, float(rng.uniform()) if ending == TrialState.COMPLETE else None, state=ending
             )
@@ -130,4 +137,16 @@ def test_finished_trials_index_follows_optunas_lists(url: str) -> None:
         assert [t.number for t in index.complete] == complete
         assert index.ended == sorted((t.datetime_complete, t.number) for t in listed)
         assert index.low <= min((t.number for _, t in running), default=index.low)
+        for step in (1, 2, 3):
+            for direction in StudyDirection:
+                for n_min in (1, 4):
+                    ours = index.percentile(direction, step, 50.0, n_min)
+                    theirs = (
+                        _percentile._get_percentile_intermediate_result_over_trials(
+                            index.complete, direction, step, 50.0, n_min
+                        )
+                        if index.complete
+                        else math.nan
+                    )
+                    assert ours == theirs or (math.isnan(ours) and math.isnan(theirs))
     assert len(index.complete) > 5 and index.seen  # out of order: some held above `low`
