@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import json
 import math
+import time
 import weakref
 import zlib
 from collections.abc import Iterator
@@ -536,6 +537,12 @@ def refresh(study: optuna.Study, *, running: bool = True) -> None:
         for tid in ended:
             cache.last_finished_trial_id = max(cache.last_finished_trial_id, tid)
             cache.unfinished_trial_ids.discard(tid)
+        _READ_AT.setdefault(store, {})[study._study_id] = time.monotonic()
+
+
+# When this process last brought each study's cache up to date (`refresh`): storage -> study id
+# -> `time.monotonic()`.
+_READ_AT: weakref.WeakKeyDictionary[Any, dict[int, float]] = weakref.WeakKeyDictionary()
 
 
 def cache_finished(study: optuna.Study, trials: list[FrozenTrial]) -> None:
@@ -672,11 +679,16 @@ def core_trial_reads(study: optuna.Study) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def one_read(study: optuna.Study, *, running: bool = True) -> Iterator[None]:
+def one_read(study: optuna.Study, *, running: bool = True, within: float = 0.0) -> Iterator[None]:
     """Within the block, the study's trials as read once at its start (`refresh`, with
     `running`): Optuna's cached storage otherwise reads every running trial back through its
     ORM at each `get_trials` (each pruner decision, each parameter a sampler draws), about
-    25 ms with a fused group's members running."""
+    25 ms with a fused group's members running.
+
+    `within` (seconds): where this process read the study that recently, its cache as it is,
+    for readers of finished trials that may see another worker's trials that much later. What
+    this worker ends is in its cache at once (`cache_finished`), so a lone worker reads the
+    same either way."""
     store: Any = study._storage
     if (
         getattr(type(store), "_read_trials_from_remote_storage", None) is None
@@ -684,7 +696,9 @@ def one_read(study: optuna.Study, *, running: bool = True) -> Iterator[None]:
     ):
         yield
         return
-    refresh(study, running=running)
+    last = _READ_AT.get(store, {}).get(study._study_id, -math.inf)
+    if time.monotonic() - last >= within:
+        refresh(study, running=running)
     store._read_trials_from_remote_storage = lambda study_id: None
     try:
         yield

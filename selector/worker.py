@@ -484,6 +484,7 @@ def _tell(
             )
     except optuna.exceptions.UpdateFinishedTrialError:  # reaped meanwhile
         frozen = study._storage.get_trial(trial._trial_id)
+    record.cache_finished(study, [copy.deepcopy(frozen)])  # as `end_trials` ends: seen at once
     if frozen.state != state:
         study.set_user_attr(
             f"late_result:{trial.number}",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -313,10 +314,15 @@ def test_group_prune_decisions_equal_each_members_own(tmp_path: Path) -> None:
     assert any(together) and not all(together)
 
 
-def test_group_prune_decisions_follow_the_complete_trials_as_they_grow(tmp_path: Path) -> None:
+def test_group_prune_decisions_follow_the_complete_trials_as_they_grow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The median is memoised per count of complete trials (`record.Finished`): decisions made
-    as trials complete between rounds, at the same steps, are each member's own decision."""
+    as trials complete between rounds, at the same steps, are each member's own decision. (The
+    trials complete here by `tell`, as in another worker: read at once, not `PRUNE_READ_S` on.)"""
     from selector import storage
+
+    monkeypatch.setattr(objective, "PRUNE_READ_S", 0.0)
 
     study_ = optuna.create_study(
         storage=storage.open_storage(f"sqlite:///{tmp_path / 's'}.db", must_exist=False),
@@ -349,6 +355,47 @@ def test_group_prune_decisions_follow_the_complete_trials_as_they_grow(tmp_path:
             study_.tell(out.trial, state=TrialState.PRUNED)
         complete(low, high)  # the median at step 3 moves
     assert len(set(rounds)) > 1  # the median moved between rounds
+
+
+def test_the_median_pruner_sees_other_workers_trials_within_its_read_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The median pruner's read of the study is reused for `PRUNE_READ_S`: a trial another
+    worker completes meanwhile counts from the next read on; one this worker ends (its cache
+    holds it as written) counts at once."""
+    from selector import storage, worker
+
+    monkeypatch.setattr(objective, "PRUNE_READ_S", 0.5)
+    url = f"sqlite:///{tmp_path / 's'}.db"
+    mine = optuna.create_study(
+        study_name="s",
+        storage=storage.open_storage(url, must_exist=False),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
+        direction="maximize",
+    )
+    other = optuna.load_study(
+        study_name="s", storage=storage.open_storage(url, must_exist=True), pruner=mine.pruner
+    )
+
+    # every trial asked first: an ask reads the study too
+    first, last, theirs = mine.ask(), mine.ask(), other.ask()
+    writers = [objective._Writer(mine.ask(), prune_from=1) for _ in range(4)]
+
+    def decide(out: objective._Writer, score: float) -> bool:
+        out.scores.append((1, score))
+        return objective.prune_decisions(mine, [out])[0]
+
+    first.report(0.5, 1)
+    worker._tell(mine, first, 0.5, TrialState.COMPLETE)
+    assert decide(writers[0], 0.6) is False  # above the median, 0.5
+    theirs.report(0.9, 1)
+    other.tell(theirs, 0.9)
+    assert decide(writers[1], 0.6) is False  # read within the interval: the median is 0.5
+    time.sleep(0.5)
+    assert decide(writers[2], 0.6) is True  # read again: the median of 0.5 and 0.9 is 0.7
+    last.report(0.95, 1)
+    worker._tell(mine, last, 0.95, TrialState.COMPLETE)
+    assert decide(writers[3], 0.85) is True  # this worker's own, at once: the median is 0.9
 
 
 def test_same_file_and_seed_give_identical_trials(tmp_path: Path) -> None:
