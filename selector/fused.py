@@ -823,7 +823,7 @@ def drive_group(
             if m in stopped:  # pruned (or its record failed): this member leaves
                 leaving.append(m)
                 done(m, stopped[m])
-            elif epoch - st.best_epoch >= training.patience or epoch == training.max_epochs:
+            elif engine.stops(epoch, st.best_epoch, st.best, metric, training):
                 finished.append(m)
         for m in finished:
             done(m, _finish(run, m, state[m], task, n_classes, metric, training))

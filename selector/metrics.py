@@ -26,6 +26,9 @@ class Metric:
     needs: Literal["labels", "proba", "values"]
     fn: Callable[..., float]
     sign: float = 1.0
+    # The best score there is (a perfect prediction): 1 for the scores, 0 for the negated
+    # errors. Training stops once a trial's mean CV score reaches it (`engine.drive`).
+    perfect: float = 1.0
 
     def score(self, y_true: np.ndarray, pred: np.ndarray, n_classes: int = 0) -> float:
         if self.needs == "proba":
@@ -273,7 +276,7 @@ METRICS: dict[str, Metric] = {
             _fast_labels(_matthews, "matthews_corrcoef"),
         ),
         Metric("roc_auc", "classification", "proba", _roc_auc),
-        Metric("neg_log_loss", "classification", "proba", _log_loss, -1.0),
+        Metric("neg_log_loss", "classification", "proba", _log_loss, -1.0, 0.0),
         Metric("r2", "regression", "values", _fast_values(_r2, "r2_score")),
         Metric(
             "explained_variance",
@@ -287,6 +290,7 @@ METRICS: dict[str, Metric] = {
             "values",
             _fast_values(_mse, "mean_squared_error"),
             -1.0,
+            0.0,
         ),
         Metric(
             "neg_root_mean_squared_error",
@@ -294,6 +298,7 @@ METRICS: dict[str, Metric] = {
             "values",
             _fast_values(_mse, "mean_squared_error", after=lambda v: float(np.sqrt(v))),
             -1.0,
+            0.0,
         ),
         Metric(
             "neg_mean_absolute_error",
@@ -301,6 +306,7 @@ METRICS: dict[str, Metric] = {
             "values",
             _fast_values(_mae, "mean_absolute_error"),
             -1.0,
+            0.0,
         ),
     ]
 }

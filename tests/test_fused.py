@@ -367,6 +367,68 @@ def test_cv_results_equal_solo_runs(iris_folds: list[FoldData]) -> None:
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def _separable_folds(k: int = 3) -> list[FoldData]:
+    """Three well separated blobs: folds that a small network scores perfectly."""
+    from sklearn.datasets import make_blobs
+    from sklearn.model_selection import StratifiedKFold
+
+    X, y = make_blobs(n_samples=150, centers=3, n_features=4, cluster_std=1.0, random_state=0)
+    X = ((X - X.mean(0)) / X.std(0)).astype(np.float32)
+    y = y.astype(np.int64)
+    return [
+        FoldData(X[tr], y[tr], X[va], y[va])
+        for tr, va in StratifiedKFold(k, shuffle=True, random_state=0).split(X, y)
+    ]
+
+
+def test_a_perfect_score_ends_training_with_the_result_training_on_gives() -> None:
+    """A trial whose mean CV score is perfect (accuracy 1) stops at that epoch, alone and as a
+    fused member alike: only a strictly better mean replaces the best epoch, so its result is
+    the one training on to its patience gives, without the epochs after."""
+    folds = _separable_folds()
+    accuracy = metrics.get("accuracy")
+    never = dataclasses.replace(accuracy, perfect=float("inf"))  # training on, as before
+    training = TrainingSpec(max_epochs=25, patience=25)
+    configs = [
+        TrialConfig(optimizer="adam", width=32, batch_size=16, lr=1e-2),
+        TrialConfig(optimizer="sgd", width=8, batch_size=16, lr=1e-3),
+    ]
+    seeds = [5, 6]
+
+    def solo(c: TrialConfig, seed: int, metric: metrics.Metric) -> engine.CVResult:
+        return stacked.cross_validate(
+            c, folds, task="classification", n_classes=3, metric=metric,
+            training=training, seed=seed,
+        )  # fmt: skip
+
+    together = fused.cross_validate_group(
+        configs,
+        folds,
+        task="classification",
+        n_classes=3,
+        metric=accuracy,
+        training=training,
+        seeds=seeds,
+    )
+    perfect = []
+    for m, c in enumerate(configs):
+        stopped, full = solo(c, seeds[m], accuracy), solo(c, seeds[m], never)
+        assert (stopped.value, stopped.best_epoch) == (full.value, full.best_epoch)
+        assert stopped.fold_scores == full.fold_scores
+        assert stopped.train_scores == full.train_scores
+        assert stopped.val_curve == full.val_curve[: stopped.epochs_run]
+        if stopped.value >= 1.0:
+            perfect.append(m)
+            assert stopped.epochs_run == stopped.best_epoch < full.epochs_run == 25
+        else:
+            assert stopped.epochs_run == full.epochs_run == 25
+        got = together[m]
+        assert isinstance(got, engine.CVResult)
+        assert (got.best_epoch, got.epochs_run) == (stopped.best_epoch, stopped.epochs_run)
+        np.testing.assert_allclose(got.fold_scores, stopped.fold_scores)
+    assert perfect == [0]  # one member stops at its perfect score, the other trains on
+
+
 def test_pruned_member_leaves_and_the_others_go_on(iris_folds: list[FoldData]) -> None:
     configs, seeds = GROUP[:4], SEEDS[:4]
     seen: dict[int, list[int]] = {m: [] for m in range(4)}
