@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm  # a notebook widget in Jupyter (with ipywidgets), else the text bar
 
+from selector.metrics import METRICS
 from selector.record import (
     ATTR_BUDGET,
     FINISHED,
@@ -38,6 +39,7 @@ class Bar:
         self.total = total  # None: the study's n_trials, read at the first trial
         self.tty = interactive()
         self.bar: tqdm | None = None
+        self.perfect: tuple[float | None] | None = None  # read at the first trial
 
     def __enter__(self) -> Bar:
         return self
@@ -75,7 +77,9 @@ class Bar:
             self._show(study, trial, done)
 
     def _show(self, study: optuna.Study, trial: FrozenTrial, done: int) -> None:
-        line = self._line(trial)
+        if self.perfect is None:
+            self.perfect = (_perfect(study),)
+        line = self._line(trial, self.perfect[0])
         if not self.tty:
             print(f"[{done}/{self.total}] {line}", file=sys.stderr, flush=True)
             return
@@ -95,16 +99,28 @@ class Bar:
             self.bar.set_postfix_str(f"best {best:.4f}")
 
     @staticmethod
-    def _line(trial: FrozenTrial) -> str:
+    def _line(trial: FrozenTrial, perfect: float | None = None) -> str:
+        """`perfect`: the study metric's perfect score (a trial reaching it stops there)."""
         r = TrialRecord.from_trial(trial)
         if r.complete:
+            assert r.value is not None
+            why = (
+                ", stopped on a perfect score" if perfect is not None and r.value >= perfect else ""
+            )
             return (
                 f"trial {r.number}: {r.value:.4f} ± {r.cv_std:.4f} at epoch {r.best_epoch} "
-                f"of {r.epochs_run} (train {r.train_score:.4f})"
+                f"of {r.epochs_run}{why} (train {r.train_score:.4f})"
             )
         if trial.state == TrialState.PRUNED:
             return f"trial {r.number}: pruned at epoch {r.pruned_at_epoch}"
         return f"trial {trial.number}: failed ({describe_failure(trial)})"
+
+
+def _perfect(study: optuna.Study) -> float | None:
+    """The perfect score of the study's metric (`Metric.perfect`), None where it names none."""
+    names = study.metric_names
+    metric = METRICS.get(names[0]) if names else None
+    return metric.perfect if metric is not None else None
 
 
 def _best(study: optuna.Study) -> float | None:

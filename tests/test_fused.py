@@ -666,6 +666,27 @@ def test_progress_counts_members_that_end_together_in_order(
     assert counts == [f"[{k}/8" for k in range(1, 9)]
 
 
+def test_progress_says_when_a_perfect_score_stopped_a_trial(url: str) -> None:
+    """A complete trial whose score is the study metric's perfect one (accuracy 1) reads
+    "stopped on a perfect score" in its progress line; the others do not."""
+    import copy
+
+    from selector import progress
+
+    s = _fused_spec(search={"pruner": "none", "fuse": 4})
+    study_mod.run(s, url)
+    st = optuna.load_study(study_name=s.name, storage=url)
+    perfect = progress._perfect(st)
+    assert perfect == 1.0  # accuracy's
+    done = [t for t in st.get_trials() if t.state == TrialState.COMPLETE]
+    assert done and all(t.value is not None and t.value < 1.0 for t in done)
+    scored = copy.deepcopy(done[0])
+    scored.values = [1.0]
+    assert "stopped on a perfect score" in progress.Bar._line(scored, perfect)
+    assert "stopped on a perfect score" not in progress.Bar._line(done[0], perfect)
+    assert "stopped on a perfect score" not in progress.Bar._line(scored, None)
+
+
 def test_heartbeats_cover_every_member(url: str) -> None:
     """A killed worker's members are reaped like any stale trial: each one beats."""
     s = _fused_spec(search={"pruner": "none", "fuse": 4})
