@@ -200,9 +200,10 @@ def test_make_demo_reaches_the_target_test_accuracy(tmp_path: Path) -> None:
     subprocess.run(["git", "clone", "-q", str(ROOT), str(tmp_path / "repo")], check=True)
     # The clone's pyproject.toml is newer than the test's venv: make would install the clone
     # into it (`pip install -e`), and that venv's `selector` would import the temporary copy
-    # from then on. Dated as old as the venv's install stamp, make uses the venv as it is.
-    stamp = (venv / ".installed").stat().st_mtime
-    os.utime(tmp_path / "repo" / "pyproject.toml", (stamp, stamp))
+    # from then on. Dated a second before the venv's install stamp (nanoseconds: a float's
+    # rounding can land after it), make uses the venv as it is.
+    stamp = (venv / ".installed").stat().st_mtime_ns - 1_000_000_000
+    os.utime(tmp_path / "repo" / "pyproject.toml", ns=(stamp, stamp))
     out = subprocess.run(
         ["make", "demo", f"VENV={env['VENV']}"],
         cwd=tmp_path / "repo",
