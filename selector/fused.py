@@ -20,8 +20,8 @@ rounding):
   pre-activation is 0, and so is their output behind an activation that is 0 at 0; behind one
   that is not (sigmoid) the group multiplies activations by a unit mask. So their gradients, and
   those of the weights into and out of them, are zero; with zero gradients and zero weights each
-  optimizer's update is zero (`fused_optim`). (The mask, where it is not needed, was two passes
-  over each layer's activations a step: a fifth of a penguins group's step.)
+  optimizer's update is zero (`fused_optim`). (The mask, where it is not needed, cost two
+  passes over each layer's activations a step: 2-3% of a penguins group's step.)
   Parameters a member does not have (batch norm's for a member without it, a projection for a
   member whose skip is the identity) are zero, unused, and stay zero the same way.
 * Batches: each row has the generator its solo run's fold has, so it draws the same permutations.

@@ -824,11 +824,7 @@ def _write_params(
 def _upsert(dialect: str, table: Any) -> Any:
     """INSERT ... ON CONFLICT (trial_id or study_id, key) DO UPDATE for an Optuna attribute
     table."""
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
-    stmt = insert(table)
+    stmt = _insert(dialect, table)
     owner = table.trial_id if hasattr(table, "trial_id") else table.study_id
     return stmt.on_conflict_do_update(
         index_elements=[owner, table.key], set_={"value_json": stmt.excluded.value_json}
@@ -840,14 +836,19 @@ def _heartbeat_upsert(dialect: str) -> Any:
     database's clock (the column's default, as `RDBStorage.record_heartbeat` records it)."""
     from optuna.storages._rdb import models
 
+    table = models.TrialHeartbeatModel
+    return _insert(dialect, table).on_conflict_do_update(
+        index_elements=[table.trial_id], set_={"heartbeat": sa.func.current_timestamp()}
+    )
+
+
+def _insert(dialect: str, table: Any) -> Any:
+    """The dialect's INSERT (SQLite's or PostgreSQL's), which can take ON CONFLICT."""
     if dialect == "sqlite":
         from sqlalchemy.dialects.sqlite import insert
     else:
         from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
-    table = models.TrialHeartbeatModel
-    return insert(table).on_conflict_do_update(
-        index_elements=[table.trial_id], set_={"heartbeat": sa.func.current_timestamp()}
-    )
+    return insert(table)
 
 
 def _attr_rows(
