@@ -99,15 +99,6 @@ def _skip_kind(config: TrialConfig, layer: int) -> str:
     return "identity" if w[layer - 1] == w[layer] else "projection"
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Rows of a model's weights and buffers, with the layout they were taken in."""
-
-    flat: torch.Tensor
-    buffers: dict[str, torch.Tensor]
-    slots: dict[str, _Slot]
-
-
 class FusedModel:
     """M members' K fold models in padded stacked tensors; `forward` takes (rows, in, batch)."""
 
@@ -118,11 +109,7 @@ class FusedModel:
         n_out: int,
         seeds: Sequence[Sequence[int]],
         device: torch.device,
-        *,
-        init: bool = True,
     ) -> None:
-        """`init`: each member's K fold models as its solo run builds them under `seeds`; else
-        zeros (a layout that `FusedRun` fills from other models: `copy_rows`)."""
         depths = {c.depth for c in configs}
         if len(depths) != 1:
             raise ValueError("the members of a group share their depth")
@@ -169,8 +156,7 @@ class FusedModel:
                     G, dtype=torch.int64, device=device
                 )
         with torch.no_grad():
-            built = zip(configs, seeds, strict=True) if init else ()
-            for m, (config, member_seeds) in enumerate(built):
+            for m, (config, member_seeds) in enumerate(zip(configs, seeds, strict=True)):
                 model = build_mlp(config, n_in, n_out)  # built once, initialised per fold:
                 linears = [x for x in model.modules() if isinstance(x, torch.nn.Linear)]
                 tensors = model.state_dict(keep_vars=True)  # the same tensors, reset in place
@@ -386,56 +372,16 @@ class FusedModel:
 
     # --- states --------------------------------------------------------------------------------
 
-    def rows_state(self, a: int, b: int) -> Snapshot:
+    def rows_state(self, a: int, b: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """A copy of rows [a, b): their weights and buffers (a best-epoch snapshot)."""
-        return Snapshot(
-            self.flat[a:b].detach().clone(),
-            {k: t[a:b].clone() for k, t in self.buffers.items()},
-            self.slots,
-        )
+        return self.flat[a:b].detach().clone(), {k: t[a:b].clone() for k, t in self.buffers.items()}
 
-    def load_rows(self, a: int, state: Snapshot) -> None:
-        """Rows from `a` on set from a snapshot, taken in this layout or an earlier one."""
-        n = state.flat.shape[0]
+    def load_rows(self, a: int, state: tuple[torch.Tensor, dict[str, torch.Tensor]]) -> None:
+        flat, buffers = state
         with torch.no_grad():
-            if state.slots is self.slots:
-                self.flat[a : a + n] = state.flat
-            else:
-                self.copy_rows(self.flat, a, state.slots, state.flat, 0, n)
-            self.copy_buffers(a, state.buffers, 0, n)
-
-    def copy_rows(
-        self,
-        target: torch.Tensor,
-        a: int,
-        slots: dict[str, _Slot],
-        source: torch.Tensor,
-        b: int,
-        n: int,
-    ) -> None:
-        """Rows [b, b + n) of `source` (a tensor laid out by `slots`, another model's: its
-        weights, or an optimizer state) into rows [a, a + n) of `target` (laid out as this
-        model's), parameter by parameter, in each one's top-left corner. Exact where the rows'
-        members fit both layouts: beyond a member's own widths both hold zeros."""
-        for key, slot in slots.items():
-            mine = self.slots.get(key)
-            if mine is None:  # a parameter none of this model's members has
-                continue
-            corner = tuple(slice(0, min(x, y)) for x, y in zip(slot.shape, mine.shape, strict=True))
-            dst = self._view(target, key)
-            src = source[b : b + n, slot.offset : slot.offset + slot.numel].view(n, *slot.shape)
-            dst[(slice(a, a + n), *corner)] = src[(slice(None), *corner)]
-
-    def copy_buffers(self, a: int, buffers: dict[str, torch.Tensor], b: int, n: int) -> None:
-        """`copy_rows` for the batch-norm buffers (another model's, or a snapshot's)."""
-        for key, t in buffers.items():
-            mine = self.buffers.get(key)
-            if mine is None:
-                continue
-            corner = tuple(
-                slice(0, min(x, y)) for x, y in zip(t.shape[1:], mine.shape[1:], strict=True)
-            )
-            mine[(slice(a, a + n), *corner)] = t[(slice(b, b + n), *corner)]
+            self.flat[a : a + flat.shape[0]] = flat
+            for k, t in buffers.items():
+                self.buffers[k][a : a + t.shape[0]] = t
 
     def state_dicts(self, a: int, b: int) -> list[dict[str, torch.Tensor]]:
         """Rows [a, b) in the reference model's state_dict layout, padding cut away."""
@@ -499,21 +445,15 @@ class _Step:
 
 class _Schedules:
     """Each member's learning rate per epoch, from torch's own schedulers: one stand-in
-    optimizer per kind of schedule and cohort (members that joined the group together), with a
-    parameter group per member (a scheduler computes each group's rate by itself, as it would
-    alone). A stand-in costs about 2 ms to build; one per member was a tenth of a breast_cancer
-    group's start. Every member of a cohort is at the same epoch of its own run."""
+    optimizer per kind of schedule, with a parameter group per member (a scheduler computes
+    each group's rate by itself, as it would alone). A stand-in costs about 2 ms to build; one
+    per member was a tenth of a breast_cancer group's start. Members all start at epoch 0."""
 
-    def __init__(self, max_epochs: int) -> None:
-        self.max_epochs = max_epochs
-        self.lr: dict[int, float] = {}
+    def __init__(self, configs: Sequence[TrialConfig], max_epochs: int) -> None:
+        self.lr = {m: c.lr for m, c in enumerate(configs)}
         self.kinds: list[tuple[torch.optim.Optimizer, Any, dict[int, int]]] = []
-
-    def add(self, configs: dict[int, TrialConfig]) -> None:
-        """A cohort of members (by id), all at their epoch 0."""
         by_kind: dict[str, list[int]] = {}
-        for m, c in configs.items():
-            self.lr[m] = c.lr
+        for m, c in enumerate(configs):
             if c.lr_schedule != "constant":
                 by_kind.setdefault(c.lr_schedule, []).append(m)
         for members in by_kind.values():
@@ -522,14 +462,12 @@ class _Schedules:
                 for m in members
             ]
             opt = torch.optim.SGD(groups, lr=configs[members[0]].lr)
-            schedule = make_schedule(configs[members[0]], opt, self.max_epochs)
+            schedule = make_schedule(configs[members[0]], opt, max_epochs)
             if schedule is not None:
                 self.kinds.append((opt, schedule, {m: i for i, m in enumerate(members)}))
 
-    def step(self, live: Sequence[int]) -> None:
-        """One epoch on: every member's next rate (cohorts without a live member dropped)."""
-        on = set(live)
-        self.kinds = [k for k in self.kinds if not on.isdisjoint(k[2])]
+    def step(self) -> None:
+        """One epoch on: every member's next rate."""
         for opt, schedule, index in self.kinds:
             opt.step()  # no gradient: nothing moves; torch wants a step before the schedule's
             schedule.step()
@@ -557,17 +495,15 @@ class FusedRun:
             raise ValueError("the members of a group share their batch size")
         order = member_order(configs)
         self.configs = list(configs)
-        self.seeds = [list(s) for s in seeds]
         self.members = order
         self.task, self.device, self.folds = task, device, list(folds)
         self.K = K = len(folds)
-        self.n_in, self.n_out = folds[0].X_train.shape[1], n_out
+        n_in = folds[0].X_train.shape[1]
         self.model = FusedModel(
-            [configs[m] for m in order], self.n_in, n_out, [seeds[m] for m in order], device
+            [configs[m] for m in order], n_in, n_out, [seeds[m] for m in order], device
         )
         self.opt = FusedOptimizer(self.model.flat, self.model.row_configs, K)
-        self.schedules = _Schedules(max_epochs)
-        self.schedules.add(dict(enumerate(configs)))
+        self.schedules = _Schedules(configs, max_epochs)
         self.gens = [
             torch.Generator().manual_seed(int(seeds[m][k])) for m in order for k in range(K)
         ]
@@ -580,7 +516,7 @@ class FusedRun:
         self.y = pad_rows([f.y_train for f in folds], device)
         self.X_val = pad_rows([f.X_val for f in folds], device)
         self.n_max = int(self.X.shape[1])
-        self.X_flat = self.X.reshape(K * self.n_max, self.n_in)
+        self.X_flat = self.X.reshape(K * self.n_max, n_in)
         self.y_flat = self.y.reshape(K * self.n_max)
         batch = configs[0].batch_size
         self.bounds = [batch_bounds(n, batch) for n in self.n_train]
@@ -589,11 +525,11 @@ class FusedRun:
             sizes = [b[j][1] - b[j][0] if j < len(b) else 0 for b in self.bounds]
             self.steps.append(_Step(j, sizes, self.bounds[0][j]))
         self.uniform_rows = max([s.span[1] for s in self.steps if s.uniform], default=0)
+        self.clip = any(c.grad_clip > 0 for c in configs)
         self._rows_changed()
 
     def _rows_changed(self) -> None:
         G, dev = len(self.members) * self.K, self.device
-        self.clip = any(c.grad_clip > 0 for c in self.model.row_configs)
         self.fold_of = torch.arange(G, device=dev) % self.K
         self.offsets = self.fold_of * self.n_max
         clips = [c.grad_clip for c in self.model.row_configs]
@@ -628,7 +564,7 @@ class FusedRun:
             if first is not None:
                 norms = first
             totals += per_row * self.step_rows[step.position]
-        self.schedules.step(self.members)
+        self.schedules.step()
         lrs = [self.schedules.lr[m] for m in self.members]
         self.opt.set_lr([lr for lr in lrs for _ in range(K)])
         n = np.asarray([self.n_train[k] for k in fold_of], dtype=float)
@@ -763,7 +699,7 @@ class FusedRun:
 
     # --- members leaving -----------------------------------------------------------------------
 
-    def snapshot(self, member: int) -> Snapshot:
+    def snapshot(self, member: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.model.rows_state(*self.rows(member))
 
     def leave(self, members: Sequence[int]) -> None:
@@ -787,90 +723,10 @@ class FusedRun:
         self.opt.select(index)
         self.opt.rebind(self.model.flat)
         self._rows_changed()
-        if self.padding_to_spare():  # the widest left: the others step at their own widths
-            self._relayout(self.members)
 
     def state_dicts(self, member: int) -> list[dict[str, torch.Tensor]]:
         """A member's K fold models in the reference layout (for tests and inspection)."""
         return self.model.state_dicts(*self.rows(member))
-
-    # --- members joining -----------------------------------------------------------------------
-
-    def join(self, configs: Sequence[TrialConfig], seeds: Sequence[Sequence[int]]) -> list[int]:
-        """New members, at their epoch 0, alongside those training (the group refilled as its
-        members leave): each starts from its own solo initialisation, its own batch
-        permutations and its own schedule, and the members already here go on exactly as they
-        were (`_relayout`). The group's layout widens to the widest member. Returns their ids."""
-        if any(c.batch_size != self.configs[self.members[0]].batch_size for c in configs) or any(
-            c.depth != self.model.depth for c in configs
-        ):
-            raise ValueError("the members of a group share their depth and batch size")
-        first = len(self.configs)
-        ids = list(range(first, first + len(configs)))
-        self.configs.extend(configs)
-        self.seeds.extend(list(s) for s in seeds)
-        fresh = FusedModel(configs, self.n_in, self.n_out, seeds, self.device)
-        self.schedules.add(dict(zip(ids, configs, strict=True)))
-        gens = {m: [torch.Generator().manual_seed(int(s)) for s in self.seeds[m]] for m in ids}
-        self._relayout([*self.members, *ids], fresh, gens)
-        return ids
-
-    def _relayout(
-        self,
-        live: Sequence[int],
-        fresh: FusedModel | None = None,
-        fresh_gens: dict[int, list[torch.Generator]] | None = None,
-    ) -> None:
-        """The model and optimizer rebuilt for `live` members, in `member_order`, at their
-        widest widths: the members here copied over key by key (weights, batch-norm buffers,
-        optimizer state, step counts, learning rates; `FusedModel.copy_rows`), new ones (those
-        not here) from `fresh` with a new optimizer state."""
-        K = self.K
-        order = [live[i] for i in member_order([self.configs[m] for m in live])]
-        here = {m: pos for pos, m in enumerate(self.members)}
-        new_pos = {m: i for i, m in enumerate(fresh_gens or {})}
-        model = FusedModel(
-            [self.configs[m] for m in order],
-            self.n_in,
-            self.n_out,
-            [self.seeds[m] for m in order],
-            self.device,
-            init=False,
-        )
-        opt = FusedOptimizer(model.flat, model.row_configs, K)
-        gens: list[torch.Generator] = []
-        with torch.no_grad():
-            for pos, m in enumerate(order):
-                a = pos * K
-                if m in here:
-                    b = here[m] * K
-                    old = self.model.slots
-                    model.copy_rows(model.flat, a, old, self.model.flat, b, K)
-                    model.copy_buffers(a, self.model.buffers, b, K)
-                    for name, t in opt.state.items():
-                        if name in self.opt.state:
-                            model.copy_rows(t, a, old, self.opt.state[name], b, K)
-                    for name in ("steps", "lr"):
-                        getattr(opt, name)[a : a + K] = getattr(self.opt, name)[b : b + K]
-                    for r in range(K):
-                        opt.hyper[a + r].lr = self.opt.hyper[b + r].lr
-                    gens.extend(self.gens[b : b + K])
-                else:
-                    assert fresh is not None and fresh_gens is not None
-                    b = new_pos[m] * K
-                    model.copy_rows(model.flat, a, fresh.slots, fresh.flat, b, K)
-                    model.copy_buffers(a, fresh.buffers, b, K)
-                    gens.extend(fresh_gens[m])
-        model._derive()  # the weight views over the copied rows
-        opt.rebind(model.flat)
-        self.model, self.opt, self.gens, self.members = model, opt, gens, order
-        self._rows_changed()
-
-    def padding_to_spare(self) -> bool:
-        """Whether the layout is wider than its members need (the widest left)."""
-        widths = [self.configs[m].widths() for m in self.members]
-        need = [max(w[i] for w in widths) for i in range(self.model.depth)]
-        return need != self.model.P
 
 
 def _sync(device: torch.device) -> None:
@@ -890,73 +746,57 @@ class _Member:
     best_epoch: int = 0
     best_scores: list[float] = field(default_factory=list)
     best_preds: list[np.ndarray] = field(default_factory=list)
-    best_state: Snapshot | None = None
+    best_state: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
     val: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     folds: list[list[float]] = field(default_factory=list)
     grads: list[list[float]] = field(default_factory=list)
 
 
-# {member: (its epoch, its mean CV score)} -> {member: why it stops} (pruned): once a round
-OnScores = Callable[[dict[int, tuple[int, float]]], dict[int, Exception]]
+def drive_group(
+    run: FusedRun,
+    *,
+    task: Task,
+    n_classes: int,
+    metric: Metric,
+    training: TrainingSpec,
+    seeds: Sequence[Sequence[int]],
+    on_epoch: OnEpoch | None = None,
+    on_done: OnDone | None = None,
+) -> dict[int, CVResult | Exception]:
+    """`engine.drive` for every member of `run` at once. A member whose loss is not finite
+    leaves with `TrialDiverged`. After each epoch `on_epoch(epoch, {member: mean score})` is
+    told every other member's score at once (one write and one pruning read for the group) and
+    returns the members that stop, each with its exception (pruned); one that stops early or
+    reaches the last epoch leaves with its `CVResult`. `on_done([(member, outcome), ...])` is
+    called once an epoch with the members that left at it (their results recorded together),
+    before the others train on. An exception `on_epoch` raises (Ctrl-C) stops the whole group."""
+    folds = run.folds
+    state = {m: _Member(seeds=list(seeds[m])) for m in run.members}
+    outcomes: dict[int, CVResult | Exception] = {}
 
+    def done(m: int, outcome: CVResult | Exception) -> None:
+        outcomes[m] = outcome
+        left.append((m, outcome))
 
-class Driver:
-    """`engine.drive` for every member of a `FusedRun`, one epoch of each at a time (`epoch`);
-    members may join between epochs (`add`), each at its own first epoch, and each keeps its own
-    epoch count, curves, best epoch, early stop and maximum. `outcomes` holds each member's
-    result, or the exception it left with."""
-
-    def __init__(
-        self,
-        run: FusedRun,
-        *,
-        task: Task,
-        n_classes: int,
-        metric: Metric,
-        training: TrainingSpec,
-    ) -> None:
-        self.run, self.task, self.n_classes = run, task, n_classes
-        self.metric, self.training = metric, training
-        self.state = {m: _Member(seeds=list(run.seeds[m])) for m in run.members}
-        self.outcomes: dict[int, CVResult | Exception] = {}
-
-    def add(self, configs: Sequence[TrialConfig], seeds: Sequence[Sequence[int]]) -> list[int]:
-        """New members (`FusedRun.join`); their ids."""
-        ids = self.run.join(configs, seeds)
-        for m in ids:
-            self.state[m] = _Member(seeds=list(self.run.seeds[m]))
-        return ids
-
-    def epoch_of(self, member: int) -> int:
-        """The epoch a member trains next (1 for one that just joined)."""
-        return len(self.state[member].val) + 1
-
-    def epoch(self, on_epoch: OnScores | None = None, on_done: OnDone | None = None) -> None:
-        """One epoch of every member. A member whose loss is not finite leaves with
-        `TrialDiverged`. Then `on_epoch({member: (epoch, mean score)})` is told every other
-        member's score at once (one write and one pruning read for the group) and returns the
-        members that stop, each with its exception (pruned); one that stops early or reaches
-        its last epoch leaves with its `CVResult`. `on_done([(member, outcome), ...])` with the
-        members that left, before the others train on. An exception `on_epoch` raises (Ctrl-C)
-        is raised, after `on_done` for the members that diverged."""
-        run, metric, training = self.run, self.metric, self.training
+    for epoch in range(1, training.max_epochs + 1):
         losses, norms = run.train_epoch()
         left: list[tuple[int, CVResult | Exception]] = []
         leaving: list[int] = []
+        finished: list[int] = []
+        live = list(run.members)
         preds = run.predictions("val")
-        scored: dict[int, tuple[int, float]] = {}
-        for pos, m in enumerate(list(run.members)):
-            st = self.state[m]
-            epoch = len(st.val) + 1
+        means: dict[int, float] = {}
+        for pos, m in enumerate(live):
+            st = state[m]
             bad = [k for k, v in enumerate(losses[pos]) if not math.isfinite(v)]
             if bad:
                 leaving.append(m)
-                left.append((m, TrialDiverged(epoch, bad[0])))
+                done(m, TrialDiverged(epoch, bad[0]))
                 continue
             scores = [
-                engine.score(metric, f.y_val, p, self.n_classes)
-                for f, p in zip(run.folds, preds[pos], strict=True)
+                engine.score(metric, f.y_val, p, n_classes)
+                for f, p in zip(folds, preds[pos], strict=True)
             ]
             mean = float(np.mean(scores))
             st.val.append(mean)
@@ -971,61 +811,29 @@ class Driver:
                     preds[pos],
                 )
                 st.best_state = run.snapshot(m)
-            scored[m] = (epoch, mean)
+            means[m] = mean
         try:
-            stopped = on_epoch(scored) if on_epoch is not None and scored else {}
+            stopped = on_epoch(epoch, means) if on_epoch is not None and means else {}
         except BaseException:  # a stop: those that diverged first are told so
-            self._done(left, on_done)
+            if left and on_done is not None:
+                on_done(left)
             raise
-        finished = []
-        for m, (epoch, _) in scored.items():
-            st = self.state[m]
+        for m in means:
+            st = state[m]
             if m in stopped:  # pruned (or its record failed): this member leaves
                 leaving.append(m)
-                left.append((m, stopped[m]))
+                done(m, stopped[m])
             elif engine.stops(epoch, st.best_epoch, st.best, metric, training):
                 finished.append(m)
         for m in finished:
-            st = self.state[m]
-            left.append((m, _finish(run, m, st, self.task, self.n_classes, metric, training)))
+            done(m, _finish(run, m, state[m], task, n_classes, metric, training))
             leaving.append(m)
-        self._done(left, on_done)
-        run.leave(leaving)
-        for m in leaving:
-            del self.state[m]  # its snapshot and curves are in its outcome
-
-    def _done(self, left: list[tuple[int, CVResult | Exception]], on_done: OnDone | None) -> None:
-        for m, outcome in left:
-            self.outcomes[m] = outcome
         if left and on_done is not None:
             on_done(left)
-
-
-def drive_group(
-    run: FusedRun,
-    *,
-    task: Task,
-    n_classes: int,
-    metric: Metric,
-    training: TrainingSpec,
-    on_epoch: OnEpoch | None = None,
-    on_done: OnDone | None = None,
-) -> dict[int, CVResult | Exception]:
-    """`engine.drive` for every member of `run` at once, all starting together (`Driver`):
-    `on_epoch(epoch, {member: mean score})` once an epoch, `on_done` with the members that left
-    at it. Returns each member's result, or the exception it left with (diverged, pruned)."""
-    driver = Driver(run, task=task, n_classes=n_classes, metric=metric, training=training)
-
-    def scored(values: dict[int, tuple[int, float]]) -> dict[int, Exception]:
-        assert on_epoch is not None
-        (epoch,) = {e for e, _ in values.values()}  # started together: all at one epoch
-        return on_epoch(epoch, {m: v for m, (_, v) in values.items()})
-
-    for _ in range(training.max_epochs):
-        driver.epoch(scored if on_epoch is not None else None, on_done)
+        run.leave(leaving)
         if not run.members:
             break
-    return driver.outcomes
+    return outcomes
 
 
 def _finish(
@@ -1093,6 +901,7 @@ def cross_validate_group(
         n_classes=n_classes,
         metric=metric,
         training=training,
+        seeds=fold_seeds,
         on_epoch=on_epoch,
         on_done=on_done,
     )

@@ -144,9 +144,8 @@ def assert_member_matches_solo(
     seed: int,
     epochs: int,
     task: str = "classification",
-    max_epochs: int | None = None,
 ) -> None:
-    solo = stacked_states(config, folds, epochs=epochs, seed=seed, task=task, max_epochs=max_epochs)
+    solo = stacked_states(config, folds, epochs=epochs, seed=seed, task=task)
     mine = [{k: v.cpu() for k, v in state.items()} for state in run.state_dicts(member)]
     noisy = config.batch_norm and config.optimizer in ADAPTIVE
     for k, (a, b) in enumerate(zip(solo, mine, strict=True)):
@@ -307,94 +306,6 @@ def test_leaving_members_do_not_change_the_others(iris_folds: list[FoldData]) ->
     assert sorted(run.members) == [2, 3, 5, 6]
     for m in run.members:
         assert_member_matches_solo(run, m, GROUP[m], iris_folds, seed=SEEDS[m], epochs=3)
-
-
-# A member wider than every one of GROUP: joining it widens the layout, its leaving narrows it.
-WIDE = TrialConfig(
-    optimizer="adam", width=48, batch_size=16, lr=3e-3, residual=True, lr_schedule="cosine"
-)
-
-
-@pytest.mark.parametrize("kernel", [False, True], ids=["formulas", "fused-kernel"])
-def test_members_that_join_mid_training_match_their_solo_runs(
-    iris_folds: list[FoldData], kernel: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Members join a group between epochs (the group refilled): each trains from its own
-    first epoch exactly as alone (initialisation, batches, schedule), and the members already
-    training go on exactly as before, through the layout widening for a wider newcomer and
-    narrowing again when it leaves."""
-    monkeypatch.setattr(fused_optim, "KERNEL_ELEMENTS", 0 if kernel else 1 << 40)
-    K = len(iris_folds)
-    first, later = GROUP[:4], [*GROUP[4:], WIDE]
-    seeds = [*SEEDS, 99]
-    run = _run(first, iris_folds, seeds[:4], epochs=3)
-    run.train_epoch()
-    ids = run.join(later, [[engine.derive_seed(s, k) for k in range(K)] for s in seeds[4:]])
-    assert ids == [4, 5, 6, 7, 8]
-    assert run.model.P == [48, 48]
-    run.train_epoch()
-    run.leave([1])
-    run.train_epoch()  # the first members' third epoch, the newcomers' second
-    for m in (0, 2, 3):
-        assert_member_matches_solo(run, m, first[m], iris_folds, seed=seeds[m], epochs=3)
-    run.leave([0, 2, 3, 8])  # the wide member leaves: the layout narrows to the others
-    assert run.model.P == [max(c.widths()[i] for c in later[:4]) for i in range(2)] != [48, 48]
-    run.train_epoch()
-    for m in (4, 5, 6, 7):
-        config = later[m - 4]
-        assert_member_matches_solo(
-            run, m, config, iris_folds, seed=seeds[m], epochs=3, max_epochs=3
-        )
-
-
-def test_driver_members_joining_get_their_solo_results(iris_folds: list[FoldData]) -> None:
-    """Through `Driver`: members that join after two epochs count their own epochs (pruning
-    sees them) and end with the result of their solo cross-validation."""
-    configs = [c for c in GROUP if not (c.batch_norm and c.optimizer in ADAPTIVE)]
-    first, later = configs[:3], [*configs[3:], WIDE]
-    seeds = [*SEEDS[: len(configs)], 99]
-    K = len(iris_folds)
-    run = fused.FusedRun(
-        first,
-        iris_folds,
-        task="classification",
-        n_out=3,
-        max_epochs=TRAINING.max_epochs,
-        seeds=[[engine.derive_seed(s, k) for k in range(K)] for s in seeds[:3]],
-        device=CPU,
-    )
-    driver = fused.Driver(
-        run,
-        task="classification",
-        n_classes=3,
-        metric=metrics.get("neg_log_loss"),
-        training=TRAINING,
-    )
-    seen: dict[int, list[int]] = {}
-
-    def on_epoch(scored: dict[int, tuple[int, float]]) -> dict[int, Exception]:
-        for m, (epoch, _) in scored.items():
-            seen.setdefault(m, []).append(epoch)
-        return {}
-
-    for _ in range(2):
-        driver.epoch(on_epoch)
-    ids = driver.add(later, [[engine.derive_seed(s, k) for k in range(K)] for s in seeds[3:]])
-    assert [driver.epoch_of(m) for m in ids] == [1] * len(ids)
-    while run.members:
-        driver.epoch(on_epoch)
-    assert sorted(driver.outcomes) == list(range(len(seeds)))
-    for m, c in enumerate([*first, *later]):
-        solo = _solo(c, iris_folds, seeds[m])
-        got = driver.outcomes[m]
-        assert isinstance(got, engine.CVResult)
-        assert (got.best_epoch, got.epochs_run) == (solo.best_epoch, solo.epochs_run), m
-        assert seen[m] == list(range(1, got.epochs_run + 1))
-        np.testing.assert_allclose(got.fold_scores, solo.fold_scores, rtol=1e-4)
-        np.testing.assert_allclose(got.train_scores, solo.train_scores, rtol=1e-4)
-        np.testing.assert_allclose(got.val_curve, solo.val_curve, rtol=1e-4)
-        for a, b in zip(got.oof, solo.oof, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 # --- whole cross-validations ------------------------------------------------------------------
@@ -1078,30 +989,23 @@ def test_buffered_params_are_written_once_and_read_back(url: str) -> None:
 
 def test_members_schedules_are_each_ones_own() -> None:
     """Members sharing a stand-in optimizer per kind of schedule get, epoch by epoch, exactly
-    the rates their own optimizer and scheduler give alone; members that join later (a second
-    cohort) start their schedules at their own first epoch."""
+    the rates their own optimizer and scheduler give alone."""
     configs = [
         TrialConfig(lr=0.1, lr_schedule="cosine"),
         TrialConfig(lr=0.003, lr_schedule="step"),
         TrialConfig(lr=0.02),
         TrialConfig(lr=0.0007, lr_schedule="cosine"),
         TrialConfig(lr=0.05, lr_schedule="step"),
-        TrialConfig(lr=0.01, lr_schedule="cosine"),
     ]
-    joins = {0: [0, 1, 2, 3], 4: [4, 5]}  # epoch -> members that join before it
-    shared = fused._Schedules(12)
-    alone: dict[int, tuple[torch.optim.Optimizer, Any]] = {}
-    for epoch in range(16):
-        if epoch in joins:
-            shared.add({m: configs[m] for m in joins[epoch]})
-            for m in joins[epoch]:
-                opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=configs[m].lr)
-                alone[m] = (opt, engine.make_schedule(configs[m], opt, 12))
-        live = [m for m in alone if epoch < 12 + (4 if m >= 4 else 0)]
-        shared.step(live)
-        for m in live:
-            opt, schedule = alone[m]
+    shared = fused._Schedules(configs, 12)
+    alone = []
+    for c in configs:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=c.lr)
+        alone.append((opt, engine.make_schedule(c, opt, 12)))
+    for _ in range(12):
+        shared.step()
+        for m, (opt, schedule) in enumerate(alone):
             if schedule is not None:
                 opt.step()
                 schedule.step()
-            assert shared.lr[m] == opt.param_groups[0]["lr"], (epoch, m)
+            assert shared.lr[m] == opt.param_groups[0]["lr"]

@@ -101,15 +101,13 @@ def stacked_states(
     seed: int,
     task: str,
     device: torch.device = CPU,
-    max_epochs: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """A trial's K fold models after `epochs` epochs of a run of `max_epochs` (default: those)."""
     run = stacked.StackedRun(
         config,
         folds,
         task=task,  # type: ignore[arg-type]
         n_out=_n_out(folds, task),
-        max_epochs=max_epochs or epochs,
+        max_epochs=epochs,
         seeds=[engine.derive_seed(seed, k) for k in range(len(folds))],
         device=device,
     )
