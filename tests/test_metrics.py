@@ -31,6 +31,17 @@ def test_roc_auc_equals_scikit_learns(k: int, decimals: int) -> None:
         assert auc.of_predictions(y, p, k) == pytest.approx(want, abs=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 114, 1000])
+def test_average_ranks_equal_scipys_rankdata(n: int) -> None:
+    """The fast ROC AUC's ranks are scipy's, float for float, with ties, runs at either end and
+    every value equal."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(n)
+    for x in (rng.random(n), rng.random(n).round(1), np.full(n, 0.25), np.sort(rng.random(n))):
+        assert np.array_equal(metrics.average_ranks(x), rankdata(x))
+
+
 def test_roc_auc_leaves_what_scikit_learn_objects_to_it() -> None:
     """Where scikit-learn's checks object (one class only, a NaN score, probabilities that do
     not sum to 1), its own call decides: the same warning and value, or the same error."""
