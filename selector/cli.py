@@ -236,6 +236,8 @@ def _report_run(summary: Any) -> None:
     )
     total = summary.n_trials or summary.budget
     now = f" ({summary.ran} in this run)" if summary.ran != summary.finished else ""
+    for note in summary.data_notes:  # as `create` prints them: a run may create the study
+        typer.echo(f"note: {note}")
     typer.echo(f"study {summary.study!r}: {summary.finished}/{total} trials finished{now}; {best}")
 
 

@@ -976,6 +976,8 @@ class RunSummary:
     best_value: float | None
     best_trial: int | None
     n_trials: int | None = None  # the study's own budget (the file's n_trials)
+    # what was done to the data without being asked (`data.Prepared.notes`), one line each
+    data_notes: tuple[str, ...] = ()
 
 
 def summarize(study: optuna.Study, budget: int, *, ran: int = 0) -> RunSummary:
@@ -990,4 +992,5 @@ def summarize(study: optuna.Study, budget: int, *, ran: int = 0) -> RunSummary:
         best_value=best.value if best else None,
         best_trial=best.number if best else None,
         n_trials=study.user_attrs.get(ATTR_BUDGET),
+        data_notes=tuple(str(n) for n in study.user_attrs.get("data_notes") or ()),
     )

@@ -851,15 +851,21 @@ def test_create_says_what_was_done_to_the_data(work: Work) -> None:
     lines = Path(path).read_text().splitlines()
     lines[6] = ",".join(lines[6].split(",")[:5])  # data row 6 loses its last 3 fields
     Path(path).write_text("\n".join(lines) + "\n")
-    result = CliRunner().invoke(app, ["create", s, "--storage", work.url])
-    assert result.exit_code == 0, result.output
-    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
-    assert notes == [
+    want = [
         f"note: {path}: 1 rows have fewer fields than the header's 8 (the first is row 6); "
         "their missing fields were read as missing values",
         f"note: {path}: 1 of 344 rows have no value in the target 'species' and were left out "
         "(343 rows remain)",
     ]
+    result = CliRunner().invoke(app, ["create", s, "--storage", work.url])
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.stdout.splitlines() if line.startswith("note: ")] == want
+    # `run` says the same, before its summary line: a user may never call `create`
+    ran = CliRunner().invoke(app, [*run(work, s), "--workers", "1"])
+    assert ran.exit_code == 0, ran.output
+    lines = ran.stdout.splitlines()
+    assert [line for line in lines if line.startswith("note: ")] == want
+    assert lines[-1].startswith("study 'bad-input': 1/")
 
 
 def test_final_refuses_a_symlink_planted_at_the_model_directory(work: Work) -> None:
