@@ -27,14 +27,12 @@ rounding):
 * Batches: each row has the generator its solo run's fold has, so it draws the same permutations.
 * Where an operation differs between members (activation, batch norm) it runs once per run of
   equal values along the rows; members are ordered so that those runs, and the runs of equal
-  optimizers (`fused_optim.FusedOptimizer`), are few.
-* Batch norm in training, where every row's batch is whole, is group norm with one group per
-  unit on a (1, rows x units, batch) view: the same mean and biased variance over the batch, in
-  about half of `F.batch_norm`'s time forward and backward on that shape (80 x 34 x 64: 724
-  against 1,294 us). The running estimates are updated as batch norm updates them, from the
-  mean and 1 / std that `torch.native_group_norm` returns (`torch.var_mean` over the short
-  last axis alone cost more than the whole batch norm). Breast_cancer groups of 16 trained
-  11% faster (9.5 against 10.7 s, side by side).
+  optimizers (`fused_optim.FusedOptimizer`), are few. Batch norm is `F.batch_norm` on a
+  (1, rows x units, batch) view. Group norm with one group per unit computes the same
+  training statistics in about half the time at 80 x 34 x 64, and with the running estimates
+  from `torch.native_group_norm`'s mean and 1 / std breast_cancer groups of 16 trained 11%
+  faster at widths about 34, but 7% slower at about 136 (fixed workloads, side by side): not
+  kept.
 * Gradient clipping uses each row's own global norm; learning-rate schedules are each member's
   own torch scheduler, read once an epoch.
 * Members that leave are dropped from every tensor (weights, optimizer state, masks), so the group
@@ -345,16 +343,6 @@ class FusedModel:
         tracked = self.buffers[pre + "num_batches_tracked"][a:b]
         G, C, B = h.shape
         eps, momentum = 1e-5, 0.1
-        if train and row_mask is None and B > 1:  # whole batches: group norm, see the notes
-            tracked.add_(1)
-            out, mean, rstd = torch.native_group_norm(
-                h.reshape(1, G * C, B), gamma.reshape(-1), beta.reshape(-1), 1, G * C, B, G * C, eps
-            )
-            with torch.no_grad():
-                var = rstd.detach().view(G, C).square().reciprocal_().sub_(eps).mul_(B / (B - 1))
-                rm.copy_(momentum * mean.detach().view(G, C) + (1 - momentum) * rm)
-                rv.copy_(momentum * var + (1 - momentum) * rv)
-            return out.view(G, C, B)
         if row_mask is None or not train:
             if train:
                 tracked.add_(1)
