@@ -980,6 +980,12 @@ class RunSummary:
     data_notes: tuple[str, ...] = ()
 
 
+def data_notes(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """The study's notes on what was done to its data (its `data_notes` user attr), from its
+    user attrs: what `run` and `status` print."""
+    return tuple(str(n) for n in attrs.get("data_notes") or ())
+
+
 def summarize(study: optuna.Study, budget: int, *, ran: int = 0) -> RunSummary:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = max(done, key=value_of) if done else None
@@ -992,5 +998,5 @@ def summarize(study: optuna.Study, budget: int, *, ran: int = 0) -> RunSummary:
         best_value=best.value if best else None,
         best_trial=best.number if best else None,
         n_trials=study.user_attrs.get(ATTR_BUDGET),
-        data_notes=tuple(str(n) for n in study.user_attrs.get("data_notes") or ()),
+        data_notes=data_notes(study.user_attrs),
     )
