@@ -9,9 +9,13 @@ it a dozen times; `mixture_log_pdf` computes the same elementwise arithmetic, in
 on blocks of candidates that stay in cache, one parameter at a time and in place (no block to
 fill and sum), with the parts that do not depend on the candidates (truncation masses, log
 weights, log scales) computed once instead of once a candidate: 2.9x faster (380 to 133 ms at
-4,700 trials, 822 to 281 ms at 8,800). Every value equals Optuna's bit for bit (a test checks
-mixtures of every kind of distribution against Optuna's own function), so TPE proposes exactly
-the trials it would.
+4,700 trials, 822 to 281 ms at 8,800). Three more things, each exact: a discrete parameter's
+masses once for the distinct values of all the candidates (not of each block); no truncation
+mask where a block's candidates lie within the bounds; and the exponentials of the final
+log-sum-exp without numpy's slow path for results that underflow (`exp_nonpositive`): a group
+of 32's acquisition at 7,800 penguins trials went from 156 to 95 ms. Every value equals Optuna's
+bit for bit (a test checks mixtures of every kind of distribution against Optuna's own
+function), so TPE proposes exactly the trials it would.
 """
 
 from __future__ import annotations
@@ -61,7 +65,6 @@ def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
     from optuna.samplers._tpe import _truncnorm
     from optuna.samplers._tpe.probability_distributions import (
         _BatchedCategoricalDistributions,
-        _log_gauss_mass_unique,
         _unique_inverse_2d,
     )
 
@@ -87,55 +90,104 @@ def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
             terms.append(_Discrete(i, d, mu_uniq, sigma_uniq, pair, mass))
     log_weights = np.log(self.weights[np.newaxis])
     log_c = _truncnorm._norm_pdf_logC
+    # A discrete parameter's masses for each distinct value among all the candidates, once
+    # (Optuna computes them for the distinct values of its one block): each is a function of
+    # its value and component alone, so the same numbers.
+    tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for t in terms:
+        if isinstance(t, _Discrete):
+            step, is_log = t.dist.step, t.dist.is_log
+            xi_uniq, xi_inv = np.unique(x[:, t.column], return_inverse=True)
+            left = np.log(xi_uniq - step / 2) if is_log else (xi_uniq - step / 2)
+            right = np.log(xi_uniq + step / 2) if is_log else (xi_uniq + step / 2)
+            mass = _truncnorm._log_gauss_mass(
+                (left[:, np.newaxis] - t.mu) / t.sigma, (right[:, np.newaxis] - t.mu) / t.sigma
+            )
+            tables[t.column] = (mass[:, t.pair], xi_inv.reshape(-1))
+    # Where every candidate of a block lies within a continuous parameter's bounds, no component
+    # truncates it (a < z < b follows from low <= x <= high: the rounded subtraction and
+    # division by a positive sigma keep the order), and the mask pass is skipped.
+    bounds = {
+        c.column: (
+            self.distributions[c.column].adapted_low,
+            self.distributions[c.column].adapted_high,
+        )
+        for c in cont
+        if (c.sigma > 0).all()
+    }
 
     n = len(x)
     result = np.empty(n, dtype=np.float64)
+    # blocks of candidates x components, allocated once (a fresh array of this size is pages
+    # mapped and faulted in anew each time)
+    shape = (min(n, CHUNK), len(self.weights))
+    buffers = [np.empty(shape) for _ in range(4)]
     for start in range(0, n, CHUNK):
         rows = x[start : start + CHUNK]
-        weighted = np.zeros((len(rows), len(self.weights)), dtype=np.float64)
+        weighted, z, total, out = (buf[: len(rows)] for buf in buffers)
+        weighted.fill(0.0)
         for t in terms:
             if isinstance(t, _Categorical):
                 weighted += t.log_weights[rows[:, t.column].astype(np.int64)]
                 continue
-            step, is_log = t.dist.step, t.dist.is_log
-            xi_uniq, xi_inv = np.unique(rows[:, t.column], return_inverse=True)
-            left = np.log(xi_uniq - step / 2) if is_log else (xi_uniq - step / 2)
-            right = np.log(xi_uniq + step / 2) if is_log else (xi_uniq + step / 2)
-            weighted += _log_gauss_mass_unique(
-                (left[:, np.newaxis] - t.mu) / t.sigma,
-                (right[:, np.newaxis] - t.mu) / t.sigma,
-            )[np.ix_(xi_inv, t.pair)]
+            table, inverse = tables[t.column]
+            weighted += table[inverse[start : start + CHUNK]]
             weighted -= t.log_mass
-        total: np.ndarray | None = None
-        for c in cont:
+        for j, c in enumerate(cont):
             xi = np.log(rows[:, c.column]) if c.is_log else rows[:, c.column]
-            z = xi[:, np.newaxis] - c.mu
+            np.subtract(xi[:, np.newaxis], c.mu, out=z)
             z /= c.sigma
             # Optuna's norm_logpdf(z) - log_mass - log_scale, one operation at a time, in place
-            out = np.square(z)
-            np.negative(out, out=out)
-            out /= 2.0
-            out -= log_c
-            out -= c.log_mass
-            out -= c.log_scale
-            out[(z < c.a) | (z > c.b)] = -np.inf
+            # (-(z * z) / 2 is z * z * -0.5 exactly: both round the same real number)
+            o = total if j == 0 else out
+            np.square(z, out=o)
+            o *= -0.5
+            o -= log_c
+            o -= c.log_mass
+            o -= c.log_scale
+            inside = c.column in bounds and bool(
+                ((xi >= bounds[c.column][0]) & (xi <= bounds[c.column][1])).all()
+            )
+            if not inside:
+                o[(z < c.a) | (z > c.b)] = -np.inf
             if c.degenerate.any():
-                out[:, c.degenerate] = np.nan
+                o[:, c.degenerate] = np.nan
             # numpy sums a short last axis (Optuna's block of parameters) left to right
-            if total is None:
-                total = out
-            else:
-                total += out
-        if total is not None:
+            if j > 0:
+                total += o
+        if cont:
             weighted += total
         weighted += log_weights
         max_ = weighted.max(axis=1)
         max_[np.isneginf(max_)] = 0
+        weighted -= max_[:, None]
         with np.errstate(divide="ignore"):  # log(0) where no component has mass
             result[start : start + len(rows)] = (
-                np.log(np.exp(weighted - max_[:, None]).sum(axis=1)) + max_
+                np.log(exp_nonpositive(weighted, out=z).sum(axis=1)) + max_
             )
     return result
+
+
+# numpy's exp is a normal number above NORMAL (and fast; from about -708 on it takes a slow
+# path); at or below ZERO it is exactly 0.
+NORMAL, ZERO = -700.0, -750.0
+
+
+def exp_nonpositive(d: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """`np.exp(d)`, the same numbers, faster where much of `d` is far below 0: numpy's exp
+    takes about 1 ns a number above -708, but 6 ns on one whose result underflows to 0 and
+    some 35-70 ns on one with a subnormal result (one core), and most of a mixture's
+    components lie that far from most candidates. The range above NORMAL in one pass, 0 at or
+    below ZERO, and those in between through exp one by one."""
+    out = np.maximum(d, NORMAL, out=out)  # nan stays nan
+    np.exp(out, out=out)
+    low = d < NORMAL
+    if low.any():
+        np.multiply(out, ~low, out=out)  # exp(NORMAL) * 0 is 0
+        between = np.flatnonzero(low & (d > ZERO))
+        if between.size:
+            out.flat[between] = np.exp(d.flat[between])
+    return out
 
 
 # Optuna's own `log_pdf`, kept where `install` replaces it (for the test that compares them).

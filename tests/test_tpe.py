@@ -148,3 +148,22 @@ def test_vectorised_log_ndtr_agrees_with_optunas_and_tpe_proposes_the_same() -> 
             assert math.isclose(value, after[name], rel_tol=1e-9), name
         else:
             assert value == after[name], name
+
+
+def test_exp_nonpositive_equals_numpys_exp() -> None:
+    """`tpe.exp_nonpositive` gives `np.exp`'s numbers on the whole non-positive range: the fast
+    range, subnormal results, exact zeros far below, -inf and nan; into `out` as well."""
+    d = np.concatenate(
+        [
+            np.linspace(-800.0, 0.0, 400_001),
+            np.linspace(-746.0, -700.0, 100_001),  # subnormal results and the bounds around them
+            [tpe.NORMAL, tpe.ZERO, np.nextafter(tpe.NORMAL, 0), np.nextafter(tpe.ZERO, -1)],
+            [-np.inf, np.nan, -0.0, -1e300],
+        ]
+    ).reshape(-1, 6)
+    expected = np.exp(d)
+    assert (expected[np.isfinite(d) & (d > -745) & (d < -708.5)] > 0).all()  # subnormals seen
+    assert np.array_equal(tpe.exp_nonpositive(d), expected, equal_nan=True)
+    out = np.empty_like(d)
+    assert tpe.exp_nonpositive(d, out=out) is out
+    assert np.array_equal(out, expected, equal_nan=True)
