@@ -59,7 +59,7 @@ from selector.engine import CVResult, MemoryNeed, batch_bounds, derive_seed, mak
 from selector.errors import TrialDiverged
 from selector.fused_optim import STATES, FusedOptimizer, kind
 from selector.metrics import Metric, Task
-from selector.model import ACTIVATIONS, ZERO_AT_ZERO, build_mlp
+from selector.model import ACTIVATIONS, ZERO_AT_ZERO, build_mlp, initial_state
 from selector.space import TrialConfig
 from selector.spec import Param, SpaceSpec, TrainingSpec
 from selector.stacked import DROP_BITS, EVAL_CHUNK_ELEMENTS, pad_rows
@@ -162,20 +162,15 @@ class FusedModel:
                 )
         with torch.no_grad():
             for m, (config, member_seeds) in enumerate(zip(configs, seeds, strict=True)):
-                model = build_mlp(config, n_in, n_out)  # built once, initialised per fold:
-                linears = [x for x in model.modules() if isinstance(x, torch.nn.Linear)]
-                tensors = model.state_dict(keep_vars=True)  # the same tensors, reset in place
-                folds: dict[str, list[torch.Tensor]] = {key: [] for key in tensors}
+                folds: dict[str, list[torch.Tensor]] = {}
                 for s in member_seeds:
                     # what the member's solo run does for this fold (`torch.manual_seed` seeds the
-                    # default CPU generator, which builds the weights, and queues a CUDA seeding);
-                    # its linear layers draw in the order they are built (modules() order), and
+                    # default CPU generator, which builds the weights, and queues a CUDA seeding):
+                    # its linear layers reset in module order (`model.initial_state`), and
                     # nothing else draws
                     torch.default_generator.manual_seed(s)
-                    for layer in linears:
-                        layer.reset_parameters()
-                    for key, t in tensors.items():
-                        folds[key].append(t.detach().clone())
+                    for key, t in initial_state(config, n_in, n_out).items():
+                        folds.setdefault(key, []).append(t)
                 self._load_rows(m * self.K, {key: torch.stack(ts) for key, ts in folds.items()})
         self._derive()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -67,6 +68,40 @@ class MLP(nn.Module):
 
 def build_mlp(config: TrialConfig, n_in: int, n_out: int) -> MLP:
     return MLP(n_in, n_out, config)
+
+
+def initial_state(config: TrialConfig, n_in: int, n_out: int) -> dict[str, torch.Tensor]:
+    """The state_dict of `build_mlp(config, n_in, n_out)` after `reset_parameters()` of its
+    linear layers in module order (what a fold's model starts from once its seed is set), drawn
+    from the default generator in the same order, without building the modules: a fused group
+    starts each member's K fold models this way (building the modules took most of a penguins
+    group's start). A test checks it against the built model's."""
+    widths = config.widths()
+    ins = [n_in, *widths[:-1]]
+    state: dict[str, torch.Tensor] = {}
+
+    def linear(key: str, o: int, i: int, bias: bool) -> None:  # nn.Linear.reset_parameters
+        weight = torch.empty(o, i)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        state[f"{key}.weight"] = weight
+        if bias:
+            bound = 1 / math.sqrt(i) if i > 0 else 0
+            state[f"{key}.bias"] = nn.init.uniform_(torch.empty(o), -bound, bound)
+
+    for k, (i, o) in enumerate(zip(ins, widths, strict=True)):
+        linear(f"blocks.{k}.linear", o, i, True)
+        if config.batch_norm:
+            norm = f"blocks.{k}.norm"
+            state[f"{norm}.weight"], state[f"{norm}.bias"] = torch.ones(o), torch.zeros(o)
+            state[f"{norm}.running_mean"], state[f"{norm}.running_var"] = (
+                torch.zeros(o),
+                torch.ones(o),
+            )
+            state[f"{norm}.num_batches_tracked"] = torch.tensor(0)
+        if config.residual and k > 0 and i != o:
+            linear(f"blocks.{k}.skip", o, i, False)
+    linear("head", n_out, widths[-1], True)
+    return state
 
 
 def count_params(config: TrialConfig, n_in: int, n_out: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selector.model import ACTIVATIONS, build_mlp, count_params
+from selector.model import ACTIVATIONS, build_mlp, count_params, initial_state
 from selector.space import TrialConfig
 
 
@@ -47,3 +47,24 @@ def test_residual_link_adds_the_input() -> None:
     x = torch.randn(4, 6)
     assert torch.allclose(block(x), x)  # relu(0) + x
     assert model.blocks[0].skip is None
+
+
+@pytest.mark.parametrize("shape", ["constant", "funnel"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_initial_state_is_the_built_models_state(
+    shape: str, residual: bool, batch_norm: bool, depth: int
+) -> None:
+    """`initial_state` after a seed equals the state of the model `build_mlp` builds after the
+    same seed, key for key and bit for bit: the same draws in the same order."""
+    c = TrialConfig(
+        depth=depth, width=24, shape=shape, residual=residual, batch_norm=batch_norm, dropout=0.2
+    )
+    torch.manual_seed(123)
+    built = build_mlp(c, 7, 3).state_dict()
+    torch.manual_seed(123)
+    drawn = initial_state(c, 7, 3)
+    assert list(drawn) == list(built)
+    for key, t in built.items():
+        assert drawn[key].dtype == t.dtype and torch.equal(drawn[key], t), key
