@@ -167,3 +167,68 @@ def test_exp_nonpositive_equals_numpys_exp() -> None:
     out = np.empty_like(d)
     assert tpe.exp_nonpositive(d, out=out) is out
     assert np.array_equal(out, expected, equal_nan=True)
+
+
+def test_internal_repr_equals_optunas_and_follows_the_trials() -> None:
+    """`tpe.internal_repr` gives the arrays of Optuna's `_get_internal_repr` (values and dtypes)
+    for finished and running trials and trials without every parameter, read again from its
+    cache, and after more trials finish."""
+    tpe.install()
+    optunas = tpe.optunas_internal_repr
+    assert optunas is not None, "Optuna's _get_internal_repr moved: tpe.install replaced nothing"
+    study = _history(40)
+    sampler = optuna.samplers.TPESampler(seed=3)
+    partial = study.ask({"c": EVERY_KIND["c"], "f": EVERY_KIND["f"]})  # a running trial, two params
+    study.tell(partial, 1.0)
+    running = study.ask(EVERY_KIND)  # a running trial with every param
+    for _ in range(3):
+        trials = study.get_trials(deepcopy=False)
+        for space in (EVERY_KIND, {"il": EVERY_KIND["il"], "c": EVERY_KIND["c"]}):
+            ours = tpe.internal_repr(sampler, trials, space, study)
+            theirs = optunas(sampler, trials, space, study)
+            assert list(ours) == list(theirs)
+            for name in space:
+                assert ours[name].dtype == theirs[name].dtype
+                assert np.array_equal(ours[name], theirs[name]), name
+        trial = study.ask(EVERY_KIND)
+        study.tell(trial, _value(trial.params))
+    assert running.number in {t.number for t in trials}
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_split_trials_equals_optunas(direction: str) -> None:
+    """`tpe.split_trials` gives Optuna's good and bad trials in Optuna's order: complete trials
+    with ties, pruned ones (with and without scores, a nan among them), infeasible and running
+    ones, at every size of the good part, read again from its cache."""
+    tpe.install()
+    optunas = tpe.optunas_split_trials
+    assert optunas is not None, "Optuna's _split_trials moved: tpe.install replaced nothing"
+    study = optuna.create_study(direction=direction)
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        trial = study.ask()
+        kind = i % 6
+        if kind == 4:  # infeasible
+            study._storage.set_trial_system_attr(trial._trial_id, "constraints", [0.5 * i, -1.0])
+        if kind in (1, 2):  # pruned, its last score a tie, fresh or nan (or none at all)
+            for step in range(int(rng.integers(0, 4))):
+                value = float(rng.choice([0.25, 0.5, np.nan])) if step else float(i)
+                trial.report(value, step)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif kind == 3:
+            continue  # running
+        else:
+            study.tell(trial, float(rng.choice([0.1, 0.2, 0.3])))  # ties
+    states = (
+        optuna.trial.TrialState.COMPLETE,
+        optuna.trial.TrialState.PRUNED,
+        optuna.trial.TrialState.RUNNING,
+    )
+    trials = study.get_trials(deepcopy=False, states=states)
+    for n_below in (0, 1, 5, 11, 25, 60, 100):
+        for _ in range(2):
+            ours = tpe.split_trials(study, trials, n_below)
+            theirs = optunas(study, trials, n_below)
+            assert [[t.number for t in part] for part in ours] == [
+                [t.number for t in part] for part in theirs
+            ], n_below
