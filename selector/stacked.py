@@ -58,7 +58,7 @@ from selector.engine import (
 )
 from selector.errors import SpecError
 from selector.metrics import Task
-from selector.model import ACTIVATIONS, MLP, Block, build_mlp
+from selector.model import ACTIVATIONS, MLP, Block, build_mlp, initial_state
 from selector.space import TrialConfig
 from selector.spec import Param, SpaceSpec, StudySpec, TrainingSpec
 
@@ -142,9 +142,9 @@ class StackedMLP:
         self, config: TrialConfig, n_in: int, n_out: int, seeds: Sequence[int], device: torch.device
     ) -> None:
         states = []
-        for s in seeds:  # exactly what the reference engine does for each fold
+        for s in seeds:  # the reference engine's draws for each fold (`model.initial_state`)
             torch.manual_seed(s)
-            states.append(build_mlp(config, n_in, n_out).state_dict())
+            states.append(initial_state(config, n_in, n_out))
         with torch.device("meta"):  # the architecture only; no draws from the generator
             template = build_mlp(config, n_in, n_out)
         param_names = {name for name, _ in template.named_parameters()}
