@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -80,13 +80,12 @@ def initial_state(config: TrialConfig, n_in: int, n_out: int) -> dict[str, torch
     ins = [n_in, *widths[:-1]]
     state: dict[str, torch.Tensor] = {}
 
-    def linear(key: str, o: int, i: int, bias: bool) -> None:  # nn.Linear.reset_parameters
-        weight = torch.empty(o, i)
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        state[f"{key}.weight"] = weight
+    def linear(key: str, o: int, i: int, bias: bool) -> None:
+        layer = SimpleNamespace(weight=torch.empty(o, i), bias=torch.empty(o) if bias else None)
+        nn.Linear.reset_parameters(layer)  # type: ignore[arg-type]  # torch's own, on bare tensors
+        state[f"{key}.weight"] = layer.weight
         if bias:
-            bound = 1 / math.sqrt(i) if i > 0 else 0
-            state[f"{key}.bias"] = nn.init.uniform_(torch.empty(o), -bound, bound)
+            state[f"{key}.bias"] = layer.bias
 
     for k, (i, o) in enumerate(zip(ins, widths, strict=True)):
         linear(f"blocks.{k}.linear", o, i, True)

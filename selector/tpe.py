@@ -57,6 +57,10 @@ class _Continuous:
     log_mass: np.ndarray
     log_scale: np.ndarray
     degenerate: np.ndarray  # components whose bounds coincide: nan, as Optuna gives
+    # The bounds themselves, where every sigma is positive (else None): a candidate within them
+    # lies within every component's a and b, since the rounded subtraction and division by a
+    # positive sigma keep the order, so a block of such candidates needs no truncation mask.
+    bounds: tuple[float, float] | None
 
 
 def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
@@ -81,7 +85,10 @@ def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
             a = (np.asarray([d.adapted_low]) - mu) / sigma
             b = (np.asarray([d.adapted_high]) - mu) / sigma
             lgm = _truncnorm._log_gauss_mass(a, b)
-            cont.append(_Continuous(i, d.is_log, mu, sigma, a, b, lgm, np.log(sigma), a == b))
+            bounds = (d.adapted_low, d.adapted_high) if (sigma > 0).all() else None
+            cont.append(
+                _Continuous(i, d.is_log, mu, sigma, a, b, lgm, np.log(sigma), a == b, bounds)
+            )
         else:
             mu_uniq, sigma_uniq, pair = _unique_inverse_2d(d.mu, d.sigma)
             mass = _truncnorm._log_gauss_mass(
@@ -104,18 +111,6 @@ def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
                 (left[:, np.newaxis] - t.mu) / t.sigma, (right[:, np.newaxis] - t.mu) / t.sigma
             )
             tables[t.column] = (mass[:, t.pair], xi_inv.reshape(-1))
-    # Where every candidate of a block lies within a continuous parameter's bounds, no component
-    # truncates it (a < z < b follows from low <= x <= high: the rounded subtraction and
-    # division by a positive sigma keep the order), and the mask pass is skipped.
-    bounds = {
-        c.column: (
-            self.distributions[c.column].adapted_low,
-            self.distributions[c.column].adapted_high,
-        )
-        for c in cont
-        if (c.sigma > 0).all()
-    }
-
     n = len(x)
     result = np.empty(n, dtype=np.float64)
     # blocks of candidates x components, allocated once (a fresh array of this size is pages
@@ -145,8 +140,8 @@ def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
             o -= log_c
             o -= c.log_mass
             o -= c.log_scale
-            inside = c.column in bounds and bool(
-                ((xi >= bounds[c.column][0]) & (xi <= bounds[c.column][1])).all()
+            inside = c.bounds is not None and bool(
+                ((xi >= c.bounds[0]) & (xi <= c.bounds[1])).all()
             )
             if not inside:
                 o[(z < c.a) | (z > c.b)] = -np.inf
@@ -238,7 +233,6 @@ def split_trials(study: Any, trials: list[Any], n_below: int) -> tuple[list[Any]
         "_selector_split_scores", {}
     )
     complete, pruned, running, infeasible = [], [], [], []
-    score_of: dict[int, tuple[float, float]] = {}
     for trial in trials:
         if trial.state == TrialState.RUNNING:
             running.append(trial)
@@ -248,15 +242,12 @@ def split_trials(study: Any, trials: list[Any], n_below: int) -> tuple[list[Any]
             pruned_score = tpe_sampler._get_pruned_trial_score(trial, study)
             hit = (trial, (tpe_sampler._get_infeasible_trial_score(trial), pruned_score))
             cache[id(trial)] = hit
-        bad, pruned_score = hit[1]
-        if bad > 0:
+        if hit[1][0] > 0:
             infeasible.append(trial)
-            score_of[id(trial)] = (bad, 0.0)
         elif trial.state == TrialState.COMPLETE:
             complete.append(trial)
         elif trial.state == TrialState.PRUNED:
             pruned.append(trial)
-            score_of[id(trial)] = pruned_score
         else:
             raise AssertionError(f"trial {trial.number} is {trial.state.name}")
     n = min(n_below, len(complete))
@@ -264,11 +255,11 @@ def split_trials(study: Any, trials: list[Any], n_below: int) -> tuple[list[Any]
     below, above = by_value[:n], by_value[n:]
     n_below = max(0, n_below - len(below))
     n = min(n_below, len(pruned))
-    by_score = sorted(pruned, key=lambda t: score_of[id(t)])
+    by_score = sorted(pruned, key=lambda t: cache[id(t)][1][1])
     below, above = below + by_score[:n], above + by_score[n:]
     n_below = max(0, n_below - n)
     n = min(n_below, len(infeasible))
-    by_bad = sorted(infeasible, key=lambda t: score_of[id(t)][0])
+    by_bad = sorted(infeasible, key=lambda t: cache[id(t)][1][0])
     below, above = below + by_bad[:n], above + by_bad[n:] + running
     below.sort(key=lambda t: t.number)
     above.sort(key=lambda t: t.number)
