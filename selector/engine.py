@@ -193,6 +193,16 @@ def score(metric: Metric, y_true: np.ndarray, pred: np.ndarray, n_classes: int) 
     return metric.of_predictions(y_true, pred, n_classes)
 
 
+def score_rows(
+    metric: Metric, y_true: np.ndarray, preds: Sequence[np.ndarray], n_classes: int
+) -> list[float]:
+    """`score` of each of several models' predictions of the same rows, computed together
+    where the metric allows (`Metric.of_prediction_rows`): the same floats."""
+    if not preds:
+        return []
+    return metric.of_prediction_rows(y_true, np.stack(preds), n_classes)
+
+
 @dataclass
 class _Curves:
     val: list[float] = field(default_factory=list)

@@ -787,17 +787,21 @@ def drive_group(
         live = list(run.members)
         preds = run.predictions("val")
         means: dict[int, float] = {}
+        finite = np.isfinite(losses).all(axis=1)
+        scored = [pos for pos in range(len(live)) if finite[pos]]
+        row_of = {pos: row for row, pos in enumerate(scored)}
+        by_fold = [  # every member's fold k at once: (members scored, folds)
+            engine.score_rows(metric, f.y_val, [preds[pos][k] for pos in scored], n_classes)
+            for k, f in enumerate(folds)
+        ]
         for pos, m in enumerate(live):
             st = state[m]
-            bad = [k for k, v in enumerate(losses[pos]) if not math.isfinite(v)]
-            if bad:
+            if not finite[pos]:
                 leaving.append(m)
+                bad = [k for k, v in enumerate(losses[pos]) if not math.isfinite(v)]
                 done(m, TrialDiverged(epoch, bad[0]))
                 continue
-            scores = [
-                engine.score(metric, f.y_val, p, n_classes)
-                for f, p in zip(folds, preds[pos], strict=True)
-            ]
+            scores = [fold[row_of[pos]] for fold in by_fold]
             mean = float(np.mean(scores))
             st.val.append(mean)
             st.loss.append(float(np.mean(losses[pos])))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.exceptions import UndefinedMetricWarning
@@ -144,3 +146,60 @@ def test_scores_scikit_learn_objects_to_are_its_own() -> None:
     assert metrics._r2(flat, flat + 0.1) is None
     with pytest.raises(ValueError, match="NaN"):
         metrics.get("r2").score(np.array([1.0, np.nan]), np.array([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("name", sorted(metrics.METRICS))
+def test_scores_of_many_models_at_once_are_each_ones_own(name: str) -> None:
+    """`of_prediction_rows` (a fused group scores every member's fold at once) gives each
+    model's `of_predictions`, float for float: with ties, every model right, one model's
+    probabilities not finite (its own call raises there, so it is left out here), and classes
+    absent from the labels (scikit-learn's call decides, for every model)."""
+    rng = np.random.default_rng(len(name))
+    metric = metrics.get(name)
+    for trial in range(12):
+        n = int(rng.integers(5, 120))
+        M = int(rng.integers(1, 9))
+        if metric.task == "regression":
+            y = rng.normal(size=n)
+            preds = y + rng.normal(scale=0.5, size=(M, n))
+            k = 0
+        else:
+            k = 2 if name in ("f1", "roc_auc") and trial % 2 else int(rng.integers(2, 11))
+            k = 2 if name == "f1" else k
+            y = np.concatenate([np.arange(k), rng.integers(0, k, n)])
+            if trial % 4 == 3:
+                y = np.where(y == k - 1, 0, y)  # a class absent from the labels
+            preds = np.stack([_proba(rng, len(y), k, [1, 2, 8][(trial + m) % 3]) for m in range(M)])
+            preds[0] = np.eye(k)[y] * 0.9 + 0.1 / k  # every prediction right
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = metric.of_prediction_rows(y, preds, k)
+            want = [metric.of_predictions(y, p, k) for p in preds]
+        np.testing.assert_array_equal(got, want, err_msg=f"{name} {trial}")  # NaN equals NaN
+
+
+def test_scores_of_many_models_leave_what_they_cannot_compute_to_each_ones_call() -> None:
+    """A model whose scores are not finite, or whose one-vs-rest probabilities do not sum to
+    1, goes to its own call (which raises, as scikit-learn does); labels missing a class leave
+    every model to scikit-learn."""
+    auc = metrics.get("roc_auc")
+    y = np.array([0, 1, 0, 1])
+    good = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    bad = good.copy()
+    bad[0, 1] = np.nan
+    fast = metrics._ranked_roc_auc_rows(y, np.stack([good, bad]), 2)
+    assert fast is not None and fast[0] == 1.0 and np.isnan(fast[1])
+    with pytest.raises(ValueError, match="NaN"):
+        auc.of_prediction_rows(y, np.stack([good, bad]), 2)
+    assert metrics._ranked_roc_auc_rows(np.zeros(4, dtype=int), np.stack([good]), 2) is None
+    three = np.array([[0.5, 0.2, 0.2], [0.2, 0.5, 0.2], [0.2, 0.2, 0.5]])  # rows sum to 0.9
+    fast = metrics._ranked_roc_auc_rows(np.array([0, 1, 2]), np.stack([three, three / 0.9]), 3)
+    assert fast is not None and np.isnan(fast[0]) and fast[1] == 1.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 114])
+def test_average_ranks_of_rows_are_each_rows_own(n: int) -> None:
+    rng = np.random.default_rng(n)
+    x = np.stack([rng.random(n), rng.random(n).round(1), np.full(n, 0.25), np.sort(rng.random(n))])
+    want = np.stack([metrics.average_ranks(row) for row in x])
+    assert np.array_equal(metrics.average_ranks_rows(x), want)
