@@ -51,8 +51,8 @@ class Metric:
     ) -> list[float]:
         """`of_predictions` for each of M models' predictions of the same rows (`preds` (M, n, C)
         probabilities, or (M, n) values), computed together where the score allows: a fused
-        group scores every member on each fold every epoch (a fifth of a second a member, one
-        call each, was 4% of a breast_cancer search)."""
+        group scores every member on each fold every epoch, and one call each was 4% of a
+        breast_cancer search (ROC AUC: 39 against 7.7 us a member's fold, 32 members)."""
         preds = np.asarray(preds)
         given = preds.argmax(axis=2) if self.needs == "labels" else preds
         fast = None if self.rows is None else self.rows(y_true, given, n_classes)
@@ -90,7 +90,7 @@ def _accuracy_rows(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarra
     y, pred = np.asarray(y), np.asarray(pred)
     if y.ndim != 1 or pred.ndim != 2 or pred.shape[1:] != y.shape or y.dtype.kind not in "iub":
         return None
-    if not len(y):
+    if not len(y):  # scikit-learn's call decides
         return None
     return np.asarray((pred == y).mean(axis=1), dtype=np.float64)
 

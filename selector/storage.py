@@ -642,7 +642,7 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
                 )
     with _create_scoped_session(rdb.scoped_session, True) as session:
         # Core statements on Optuna's tables, not its ORM models: the same rows, without
-        # building an ORM object per row and flushing them (a third of this write's time)
+        # building an ORM object per row and flushing them (about a quarter of this write's time)
         ids = [w.trial._trial_id for w, *_ in pending]
         query = sa.select(trials.c.trial_id, trials.c.number, trials.c.state).where(
             trials.c.trial_id.in_(ids)
