@@ -606,8 +606,18 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
     user: list[dict[str, Any]] = []
     sys_rows: list[dict[str, Any]] = []
     study_rows: list[dict[str, Any]] = []
+    ended_rows: list[dict[str, Any]] = []
+    value_rows: list[dict[str, Any]] = []
+    ended = datetime.datetime.now()  # Optuna's clock for datetime_complete: local, naive
     for w, values, attrs, system in pending:
         tid = w.trial._trial_id
+        if w.state is not None:  # as RDBStorage.set_trial_state_values records it
+            ended_rows.append({"tid": tid, "state": w.state, "ended": ended})
+            if w.value is not None:
+                end, end_type = models.TrialValueModel.value_to_stored_repr(w.value)
+                value_rows.append(
+                    {"trial_id": tid, "objective": 0, "value": end, "value_type": end_type}
+                )
         for step, value in values.items():
             stored, kind = models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
                 value
@@ -623,23 +633,7 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
         user += _attr_rows(tid, attrs)
         sys_rows += _attr_rows(tid, system)
         study_rows += _attr_rows(w.trial.study._study_id, w.study_system_attrs, "study_id")
-    ended = datetime.datetime.now()  # Optuna's clock for datetime_complete: local, naive
     trials = models.TrialModel.__table__
-    ended_rows: list[dict[str, Any]] = []
-    value_rows: list[dict[str, Any]] = []
-    for w, *_ in pending:
-        if w.state is not None:  # as RDBStorage.set_trial_state_values records it
-            ended_rows.append({"tid": w.trial._trial_id, "state": w.state, "ended": ended})
-            if w.value is not None:
-                end, end_type = models.TrialValueModel.value_to_stored_repr(w.value)
-                value_rows.append(
-                    {
-                        "trial_id": w.trial._trial_id,
-                        "objective": 0,
-                        "value": end,
-                        "value_type": end_type,
-                    }
-                )
     with _create_scoped_session(rdb.scoped_session, True) as session:
         # Core statements on Optuna's tables, not its ORM models: the same rows, without
         # building an ORM object per row and flushing them (about a quarter of this write's time)
