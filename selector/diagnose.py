@@ -154,13 +154,23 @@ def diagnose(r: TrialRecord, ctx: Context) -> Diagnosis:
 
 
 def context(
-    records: Sequence[TrialRecord], *, metric: str, baseline: float | None, max_epochs: int
+    records: Sequence[TrialRecord],
+    *,
+    metric: str,
+    baseline: float | None,
+    max_epochs: int,
+    best: tuple[float, float] = (-math.inf, -math.inf),
 ) -> Context:
+    """The study's best scores over its complete `records`, and over other complete trials
+    whose best (mean CV score, training score) is `best` (`record.best_scores`)."""
     done = [r for r in records if r.complete]
     return Context(
         metric=metric,
-        best_val=max((float(r.value) for r in done), default=-math.inf),  # type: ignore[arg-type]
-        best_train=max((r.train_score for r in done), default=-math.inf),
+        best_val=max(
+            max((float(r.value) for r in done), default=-math.inf),  # type: ignore[arg-type]
+            best[0],
+        ),
+        best_train=max(max((r.train_score for r in done), default=-math.inf), best[1]),
         baseline=baseline,
         max_epochs=max_epochs,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import sys
 from collections.abc import Sequence
 from types import TracebackType
@@ -15,6 +16,7 @@ from selector.metrics import METRICS
 from selector.record import (
     ATTR_BUDGET,
     FINISHED,
+    FINISHED_READ_S,
     TrialRecord,
     describe_failure,
     finished_trials,
@@ -49,7 +51,7 @@ class Bar:
             self.bar.close()
 
     def update(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        with one_read(study, running=False):
+        with one_read(study, running=False, within=FINISHED_READ_S):
             self.update_all(study, [trial])
 
     __call__ = update  # a run's `progress` callback
@@ -57,26 +59,30 @@ class Bar:
     def update_all(self, study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
         """Show `trials` (ended together, as a fused group's members), counting from one read
         of the study's finished trials (`record.finished_trials` where Optuna's cache holds
-        them, read by the caller): each counts those that finished before it (several workers
-        report trials after they finish; members that end together share their time and count
-        in the order of their numbers)."""
+        them, read by the caller, at most `record.FINISHED_READ_S` ago): each counts those that
+        finished before it, other workers' as read then (several workers report trials after
+        they finish; members that end together share their time and count in the order of
+        their numbers)."""
         index = finished_trials(study)
         if index is not None:
             ended = index.ended
+            best = index.best[0] if index.best[0] > -math.inf else None
         else:
             finished = study.get_trials(deepcopy=False, states=FINISHED)
             ended = sorted(
                 (t.datetime_complete, t.number) for t in finished if t.datetime_complete is not None
             )
+            best = _best(study)
         if self.total is None:
             self.total = int(study.user_attrs.get(ATTR_BUDGET, 0)) or None
         for trial in sorted(trials, key=lambda t: t.number):  # ended together: by number
             done = len(ended)
             if trial.state in FINISHED and trial.datetime_complete is not None:
                 done = bisect.bisect_right(ended, (trial.datetime_complete, trial.number))
-            self._show(study, trial, done)
+            self._show(study, trial, done, best)
 
-    def _show(self, study: optuna.Study, trial: FrozenTrial, done: int) -> None:
+    def _show(self, study: optuna.Study, trial: FrozenTrial, done: int, best: float | None) -> None:
+        """`best`: the study's best score, as read for this line."""
         if self.perfect is None:
             self.perfect = (_perfect(study),)
         line = self._line(trial, self.perfect[0])
@@ -94,7 +100,6 @@ class Bar:
             self.bar.update(1)
         else:
             self.bar.write(line)
-        best = _best(study)
         if best is not None:
             self.bar.set_postfix_str(f"best {best:.4f}")
 

@@ -25,7 +25,7 @@ import math
 import time
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,7 +249,7 @@ class TrialRecord:
 
     @property
     def train_score(self) -> float:
-        return float(np.mean(self.train_fold_scores)) if self.train_fold_scores else float("nan")
+        return mean_score(self.train_fold_scores)
 
     @property
     def gap(self) -> float:
@@ -345,6 +345,26 @@ class TrialRecord:
             curves=Curves.decode(packed) if isinstance(packed, dict) else None,
             datetime_complete=datetime_complete,
         )
+
+
+def mean_score(scores: Sequence[float]) -> float:
+    """The mean of a trial's fold scores (NaN for none): its training score."""
+    return float(np.mean(scores)) if len(scores) else float("nan")
+
+
+def best_scores(complete: Iterable[FrozenTrial]) -> tuple[float, float]:
+    """The study's best mean CV score and best training score (`TrialRecord.train_score`) among
+    `complete` trials with their scores recorded (`TrialRecord.complete`; -inf for none): what
+    a trial's diagnosis is measured against."""
+    best_val = best_train = -math.inf
+    for t in complete:
+        if t.value is None or not t.user_attrs.get("fold_scores"):
+            continue
+        best_val = max(best_val, t.value)
+        train = mean_score([float(x) for x in t.user_attrs.get("train_fold_scores") or ()])
+        if not math.isnan(train):
+            best_train = max(best_train, train)
+    return best_val, best_train
 
 
 def _int(x: Any) -> int | None:
@@ -540,6 +560,12 @@ def refresh(study: optuna.Study, *, running: bool = True) -> None:
         _READ_AT.setdefault(store, {})[study._study_id] = time.monotonic()
 
 
+# Readers of finished trials only (the median pruner, a complete trial's best scores, the
+# progress line) see other workers' trials at most this much later (`one_read`'s `within`): a
+# penguins group's pruner reads at each of its epochs, about 50 times a second, and that read was
+# about 4% of a run. What a worker ends is in its cache at once, so a lone worker reads the same.
+FINISHED_READ_S = 1.0
+
 # When this process last brought each study's cache up to date (`refresh`): storage -> study id
 # -> `time.monotonic()`.
 _READ_AT: weakref.WeakKeyDictionary[Any, dict[int, float]] = weakref.WeakKeyDictionary()
@@ -567,7 +593,7 @@ class Finished:
 
     Exact because a finished trial never changes: the complete trials at a given count are the
     same trials whenever this process sees that count, so a median over them is memoised by it,
-    and each step's values are gathered as trials complete."""
+    and each step's values, and the best scores (`best`), are gathered as trials complete."""
 
     def __init__(self) -> None:
         self.low = 0  # every trial numbered below is finished and indexed
@@ -575,6 +601,7 @@ class Finished:
         self.complete: list[FrozenTrial] = []  # by number
         self.ended: list[tuple[dt.datetime, int]] = []  # complete or pruned: (completion, number)
         self.at_step: dict[int, list[float]] = {}  # the complete trials' intermediate values
+        self.best = (-math.inf, -math.inf)  # `best_scores` of the complete trials
         self._memo: dict[tuple[Any, ...], float] = {}
         self._memo_n = 0
 
@@ -594,6 +621,8 @@ class Finished:
                     bisect.insort(self.complete, t, key=lambda x: x.number)
                     for step, value in t.intermediate_values.items():
                         self.at_step.setdefault(step, []).append(value)
+                    value, train = best_scores([t])
+                    self.best = (max(self.best[0], value), max(self.best[1], train))
                 if t.state in FINISHED and t.datetime_complete is not None:
                     bisect.insort(self.ended, (t.datetime_complete, n))
                 self.seen.add(n)
@@ -629,8 +658,8 @@ def finished_trials(study: optuna.Study) -> Finished | None:
     date; read the study first, `refresh` or `one_read`). None where the storage keeps no such
     cache (in memory, a gRPC proxy's client): callers read `get_trials` there."""
     store: Any = study._storage
-    if not hasattr(store, "_studies") or not hasattr(store, "_lock"):
-        return None
+    if not isinstance(store, optuna.storages._cached_storage._CachedStorage):
+        return None  # the in-memory storage has `_studies` too, its trials in a list
     with store._lock:
         info = store._studies.get(study._study_id)
         if info is None:

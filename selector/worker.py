@@ -573,8 +573,9 @@ def work(
 def _progress(progress: Progress, study: optuna.Study, frozen: list[FrozenTrial]) -> None:
     """Tell `progress` of members that finished together, in the order of their numbers, from
     one read of the study's trials (running trials as cached: progress reads the finished
-    ones). A `progress.Bar` is told of them at once (`Bar.update_all`: one count for all)."""
-    with record.one_read(study, running=False):
+    ones, at most `record.FINISHED_READ_S` ago). A `progress.Bar` is told of them at once
+    (`Bar.update_all`: one count for all)."""
+    with record.one_read(study, running=False, within=record.FINISHED_READ_S):
         if isinstance(progress, Bar):
             progress.update_all(study, frozen)
             return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -319,10 +320,10 @@ def test_group_prune_decisions_follow_the_complete_trials_as_they_grow(
 ) -> None:
     """The median is memoised per count of complete trials (`record.Finished`): decisions made
     as trials complete between rounds, at the same steps, are each member's own decision. (The
-    trials complete here by `tell`, as in another worker: read at once, not `PRUNE_READ_S` on.)"""
+    trials complete here by `tell`, as in another worker: read at once, not `record.FINISHED_READ_S` on.)"""
     from selector import storage
 
-    monkeypatch.setattr(objective, "PRUNE_READ_S", 0.0)
+    monkeypatch.setattr(record, "FINISHED_READ_S", 0.0)
 
     study_ = optuna.create_study(
         storage=storage.open_storage(f"sqlite:///{tmp_path / 's'}.db", must_exist=False),
@@ -360,12 +361,12 @@ def test_group_prune_decisions_follow_the_complete_trials_as_they_grow(
 def test_the_median_pruner_sees_other_workers_trials_within_its_read_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The median pruner's read of the study is reused for `PRUNE_READ_S`: a trial another
+    """The median pruner's read of the study is reused for `record.FINISHED_READ_S`: a trial another
     worker completes meanwhile counts from the next read on; one this worker ends (its cache
     holds it as written) counts at once."""
     from selector import storage, worker
 
-    monkeypatch.setattr(objective, "PRUNE_READ_S", 0.5)
+    monkeypatch.setattr(record, "FINISHED_READ_S", 0.5)
     url = f"sqlite:///{tmp_path / 's'}.db"
     mine = optuna.create_study(
         study_name="s",
@@ -396,6 +397,56 @@ def test_the_median_pruner_sees_other_workers_trials_within_its_read_interval(
     last.report(0.95, 1)
     worker._tell(mine, last, 0.95, TrialState.COMPLETE)
     assert decide(writers[3], 0.85) is True  # this worker's own, at once: the median is 0.9
+
+
+def test_a_new_trial_is_diagnosed_against_the_best_scores_every_view_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`objective.study_best`: the best mean CV score and the best training score among the
+    complete trials (not the best trial's own training score), as `diagnose.of_study` takes
+    them for every view; another worker's trial counts from the next read on, this worker's at
+    once; a storage without Optuna's cache (in memory) is read as it is."""
+    from selector import storage, worker
+
+    monkeypatch.setattr(record, "FINISHED_READ_S", 0.5)
+    url = f"sqlite:///{tmp_path / 's'}.db"
+    mine = optuna.create_study(
+        study_name="s", storage=storage.open_storage(url, must_exist=False), direction="maximize"
+    )
+    other = optuna.load_study(study_name="s", storage=storage.open_storage(url, must_exist=True))
+    in_memory = optuna.create_study(direction="maximize")
+    assert objective.study_best(mine) == (-math.inf, -math.inf)
+    assert objective.study_best(in_memory) == (-math.inf, -math.inf)
+
+    def end(study: optuna.Study, value: float, train: list[float], theirs: bool = False) -> None:
+        t = study.ask()
+        t.set_user_attr("fold_scores", [value, value])
+        t.set_user_attr("train_fold_scores", train)
+        if theirs:
+            study.tell(t, value)
+        else:
+            worker._tell(study, t, value, TrialState.COMPLETE)
+
+    for study_ in (mine, in_memory):
+        end(study_, 0.9, [0.95, 0.97])  # the best score
+        end(study_, 0.8, [0.99, 1.0])  # the best training score
+        pruned = study_.ask()
+        pruned.set_user_attr("train_fold_scores", [1.0, 1.0])  # not complete: not counted
+        worker._tell(study_, pruned, None, TrialState.PRUNED)
+        unscored = study_.ask()  # complete without its scores recorded: not counted either
+        unscored.set_user_attr("train_fold_scores", [1.0, 1.0])
+        worker._tell(study_, unscored, 0.99, TrialState.COMPLETE)
+        assert objective.study_best(study_) == (0.9, pytest.approx(0.995))
+        ctx = diagnose.context(
+            record.trials(study_), metric="accuracy", baseline=None, max_epochs=10
+        )
+        assert objective.study_best(study_) == (ctx.best_val, ctx.best_train)
+    end(other, 0.95, [0.9, 0.9], theirs=True)
+    assert objective.study_best(mine)[0] == 0.9  # read within the interval
+    time.sleep(0.5)
+    assert objective.study_best(mine) == (0.95, pytest.approx(0.995))  # read again
+    end(mine, 0.97, [0.96, 0.96])
+    assert objective.study_best(mine)[0] == 0.97  # this worker's own, at once
 
 
 def test_same_file_and_seed_give_identical_trials(tmp_path: Path) -> None:
