@@ -211,6 +211,25 @@ def test_optimizer_rows_equal_torch_optim(kernel: bool, monkeypatch: pytest.Monk
     assert opt.steps.view(-1).tolist() == [6.0 - (i % 4 == 1) for i in range(len(configs))]
 
 
+def test_the_formulas_square_root_is_correctly_rounded_on_zeros_and_tiny_numbers() -> None:
+    """`fused_optim._sqrt`: the float32 nearest to the exact square root (as the fused kernels'),
+    on the zeros of padded units, tiny numbers and ordinary ones; a new tensor; a strided
+    tensor goes through torch's own."""
+    x = torch.cat(
+        [
+            torch.zeros(100),
+            torch.rand(10_000) * 1e-36,
+            torch.rand(10_000),
+            torch.rand(10_000) * 1e30,
+        ]
+    )
+    root = fused_optim._sqrt(x)
+    assert torch.equal(root, x.double().sqrt().float())
+    assert root.data_ptr() != x.data_ptr() and torch.equal(root[:100], torch.zeros(100))
+    strided = x.view(2, -1).T
+    assert torch.allclose(fused_optim._sqrt(strided), strided.sqrt(), rtol=2e-7, atol=0.0)
+
+
 def test_segments_and_kinds() -> None:
     kinds = [fused_optim.kind(c) for c in GROUP]
     assert "nesterov" in kinds and "momentum" in kinds
