@@ -37,7 +37,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from selector.space import TrialConfig
@@ -63,22 +62,13 @@ KERNELS: dict[str, tuple[str, ...]] = {
     "adam": ("cpu", "cuda"),
     "adamw": ("cpu", "cuda"),
 }
-# 2^11: five penguins groups of 32 from a 4-minute study stepped 4% faster in all at 2^11 than
-# at 2^13 (45.3 against 47.2 ms); 0 (always the kernel) was in between (45.6). (Measured while
-# the formulas took torch's `sqrt`, several times slower on the zeros of padded units: `_sqrt`.)
+# 2^11: the formulas' `sqrt` runs through a path that takes about 20 times longer on zeros than on
+# other numbers (one core: 285 us against 14 us for 65 x 1603 float32), and padded units keep
+# zeros in the state. (It stays torch's: torch.optim's Adagrad and RMSprop take it, and numpy's,
+# correctly rounded, differs from it by 1 ulp for about a fifth of float32 inputs.) Five penguins groups of 32 from a 4-minute study stepped 4% faster in all at
+# 2^11 than at 2^13 (45.3 against 47.2 ms); 0 (always the kernel) was in between (45.6).
 KERNEL_ELEMENTS = 1 << 11
 EPS = {"adagrad": 1e-10, "rmsprop": 1e-8, "adadelta": 1e-6, "adam": 1e-8, "adamw": 1e-8}
-
-
-def _sqrt(t: torch.Tensor) -> torch.Tensor:
-    """`t.sqrt()` as a new tensor; on the CPU numpy's, correctly rounded as the fused kernels'
-    is. torch's CPU `sqrt` is not (one unit in the last place off for about a fifth of float32
-    inputs with torch 2.13 on an AMD EPYC), and takes 4 to 5 times as long on zeros and tiny
-    numbers, which padded units hold: one core, 25,295 numbers three quarters zero, 46 us
-    against numpy's 9."""
-    if t.device.type == "cpu" and t.is_contiguous():
-        return torch.from_numpy(np.sqrt(t.numpy()))
-    return t.sqrt()
 
 
 def kind(config: TrialConfig) -> str:
@@ -285,16 +275,16 @@ class FusedOptimizer:
         elif k == "adagrad":
             s = st["sum"]
             s.addcmul_(g, g)
-            p.addcdiv_(g * -lr, _sqrt(s).add_(EPS[k]))
+            p.addcdiv_(g * -lr, s.sqrt().add_(EPS[k]))
         elif k == "rmsprop":
             rho, sq = self.rho[a:b], st["square_avg"]
             sq.mul_(rho).add_(g * g * (1 - rho))
-            p.addcdiv_(g * -lr, _sqrt(sq).add_(EPS[k]))
+            p.addcdiv_(g * -lr, sq.sqrt().add_(EPS[k]))
         elif k == "adadelta":
             rho, sq, acc = self.rho[a:b], st["square_avg"], st["acc_delta"]
             sq.mul_(rho).add_(g * g * (1 - rho))
-            std = _sqrt(sq.add(EPS[k]))
-            delta = _sqrt(acc.add(EPS[k])).div_(std).mul_(g)
+            std = sq.add(EPS[k]).sqrt_()
+            delta = acc.add(EPS[k]).sqrt_().div_(std).mul_(g)
             acc.mul_(rho).add_(delta * delta * (1 - rho))
             p.sub_(lr * delta)
         else:  # adam, adamw
@@ -308,7 +298,7 @@ class FusedOptimizer:
             step_size = lr.double() / bc1
             neg = -step_size
             scale = (bc2.sqrt() * neg).to(p.dtype)
-            denom = (_sqrt(v) / scale).add_((EPS[k] / neg).to(p.dtype))
+            denom = (v.sqrt() / scale).add_((EPS[k] / neg).to(p.dtype))
             p.addcdiv_(m, denom)
 
 
