@@ -65,8 +65,9 @@ KERNELS: dict[str, tuple[str, ...]] = {
 # 2^11: the formulas' `sqrt` runs through a path that takes about 20 times longer on zeros than on
 # other numbers (one core: 285 us against 14 us for 65 x 1603 float32), and padded units keep
 # zeros in the state. (It stays torch's: torch.optim's Adagrad and RMSprop take it, and numpy's,
-# correctly rounded, differs from it by 1 ulp for about a fifth of float32 inputs.) Five penguins groups of 32 from a 4-minute study stepped 4% faster in all at
-# 2^11 than at 2^13 (45.3 against 47.2 ms); 0 (always the kernel) was in between (45.6).
+# correctly rounded, differs from it by 1 ulp for about a fifth of float32 inputs.) Five
+# penguins groups of 32 from a 4-minute study stepped 4% faster in all at 2^11 than at 2^13
+# (45.3 against 47.2 ms); 0 (always the kernel) was in between (45.6).
 KERNEL_ELEMENTS = 1 << 11
 EPS = {"adagrad": 1e-10, "rmsprop": 1e-8, "adadelta": 1e-6, "adam": 1e-8, "adamw": 1e-8}
 
