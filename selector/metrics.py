@@ -153,7 +153,7 @@ def _ranked_roc_auc_rows(y: np.ndarray, proba: np.ndarray, n_classes: int) -> np
         return None
     ok = np.isfinite(proba).all(axis=(1, 2))
     if n_classes > 2:
-        ok &= np.array([np.allclose(p.sum(axis=1), 1.0) for p in proba])
+        ok &= np.isclose(proba.sum(axis=2), 1.0).all(axis=1)  # `np.allclose` of each model's
     areas = []
     for c, positive, n1, n0 in _one_vs_rest(y, counts):
         ranks = average_ranks_rows(np.where(ok[:, None], proba[:, :, c], 0.0))

@@ -178,7 +178,9 @@ class Objective:
 
     def finish(self, s: Started, result: engine.CVResult) -> float:
         """Record a trial's result: its record, out-of-fold predictions and dashboard note."""
-        done, note = self._result(s, result, storage.retrying(lambda: study_best(s.trial.study)))
+        done, note = self._result(
+            s, result, storage.retrying(lambda: record.study_best(s.trial.study))
+        )
         system = {**done.to_system_attrs(), **note.trial}
         s.out.flush(done.to_user_attrs(), system, note.study)  # one transaction
         self.write_oof([(s.trial, result)])
@@ -188,7 +190,7 @@ class Objective:
         self, s: Started, result: engine.CVResult, best: tuple[float, float]
     ) -> tuple[TrialRecord, notes.NoteAttrs]:
         """A complete trial's record, and its dashboard note (with its figure) diagnosed
-        against `best`, the study's best scores so far (`study_best`)."""
+        against `best`, the study's best scores so far (`record.study_best`)."""
         done = finished_record(s.record, result, time.perf_counter() - s.began)
         return done, notes.trial_note_attrs(s.trial, done, self._diagnosis(s.trial, done, best))
 
@@ -202,7 +204,7 @@ class Objective:
         whose value is not finite, as `tell` does). The study's best scores are read once."""
         best = (-math.inf, -math.inf)
         if any(isinstance(o, engine.CVResult) for _, o in left):
-            best = storage.retrying(lambda: study_best(left[0][0].trial.study))
+            best = storage.retrying(lambda: record.study_best(left[0][0].trial.study))
         writes = []
         for s, outcome in left:
             system: dict[str, Any] = {}
@@ -556,16 +558,3 @@ def train(
         seed=seed,
         on_epoch=on_epoch,
     )
-
-
-def study_best(study: optuna.Study) -> tuple[float, float]:
-    """The study's best mean CV score and best training score among its complete trials
-    (`record.best_scores`, as `diagnose.of_study` takes them), gathered as trials complete
-    (`record.Finished.best`) where Optuna's cache holds the study: another worker's trials are
-    seen at most `record.FINISHED_READ_S` later, this worker's at once. Optuna's best-trial query
-    scanned every complete trial and read the best one back: 2.6% of a penguins search."""
-    with record.one_read(study, running=False, within=record.FINISHED_READ_S):
-        finished = record.finished_trials(study)
-        if finished is not None:
-            return finished.best
-        return record.best_scores(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))

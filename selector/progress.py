@@ -21,6 +21,7 @@ from selector.record import (
     describe_failure,
     finished_trials,
     one_read,
+    study_best,
 )
 
 
@@ -66,13 +67,13 @@ class Bar:
         index = finished_trials(study)
         if index is not None:
             ended = index.ended
-            best = index.best[0] if index.best[0] > -math.inf else None
         else:
             finished = study.get_trials(deepcopy=False, states=FINISHED)
             ended = sorted(
                 (t.datetime_complete, t.number) for t in finished if t.datetime_complete is not None
             )
-            best = _best(study)
+        best_val = study_best(study)[0]
+        best = best_val if best_val > -math.inf else None
         if self.total is None:
             self.total = int(study.user_attrs.get(ATTR_BUDGET, 0)) or None
         for trial in sorted(trials, key=lambda t: t.number):  # ended together: by number
@@ -126,13 +127,6 @@ def _perfect(study: optuna.Study) -> float | None:
     names = study.metric_names
     metric = METRICS.get(names[0]) if names else None
     return metric.perfect if metric is not None else None
-
-
-def _best(study: optuna.Study) -> float | None:
-    try:
-        return float(study.best_value)
-    except ValueError:
-        return None
 
 
 class RefitBar:

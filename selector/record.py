@@ -25,7 +25,7 @@ import math
 import time
 import weakref
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,7 +249,7 @@ class TrialRecord:
 
     @property
     def train_score(self) -> float:
-        return mean_score(self.train_fold_scores)
+        return float(np.mean(self.train_fold_scores)) if self.train_fold_scores else float("nan")
 
     @property
     def gap(self) -> float:
@@ -347,23 +347,25 @@ class TrialRecord:
         )
 
 
-def mean_score(scores: Sequence[float]) -> float:
-    """The mean of a trial's fold scores (NaN for none): its training score."""
-    return float(np.mean(scores)) if len(scores) else float("nan")
-
-
 def best_scores(complete: Iterable[FrozenTrial]) -> tuple[float, float]:
     """The study's best mean CV score and best training score (`TrialRecord.train_score`) among
     `complete` trials with their scores recorded (`TrialRecord.complete`; -inf for none): what
     a trial's diagnosis is measured against."""
     best_val = best_train = -math.inf
     for t in complete:
-        if t.value is None or not t.user_attrs.get("fold_scores"):
+        r = TrialRecord.from_parts(  # no curves: only the scores are read
+            number=t.number,
+            state=t.state,
+            value=t.value,
+            params={},
+            user_attrs=t.user_attrs,
+            system_attrs={},
+        )
+        if not r.complete:
             continue
-        best_val = max(best_val, t.value)
-        train = mean_score([float(x) for x in t.user_attrs.get("train_fold_scores") or ()])
-        if not math.isnan(train):
-            best_train = max(best_train, train)
+        best_val = max(best_val, float(r.value))  # type: ignore[arg-type]
+        if not math.isnan(r.train_score):
+            best_train = max(best_train, r.train_score)
     return best_val, best_train
 
 
@@ -667,6 +669,19 @@ def finished_trials(study: optuna.Study) -> Finished | None:
         index = _FINISHED.setdefault(store, {}).setdefault(study._study_id, Finished())
         index.update(info.trials)
     return index
+
+
+def study_best(study: optuna.Study) -> tuple[float, float]:
+    """The study's best mean CV score and best training score among its complete trials
+    (`best_scores`, as `diagnose.of_study` takes them), gathered as trials complete
+    (`Finished.best`) where Optuna's cache holds the study: another worker's trials are seen at
+    most `FINISHED_READ_S` later, this worker's at once. Optuna's best-trial query scanned every
+    complete trial and read the best one back: 2.6% of a penguins search."""
+    with one_read(study, running=False, within=FINISHED_READ_S):
+        finished = finished_trials(study)
+        if finished is not None:
+            return finished.best
+        return best_scores(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def _cached(store: Any, trial_id: int) -> FrozenTrial | None:

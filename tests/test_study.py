@@ -402,7 +402,7 @@ def test_the_median_pruner_sees_other_workers_trials_within_its_read_interval(
 def test_a_new_trial_is_diagnosed_against_the_best_scores_every_view_takes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`objective.study_best`: the best mean CV score and the best training score among the
+    """`record.study_best`: the best mean CV score and the best training score among the
     complete trials (not the best trial's own training score), as `diagnose.of_study` takes
     them for every view; another worker's trial counts from the next read on, this worker's at
     once; a storage without Optuna's cache (in memory) is read as it is."""
@@ -415,8 +415,8 @@ def test_a_new_trial_is_diagnosed_against_the_best_scores_every_view_takes(
     )
     other = optuna.load_study(study_name="s", storage=storage.open_storage(url, must_exist=True))
     in_memory = optuna.create_study(direction="maximize")
-    assert objective.study_best(mine) == (-math.inf, -math.inf)
-    assert objective.study_best(in_memory) == (-math.inf, -math.inf)
+    assert record.study_best(mine) == (-math.inf, -math.inf)
+    assert record.study_best(in_memory) == (-math.inf, -math.inf)
 
     def end(study: optuna.Study, value: float, train: list[float], theirs: bool = False) -> None:
         t = study.ask()
@@ -436,17 +436,17 @@ def test_a_new_trial_is_diagnosed_against_the_best_scores_every_view_takes(
         unscored = study_.ask()  # complete without its scores recorded: not counted either
         unscored.set_user_attr("train_fold_scores", [1.0, 1.0])
         worker._tell(study_, unscored, 0.99, TrialState.COMPLETE)
-        assert objective.study_best(study_) == (0.9, pytest.approx(0.995))
+        assert record.study_best(study_) == (0.9, pytest.approx(0.995))
         ctx = diagnose.context(
             record.trials(study_), metric="accuracy", baseline=None, max_epochs=10
         )
-        assert objective.study_best(study_) == (ctx.best_val, ctx.best_train)
+        assert record.study_best(study_) == (ctx.best_val, ctx.best_train)
     end(other, 0.95, [0.9, 0.9], theirs=True)
-    assert objective.study_best(mine)[0] == 0.9  # read within the interval
+    assert record.study_best(mine)[0] == 0.9  # read within the interval
     time.sleep(0.5)
-    assert objective.study_best(mine) == (0.95, pytest.approx(0.995))  # read again
+    assert record.study_best(mine) == (0.95, pytest.approx(0.995))  # read again
     end(mine, 0.97, [0.96, 0.96])
-    assert objective.study_best(mine)[0] == 0.97  # this worker's own, at once
+    assert record.study_best(mine)[0] == 0.97  # this worker's own, at once
 
 
 def test_same_file_and_seed_give_identical_trials(tmp_path: Path) -> None:
