@@ -1,15 +1,16 @@
 """The fused engine's time on a recorded search, this checkout against another revision:
-`python -m bench.replay DATASETS [--against REV]`.
+`python -m bench.replay [DATASETS] [--against REV]`.
 
 Trials finished side by side do not measure a change to the engine's numbers: a change in
 float32 rounding moves every score a little, TPE proposes other trials from the first group on,
-and the two searches train different networks. So a search is recorded once (`selector run
---fuse auto`, one core, `--seconds`), and both versions train its fused groups as recorded: the
-same members (params and seeds), cut into the same parts (`fused.split_by_width`), each member
-leaving its part at the epoch it left in the recording (pruned or stopped). Only the fused
-engine is timed (`fused.cross_validate_group`); parts of one train alone in both and are left
-out. The two versions run side by side, each pinned to its own core with one thread, then again
-with the cores swapped; REV is checked out in a temporary git worktree.
+and the two searches train different networks. So a search is recorded once (`selector run`,
+one core, `--seconds`), and both versions train its fused groups as recorded: the same members
+(params and seeds), cut into the same parts (`fused.split_by_width`), each member leaving its
+part at the epoch it left in the recording (pruned or stopped). Only the fused engine is timed
+(`fused.cross_validate_group`); parts of one train alone in both and are left out. Both versions
+are imported into one process (REV from a temporary git worktree) and train each part in turn,
+the order alternating, so that the machine's speed, which drifts by 10% within a minute here,
+is the same for both; one such process runs on each core.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,23 +46,37 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def replay(tree: str, db: str, study_path: str, groups: int) -> dict[str, float]:
-    """In a child process: the first `groups` recorded groups trained by the `selector` package
-    of `tree`, each member leaving at its recorded epoch; the engine's seconds."""
+def _load(tree: str) -> dict[str, Any]:
+    """The `selector` package of `tree`, imported under its own name and then taken out of
+    `sys.modules`, so that another tree's can be imported next to it in this process (each
+    module keeps the modules it imported)."""
     sys.path.insert(0, tree)
+    try:
+        from selector import data, fused, metrics, spec
+        from selector.space import replay_config
+    finally:
+        sys.path.remove(tree)
+    if not fused.__file__ or not fused.__file__.startswith(tree):
+        raise SystemExit(f"selector was imported from {fused.__file__}, not from {tree}")
+    for name in [m for m in sys.modules if m == "selector" or m.startswith("selector.")]:
+        del sys.modules[name]
+    return {"data": data, "fused": fused, "metrics": metrics, "spec": spec, "config": replay_config}
+
+
+def replay(trees: list[str], db: str, study_path: str, groups: int) -> dict[str, Any]:
+    """In a child process: the first `groups` recorded groups trained by the `selector` package
+    of each tree in turn, part by part (the order alternating), each member leaving at its
+    recorded epoch; each tree's seconds in the fused engine."""
     import optuna
     import torch
 
-    from selector import data, fused, metrics, spec
-    from selector.space import replay_config
-
-    if not fused.__file__ or not fused.__file__.startswith(tree):
-        raise SystemExit(f"selector was imported from {fused.__file__}, not from {tree}")
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = spec.load(Path(study_path))
-    dev = data.dev_set(data.prepare(study))
-    folds = list(data.iter_folds(dev))
+    versions = [_load(tree) for tree in trees]
+    first = versions[0]
+    study = first["spec"].load(Path(study_path))
+    dev = first["data"].dev_set(first["data"].prepare(study))
+    folds = list(first["data"].iter_folds(dev))
     url = f"sqlite:///{db}"
     name = optuna.get_all_study_names(url)[0]
     by_group = collections.defaultdict(list)
@@ -69,54 +84,55 @@ def replay(tree: str, db: str, study_path: str, groups: int) -> dict[str, float]
         if t.state.name in ("COMPLETE", "PRUNED") and "group" in t.user_attrs:
             by_group[t.user_attrs["group"]].append(t)
     n_out = dev.n_classes if dev.task == "classification" else 1
-    seconds, member_epochs, parts = 0.0, 0, 0
+    n_in = folds[0].X_train.shape[1]
+    seconds = [0.0] * len(versions)
+    member_epochs = parts = 0
     for _, members in sorted(by_group.items())[:groups]:
-        configs = [replay_config(t.params, study.space) for t in members]
-        n_in = folds[0].X_train.shape[1]
-        cut = fused.split_by_width(configs, folds=len(folds), n_in=n_in, n_out=n_out, device="cpu")
+        configs = [first["config"](t.params, study.space) for t in members]
+        cut = first["fused"].split_by_width(
+            configs, folds=len(folds), n_in=n_in, n_out=n_out, device="cpu"
+        )
         for part in (p for p in cut if len(p) > 1):
             last = [len(members[i].intermediate_values) for i in part]
 
             def leave(epoch: int, values: dict[int, float], last: list[int] = last) -> dict:
                 return {m: optuna.TrialPruned() for m in values if epoch >= last[m]}
 
-            began = time.perf_counter()
-            fused.cross_validate_group(
-                [configs[i] for i in part],
-                folds,
-                task=dev.task,
-                n_classes=dev.n_classes,
-                metric=metrics.get(study.metric),
-                training=study.training,
-                seeds=[members[i].user_attrs["seed"] for i in part],
-                on_epoch=leave,
-            )
-            seconds += time.perf_counter() - began
+            order = list(range(len(versions)))
+            for v in order if parts % 2 == 0 else order[::-1]:
+                mods = versions[v]
+                began = time.perf_counter()
+                mods["fused"].cross_validate_group(
+                    [mods["config"](members[i].params, study.space) for i in part],
+                    folds,
+                    task=dev.task,
+                    n_classes=dev.n_classes,
+                    metric=mods["metrics"].get(study.metric),
+                    training=study.training,
+                    seeds=[members[i].user_attrs["seed"] for i in part],
+                    on_epoch=leave,
+                )
+                seconds[v] += time.perf_counter() - began
             member_epochs += sum(last)
             parts += 1
     return {"seconds": seconds, "member_epochs": member_epochs, "parts": parts}
 
 
-def side_by_side(trees: dict[str, str], db: Path, study: Path, groups: int) -> list[dict]:
-    """Both trees replay at once, each on its own core; then the cores swapped."""
-    cores = sorted(os.sched_getaffinity(0))
-    rounds = []
-    for swap in (False, True):
-        procs = {}
-        for i, (label, tree) in enumerate(trees.items()):
-            core = cores[(i + swap) % len(cores)]
-            cmd = ["taskset", "-c", str(core), sys.executable, str(Path(__file__).resolve())]
-            cmd += ["--child", tree, "--db", str(db), "--study", str(study)]
-            cmd += ["--groups", str(groups)]
-            procs[label] = (core, subprocess.Popen(cmd, stdout=subprocess.PIPE, env=_env()))
-        got = {}
-        for label, (core, p) in procs.items():
-            out, _ = p.communicate()
-            if p.returncode != 0:
-                raise SystemExit(f"the replay of {label} failed (exit {p.returncode})")
-            got[label] = {**json.loads(out), "core": core}
-        rounds.append(got)
-    return rounds
+def replays(trees: list[str], db: Path, study: Path, groups: int) -> list[dict[str, Any]]:
+    """One replay of both trees on each core, the two cores at once."""
+    procs = []
+    for core in sorted(os.sched_getaffinity(0)):
+        cmd = ["taskset", "-c", str(core), sys.executable, str(Path(__file__).resolve())]
+        cmd += ["--child", *trees, "--db", str(db), "--study", str(study)]
+        cmd += ["--groups", str(groups)]
+        procs.append((core, subprocess.Popen(cmd, stdout=subprocess.PIPE, env=_env())))
+    out = []
+    for core, p in procs:
+        got, _ = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"the replay on core {core} failed (exit {p.returncode})")
+        out.append({**json.loads(got), "core": core})
+    return out
 
 
 def main() -> None:
@@ -125,7 +141,7 @@ def main() -> None:
     parser.add_argument("--against", default="HEAD", help="the revision to compare with")
     parser.add_argument("--seconds", type=int, default=90, help="length of the recorded search")
     parser.add_argument("--groups", type=int, default=40, help="recorded groups replayed")
-    parser.add_argument("--child")
+    parser.add_argument("--child", nargs="+")
     parser.add_argument("--db")
     parser.add_argument("--study")
     args = parser.parse_args()
@@ -152,25 +168,20 @@ def main() -> None:
         ).stdout.strip()
         try:
             print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} (1 min)")
-            trees = {"this checkout": str(ROOT), f"{args.against} ({rev})": str(base)}
+            label = rev if rev.startswith(args.against) else f"{args.against} ({rev})"
             for dataset in args.datasets:
                 db = record(dataset, args.seconds, work)
-                rounds = side_by_side(trees, db, study_file(dataset, work), args.groups)
-                first = rounds[0]["this checkout"]
+                got = replays([str(ROOT), str(base)], db, study_file(dataset, work), args.groups)
                 print(
                     f"{dataset}: {args.groups} groups of a {args.seconds} s search, "
-                    f"{first['parts']} fused parts, {first['member_epochs']} member-epochs"
+                    f"{got[0]['parts']} fused parts, {got[0]['member_epochs']} member-epochs"
                 )
-                ratios = []
-                for i, got in enumerate(rounds, 1):
-                    cells = ", ".join(
-                        f"{label} {r['seconds']:.2f} s (core {r['core']})"
-                        for label, r in got.items()
+                for r in got:
+                    new, old = r["seconds"]
+                    print(
+                        f"  core {r['core']}: this checkout {new:.2f} s, {label} {old:.2f} s: "
+                        f"{new / old:.3f}x the time"
                     )
-                    new, old = (r["seconds"] for r in got.values())
-                    ratios.append(new / old)
-                    print(f"  round {i}: {cells}: {new / old:.3f}x the time")
-                print(f"  this checkout: {math.sqrt(ratios[0] * ratios[1]):.3f}x the time of {rev}")
                 print(f"  load {os.getloadavg()[0]:.2f} (1 min) after {dataset}")
         finally:
             subprocess.run(

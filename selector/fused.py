@@ -121,14 +121,35 @@ class FusedModel:
         self.K = len(seeds[0])
         self.depth = depths.pop()
         self.n_in, self.n_out, self.device = n_in, n_out, device
+        widths = [c.widths() for c in configs]
+        self.P = [max(w[i] for w in widths) for i in range(self.depth)]
+        ins = [n_in, *self.P[:-1]]
         any_bn = any(c.batch_norm for c in configs)
-        self.any_bn = any_bn
+        slots: list[_Slot] = []
+        offset = 0
+
+        def add(key: str, *shape: int) -> None:
+            nonlocal offset
+            slots.append(_Slot(key, tuple(shape), offset))
+            offset += math.prod(shape)
+
         self.has_proj = [
             any(_skip_kind(c, i) == "projection" for c in configs) for i in range(self.depth)
         ]
+        for i, (p, q) in enumerate(zip(self.P, ins, strict=True)):
+            add(f"blocks.{i}.linear.weight", p, q)
+            add(f"blocks.{i}.linear.bias", p)
+            if any_bn:
+                add(f"blocks.{i}.norm.weight", p)
+                add(f"blocks.{i}.norm.bias", p)
+            if self.has_proj[i]:
+                add(f"blocks.{i}.skip.weight", p, q)
+        add("head.weight", n_out, self.P[-1])
+        add("head.bias", n_out)
+        self.slots = {s.key: s for s in slots}
+        self.N = offset
+        self.any_bn = any_bn
         self.row_configs = [c for c in configs for _ in range(self.K)]
-        self.P = self._widest()
-        self.slots, self.N = self._layout(self.P)
         G = len(self.row_configs)
         self.flat = torch.zeros(G, self.N, device=device)
         self.buffers: dict[str, torch.Tensor] = {}
@@ -155,37 +176,8 @@ class FusedModel:
 
     # --- layout --------------------------------------------------------------------------------
 
-    def _widest(self) -> list[int]:
-        """Each hidden layer's padded width: the widest row's."""
-        widths = [c.widths() for c in self.row_configs]
-        return [max(w[i] for w in widths) for i in range(self.depth)]
-
-    def _layout(self, P: Sequence[int]) -> tuple[dict[str, _Slot], int]:
-        """Each parameter's slot in a row at padded widths `P`, and a row's length."""
-        slots: list[_Slot] = []
-        offset = 0
-
-        def add(key: str, *shape: int) -> None:
-            nonlocal offset
-            slots.append(_Slot(key, tuple(shape), offset))
-            offset += math.prod(shape)
-
-        for i, (p, q) in enumerate(zip(P, [self.n_in, *P[:-1]], strict=True)):
-            add(f"blocks.{i}.linear.weight", p, q)
-            add(f"blocks.{i}.linear.bias", p)
-            if self.any_bn:
-                add(f"blocks.{i}.norm.weight", p)
-                add(f"blocks.{i}.norm.bias", p)
-            if self.has_proj[i]:
-                add(f"blocks.{i}.skip.weight", p, q)
-        add("head.weight", self.n_out, P[-1])
-        add("head.bias", self.n_out)
-        return {s.key: s for s in slots}, offset
-
-    def _view(
-        self, t: torch.Tensor, key: str, slots: dict[str, _Slot] | None = None
-    ) -> torch.Tensor:
-        s = (self.slots if slots is None else slots)[key]
+    def _view(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        s = self.slots[key]
         return t[:, s.offset : s.offset + s.numel].view(t.shape[0], *s.shape)
 
     def _load_rows(self, row: int, state: dict[str, torch.Tensor]) -> None:
@@ -250,24 +242,13 @@ class FusedModel:
         self.runs = _runs([(c.activation, c.batch_norm) for c in cfgs])
         self.acts = {a: ACTIVATIONS[a]() for a in {c.activation for c in cfgs}}
 
-    def select(self, rows: torch.Tensor) -> Relayout | None:
-        """Keep only `rows`, in that order. Where the widest rows left, the padded widths shrink
-        to the widest row kept (padded units are zeros everywhere, so nothing is lost): returns
-        the function that carries a row tensor (weights, optimizer state) or a `rows_state` copy
-        from the old layout to the new; None where the layout stays."""
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows`, in that order."""
         keep = rows.tolist()
         self.row_configs = [self.row_configs[i] for i in keep]
-        flat = self.flat.detach().index_select(0, rows)
-        buffers = {k: t.index_select(0, rows) for k, t in self.buffers.items()}
-        P = self._widest()
-        relayout = None
-        if P != self.P:
-            relayout = Relayout(self, P)
-            self.P, self.slots, self.N = P, relayout.slots, relayout.N
-            flat, buffers = relayout.state((flat, buffers))
-        self.flat, self.buffers = flat, buffers
+        self.flat = self.flat.detach().index_select(0, rows)
+        self.buffers = {k: t.index_select(0, rows) for k, t in self.buffers.items()}
         self._derive()
-        return relayout
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -416,34 +397,6 @@ class FusedModel:
                 state[key] = source[corner].detach().clone()
             out.append(state)
         return out
-
-
-class Relayout:
-    """A model's row layout cut to narrower padded widths `P`: `rows` carries a (rows, N) tensor
-    laid out as the model's was (weights, gradients, optimizer state) to the new layout, `state`
-    a `rows_state` copy (its rows and their buffers)."""
-
-    def __init__(self, model: FusedModel, P: Sequence[int]) -> None:
-        self.model, self.old = model, model.slots
-        self.slots, self.N = model._layout(P)
-        self.P = list(P)
-
-    def rows(self, t: torch.Tensor) -> torch.Tensor:
-        out = t.new_zeros(t.shape[0], self.N)
-        for key, s in self.slots.items():
-            corner = (slice(None), *(slice(0, n) for n in s.shape))
-            self.model._view(out, key, self.slots).copy_(self.model._view(t, key, self.old)[corner])
-        return out
-
-    def state(
-        self, state: tuple[torch.Tensor, dict[str, torch.Tensor]]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        flat, buffers = state
-        cut = {  # a batch norm buffer per unit of layer i: (rows, P[i]); its count: (rows,)
-            k: t[:, : self.P[int(k.split(".")[1])]].contiguous() if t.dim() == 2 else t
-            for k, t in buffers.items()
-        }
-        return self.rows(flat), cut
 
 
 def _fit_rows(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -749,13 +702,11 @@ class FusedRun:
     def snapshot(self, member: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.model.rows_state(*self.rows(member))
 
-    def leave(self, members: Sequence[int]) -> Relayout | None:
-        """Drop `members` from every tensor; the others go on unchanged. Where the widest
-        members left, the padding narrows to the widest left: returns the `Relayout` that
-        carries the others' `snapshot`s to the new layout (None where it stays)."""
+    def leave(self, members: Sequence[int]) -> None:
+        """Drop `members` from every tensor; the others go on unchanged."""
         gone = set(members)
         if not gone:
-            return None
+            return
         keep_members = [m for m in self.members if m not in gone]
         rows = [
             pos * self.K + k
@@ -767,14 +718,11 @@ class FusedRun:
         self.gens = [self.gens[r] for r in rows]
         self.members = keep_members
         if not rows:
-            return None
-        relayout = self.model.select(index)
+            return
+        self.model.select(index)
         self.opt.select(index)
-        if relayout is not None:
-            self.opt.relayout(relayout.rows)
         self.opt.rebind(self.model.flat)
         self._rows_changed()
-        return relayout
 
     def state_dicts(self, member: int) -> list[dict[str, torch.Tensor]]:
         """A member's K fold models in the reference layout (for tests and inspection)."""
@@ -886,12 +834,7 @@ def drive_group(
             leaving.append(m)
         if left and on_done is not None:
             on_done(left)
-        relayout = run.leave(leaving)
-        if relayout is not None:  # narrower padding: the best-epoch copies follow it
-            for m in run.members:
-                st = state[m]
-                if st.best_state is not None:
-                    st.best_state = relayout.state(st.best_state)
+        run.leave(leaving)
         if not run.members:
             break
     return outcomes

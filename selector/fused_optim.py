@@ -34,7 +34,7 @@ gradient and zero weights every update above is exactly zero, so padded units st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,10 +152,6 @@ class FusedOptimizer:
         for name in ("lr", "wd", "momentum", "beta1", "beta2", "rho", "steps"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
         self.state = {name: t.index_select(0, rows) for name, t in self.state.items()}
-
-    def relayout(self, rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Carry the state to the weights' new row layout (`rows`: old rows to new)."""
-        self.state = {name: rows(t) for name, t in self.state.items()}
 
     def rebind(self, params: torch.Tensor) -> None:
         """Step `params` from now on (the weights after `select` compacted them)."""

@@ -282,10 +282,6 @@ def test_padded_units_stay_exactly_zero(
     assert masks == ([True] * len(masks) if group is GROUP else [False] * len(masks))
     for _ in range(2):
         run.train_epoch()
-    assert_padding_is_zero(run)
-
-
-def assert_padding_is_zero(run: fused.FusedRun) -> None:
     model = run.model
     real = torch.zeros_like(model.flat, dtype=torch.bool)
     for pos, m in enumerate(run.members):
@@ -339,37 +335,6 @@ def test_leaving_members_do_not_change_the_others(iris_folds: list[FoldData]) ->
     assert sorted(run.members) == [2, 3, 5, 6]
     for m in run.members:
         assert_member_matches_solo(run, m, GROUP[m], iris_folds, seed=SEEDS[m], epochs=3)
-
-
-def test_leaving_the_widest_members_narrows_the_padding(iris_folds: list[FoldData]) -> None:
-    """Where the widest members leave, the others' rows are cut to the widest left: weights,
-    optimizer state and batch norm buffers move to the narrower layout, the others train on as
-    alone, and a best-epoch copy taken before is carried to the new layout by the `Relayout`."""
-    run = _run(GROUP, iris_folds, SEEDS, epochs=3)
-    run.train_epoch()
-    kept = {m: run.snapshot(m) for m in (2, 4, 7)}  # after epoch 1, in the 32-wide layout
-    assert run.leave([]) is None
-    assert run.leave([1]) is None  # the widest stay: the layout too
-    assert run.model.P == [32, 32]
-    wide = [m for m, c in enumerate(GROUP) if max(c.widths()) == 32]
-    n = run.model.N
-    relayout = run.leave(wide)
-    assert relayout is not None
-    assert run.model.P == [24, 24] and relayout.P == [24, 24]
-    assert run.model.flat.shape[1] == run.model.N < n
-    for name, t in run.opt.state.items():
-        assert t.shape == run.model.flat.shape, name
-    assert [u is not None for u in run.model.unit] == [False, False]  # the sigmoid one left
-    kept = {m: relayout.state(s) for m, s in kept.items()}
-    run.train_epoch()
-    run.train_epoch()
-    assert sorted(run.members) == [2, 4, 6, 7]
-    for m in run.members:
-        assert_member_matches_solo(run, m, GROUP[m], iris_folds, seed=SEEDS[m], epochs=3)
-    assert_padding_is_zero(run)
-    for m, state in kept.items():  # the copies from epoch 1, restored in the new layout
-        run.model.load_rows(run.rows(m)[0], state)
-        assert_member_matches_solo(run, m, GROUP[m], iris_folds, seed=SEEDS[m], epochs=1)
 
 
 # --- whole cross-validations ------------------------------------------------------------------
@@ -511,37 +476,6 @@ def test_pruned_member_leaves_and_the_others_go_on(iris_folds: list[FoldData]) -
         solo = _solo(configs[m], iris_folds, seeds[m])
         np.testing.assert_allclose(got.fold_scores, solo.fold_scores, rtol=1e-4)
         assert seen[m] == list(range(1, got.epochs_run + 1))
-
-
-def test_members_left_after_the_widest_are_pruned_score_as_alone(
-    iris_folds: list[FoldData],
-) -> None:
-    """The widest members pruned at epoch 2: the padding narrows, and the others' results
-    (their best epochs restored from copies taken before it narrowed) equal their solo runs."""
-    configs, seeds = GROUP[:4], SEEDS[:4]  # widths 32, 16, 24 and a funnel from 32
-    narrowed: list[list[int]] = []
-    leave = fused.FusedRun.leave
-
-    def watched(run: fused.FusedRun, members: Sequence[int]) -> fused.Relayout | None:
-        relayout = leave(run, members)
-        if relayout is not None:
-            narrowed.append(relayout.P)
-        return relayout
-
-    def on_epoch(epoch: int, values: dict[int, float]) -> dict[int, Exception]:
-        return {m: optuna.TrialPruned("pruned") for m in (0, 3) if m in values and epoch == 2}
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(fused.FusedRun, "leave", watched)
-        out = _group(configs, iris_folds, seeds, on_epoch=on_epoch)
-    assert narrowed[0] == [24, 24]
-    for m in (1, 2):
-        got = out[m]
-        assert isinstance(got, engine.CVResult)
-        solo = _solo(configs[m], iris_folds, seeds[m])
-        assert got.best_epoch == solo.best_epoch and got.epochs_run == solo.epochs_run
-        np.testing.assert_allclose(got.fold_scores, solo.fold_scores, rtol=1e-4)
-        np.testing.assert_allclose(got.train_scores, solo.train_scores, rtol=1e-4)
 
 
 def test_a_diverging_member_fails_alone(iris_folds: list[FoldData]) -> None:
