@@ -254,7 +254,9 @@ def selector_run(
     if fuse is not None:
         cmd += ["--fuse", fuse]
     with open(out.with_suffix(".log"), "w") as log_file:
-        subprocess.run(cmd, check=True, stdout=log_file, stderr=subprocess.STDOUT, env=_env())
+        subprocess.run(
+            cmd, check=True, stdout=log_file, stderr=subprocess.STDOUT, env=one_thread_env()
+        )
     name = spec.load(study_path).name
     study = optuna.load_study(study_name=name, storage=url)
     log = [
@@ -273,7 +275,8 @@ def selector_run(
     out.write_text(json.dumps({"trials": log, "test": test}))
 
 
-def _env() -> dict[str, str]:
+def one_thread_env() -> dict[str, str]:
+    """This process's environment with BLAS and OpenMP at one thread, for a pinned child."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -328,7 +331,7 @@ def _launch(
     cmd += ["--c-workers", str(c_workers)]
     cmd += ["--study", str(study_path), "--minutes", str(minutes), "--out", str(out)]
     cmd += ["--t0", repr(time.time())]
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env())
+    return subprocess.Popen(cmd, cwd=ROOT, env=one_thread_env())
 
 
 def run_dataset(

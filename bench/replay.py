@@ -32,19 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def record(dataset: str, seconds: int, workdir: Path) -> Path:
     """A search of `seconds` on one core, recorded in a fresh SQLite database."""
-    from bench.anytime import study_file
+    from bench.anytime import one_thread_env, study_file
 
     study = study_file(dataset, workdir)
     db = workdir / f"{dataset}-recorded.db"
     cmd = [sys.executable, "-m", "selector", "run", str(study), "--storage", f"sqlite:///{db}"]
     cmd += ["--workers", "1", "--threads", "1", "--timeout", str(seconds)]
     pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))]
-    subprocess.run([*pin, *cmd], check=True, cwd=ROOT, env=_env(), capture_output=True)
+    done = subprocess.run(
+        [*pin, *cmd], cwd=ROOT, env=one_thread_env(), capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"recording {dataset} failed (exit {done.returncode}): {done.stderr}")
     return db
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _load(tree: str) -> dict[str, Any]:
@@ -123,12 +123,14 @@ def replay(trees: list[str], db: str, study_path: str, groups: int) -> dict[str,
 
 def replays(trees: list[str], db: Path, study: Path, groups: int) -> list[dict[str, Any]]:
     """One replay of both trees on each core, the two cores at once."""
+    from bench.anytime import one_thread_env
+
     procs = []
     for core in sorted(os.sched_getaffinity(0)):
         cmd = ["taskset", "-c", str(core), sys.executable, str(Path(__file__).resolve())]
         cmd += ["--child", *trees, "--db", str(db), "--study", str(study)]
         cmd += ["--groups", str(groups)]
-        procs.append((core, subprocess.Popen(cmd, stdout=subprocess.PIPE, env=_env())))
+        procs.append((core, subprocess.Popen(cmd, stdout=subprocess.PIPE, env=one_thread_env())))
     out = []
     for core, p in procs:
         got, _ = p.communicate()
