@@ -1,21 +1,31 @@
 """Optuna's TPE, made cheaper where its cost grows with the study, with the same proposals.
 
 TPE scores each candidate by the log density of two Parzen estimators, mixtures with one
-component per trial (`_MixtureOfProductDistribution.log_pdf`). For a fused group of 32 on a
-penguins study of 4,700 trials that is 744 candidates x 4,700 components x each parameter, some
-380 ms a group, a third of the group's time, and growing with every trial. Optuna builds the
-whole candidates x components x parameters block at once (150 MB at that size), then passes over
-it a dozen times; `mixture_log_pdf` computes the same elementwise arithmetic, in the same order,
-on blocks of candidates that stay in cache, one parameter at a time and in place (no block to
-fill and sum), with the parts that do not depend on the candidates (truncation masses, log
-weights, log scales) computed once instead of once a candidate: 2.9x faster (380 to 133 ms at
-4,700 trials, 822 to 281 ms at 8,800). Three more things, each exact: a discrete parameter's
-masses once for the distinct values of all the candidates (not of each block); no truncation
-mask where a block's candidates lie within the bounds; and the exponentials of the final
-log-sum-exp without numpy's slow path for results that underflow (`exp_nonpositive`): a group
-of 32's acquisition at 7,800 penguins trials went from 156 to 95 ms. Every value equals Optuna's
-bit for bit (a test checks mixtures of every kind of distribution against Optuna's own
-function), so TPE proposes exactly the trials it would.
+component per trial (`_MixtureOfProductDistribution.log_pdf`). For a fused group of 10 on a
+penguins study of 11,700 trials that is 240 candidates x 11,700 components x each parameter,
+and it grows with every trial. Optuna builds the whole candidates x components x parameters
+block at once, then passes over it a dozen times (270 ms at that size).
+
+`mixture_log_pdf` takes two routes to the same densities:
+
+* As one matrix product (`_quadratic_log_pdf`), wherever every candidate lies within the
+  bounds and the product's rounding stays small (`_Terms.quadratic_ok`; TPE's own candidates
+  always do with its default magic clip). A continuous parameter's -z^2/2 expands into two
+  columns of candidates times two rows of components, a categorical one is a one-hot column
+  per choice times that choice's log weights, and everything that depends on the component
+  alone is one more row; only the discrete parameters' masses are added from tables. Its
+  values are within `QUADRATIC_ERROR` (1e-9) of Optuna's, not bit for bit: a proposal could
+  differ only where two of TPE's candidates tie to that. 56.6 to 16.9 ms for the group above.
+* Elementwise (`_elementwise_log_pdf`) everywhere else: Optuna's arithmetic in Optuna's order
+  on blocks of candidates that stay in cache, one parameter at a time and in place, with the
+  parts that do not depend on the candidates (truncation masses, log weights, log scales, a
+  discrete parameter's masses for the distinct candidate values) computed once, no truncation
+  mask where a block's candidates lie within the bounds, and the final exponentials without
+  numpy's slow path for results that underflow (`exp_nonpositive`). Every value equals
+  Optuna's bit for bit.
+
+Tests check both against Optuna's own function on mixtures of every kind of distribution, and
+that TPE asks the same trials over a search of 400 with either density.
 """
 
 from __future__ import annotations
@@ -64,71 +74,169 @@ class _Continuous:
 
 
 def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
-    """`_MixtureOfProductDistribution.log_pdf(x)`, equal to Optuna's value for value: each
-    candidate's (a row of `x`) log density under the mixture `self`."""
-    from optuna.samplers._tpe import _truncnorm
-    from optuna.samplers._tpe.probability_distributions import (
-        _BatchedCategoricalDistributions,
-        _unique_inverse_2d,
-    )
+    """`_MixtureOfProductDistribution.log_pdf(x)`: each candidate's (a row of `x`) log density
+    under the mixture `self`. Where `_Terms.quadratic_ok` holds (the usual case) as one matrix
+    product (`_quadratic_log_pdf`), within `QUADRATIC_ERROR` of Optuna's value; elsewhere
+    Optuna's arithmetic in Optuna's order (`_elementwise_log_pdf`), equal to its value for
+    value."""
+    terms = _Terms.of(self, x)
+    if terms.quadratic_ok(x):
+        return _quadratic_log_pdf(terms, x)
+    return _elementwise_log_pdf(terms, x)
 
-    # What does not depend on the candidates, once. `terms` keeps Optuna's order of addition
-    # (categorical and discrete parameters in turn; the continuous ones summed after them).
-    terms: list[_Categorical | _Discrete] = []
-    cont: list[_Continuous] = []
-    for i, d in enumerate(self.distributions):
-        if isinstance(d, _BatchedCategoricalDistributions):
-            with np.errstate(divide="ignore"):  # log(0) is -inf, as in Optuna's log of the take
-                terms.append(_Categorical(i, np.log(d.weights).T))
-        elif d.step == 0.0:
-            mu, sigma = np.asarray(d.mu), np.asarray(d.sigma)
-            a = (np.asarray([d.adapted_low]) - mu) / sigma
-            b = (np.asarray([d.adapted_high]) - mu) / sigma
-            lgm = _truncnorm._log_gauss_mass(a, b)
-            bounds = (d.adapted_low, d.adapted_high) if (sigma > 0).all() else None
-            cont.append(
-                _Continuous(i, d.is_log, mu, sigma, a, b, lgm, np.log(sigma), a == b, bounds)
-            )
+
+@dataclass(frozen=True)
+class _Terms:
+    """What a mixture's log density at candidates `x` needs that does not depend on each
+    (candidate, component) pair: computed once for all the candidates."""
+
+    # categorical and discrete parameters in Optuna's order of addition; the continuous ones
+    # are summed after them
+    terms: list[_Categorical | _Discrete]
+    cont: list[_Continuous]
+    log_weights: np.ndarray  # (1, components)
+    # each discrete parameter's masses for the distinct values among the candidates (Optuna
+    # computes them for the distinct values of its one block): each is a function of its value
+    # and component alone, so the same numbers. column -> ((values, components), inverse)
+    tables: dict[int, tuple[np.ndarray, np.ndarray]]
+
+    @classmethod
+    def of(cls, mixture: Any, x: np.ndarray) -> _Terms:
+        from optuna.samplers._tpe import _truncnorm
+        from optuna.samplers._tpe.probability_distributions import (
+            _BatchedCategoricalDistributions,
+            _unique_inverse_2d,
+        )
+
+        terms: list[_Categorical | _Discrete] = []
+        cont: list[_Continuous] = []
+        for i, d in enumerate(mixture.distributions):
+            if isinstance(d, _BatchedCategoricalDistributions):
+                with np.errstate(divide="ignore"):  # log(0) is -inf, as Optuna's log of the take
+                    terms.append(_Categorical(i, np.log(d.weights).T))
+            elif d.step == 0.0:
+                mu, sigma = np.asarray(d.mu), np.asarray(d.sigma)
+                a = (np.asarray([d.adapted_low]) - mu) / sigma
+                b = (np.asarray([d.adapted_high]) - mu) / sigma
+                lgm = _truncnorm._log_gauss_mass(a, b)
+                bounds = (d.adapted_low, d.adapted_high) if (sigma > 0).all() else None
+                cont.append(
+                    _Continuous(i, d.is_log, mu, sigma, a, b, lgm, np.log(sigma), a == b, bounds)
+                )
+            else:
+                mu_uniq, sigma_uniq, pair = _unique_inverse_2d(d.mu, d.sigma)
+                mass = _truncnorm._log_gauss_mass(
+                    (d.adapted_low - mu_uniq) / sigma_uniq,
+                    (d.adapted_high - mu_uniq) / sigma_uniq,
+                )[pair]
+                terms.append(_Discrete(i, d, mu_uniq, sigma_uniq, pair, mass))
+        tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for t in terms:
+            if isinstance(t, _Discrete):
+                step, is_log = t.dist.step, t.dist.is_log
+                xi_uniq, xi_inv = np.unique(x[:, t.column], return_inverse=True)
+                left = np.log(xi_uniq - step / 2) if is_log else (xi_uniq - step / 2)
+                right = np.log(xi_uniq + step / 2) if is_log else (xi_uniq + step / 2)
+                mass = _truncnorm._log_gauss_mass(
+                    (left[:, np.newaxis] - t.mu) / t.sigma,
+                    (right[:, np.newaxis] - t.mu) / t.sigma,
+                )
+                tables[t.column] = (mass[:, t.pair], xi_inv.reshape(-1))
+        return cls(terms, cont, np.log(mixture.weights[np.newaxis]), tables)
+
+    def quadratic_ok(self, x: np.ndarray) -> bool:
+        """Whether `_quadratic_log_pdf` may score `x`: every candidate within every continuous
+        parameter's bounds (no truncation to mark), no component of zero width, no categorical
+        weight of zero (its -inf would meet a 0 in the product), and the product's terms small
+        enough that its rounding stays under `QUADRATIC_ERROR`."""
+        if any(np.isneginf(t.log_weights).any() for t in self.terms if isinstance(t, _Categorical)):
+            return False
+        for c in self.cont:
+            if c.bounds is None or c.degenerate.any():
+                return False
+            xi = np.log(x[:, c.column]) if c.is_log else x[:, c.column]
+            low, high = c.bounds
+            if not ((xi >= low) & (xi <= high)).all():
+                return False
+            # each term of -z^2/2 expanded is at most (half the range / sigma)^2
+            if ((high - low) / 2 / c.sigma.min()) ** 2 > QUADRATIC_TERMS:
+                return False
+        return True
+
+
+def _quadratic_log_pdf(terms: _Terms, x: np.ndarray) -> np.ndarray:
+    """The mixture's log density with every (candidate, component) term but the discrete
+    parameters' from one matrix product. A continuous parameter's log density at a candidate is
+    -z^2/2 - log C - log mass - log sigma with z = (x - mu) / sigma; with x and mu taken from the
+    middle of the bounds (x', mu'), -z^2/2 = x'^2 (-1/2 sigma^2) + x' (mu' / sigma^2) -
+    mu'^2 / 2 sigma^2: two columns of candidates times two rows of components, the rest a row
+    of components alone. A categorical one is a one-hot column per choice times that choice's
+    log weights. The discrete parameters' masses are added row by row from their tables. About
+    3x faster than `_elementwise_log_pdf` on a penguins study of 11,700 trials (a group's 240
+    candidates: 58 to 18 ms), since it passes over the candidates x components block a few
+    times instead of some forty."""
+    n = len(x)
+    columns: list[np.ndarray] = [np.ones((n, 1))]
+    rows: list[np.ndarray] = [terms.log_weights[0].copy()]  # each component's own part
+    for t in terms.terms:
+        if isinstance(t, _Categorical):
+            one_hot = np.zeros((n, len(t.log_weights)))
+            one_hot[np.arange(n), x[:, t.column].astype(np.int64)] = 1.0
+            columns.append(one_hot)
+            rows.extend(t.log_weights)
         else:
-            mu_uniq, sigma_uniq, pair = _unique_inverse_2d(d.mu, d.sigma)
-            mass = _truncnorm._log_gauss_mass(
-                (d.adapted_low - mu_uniq) / sigma_uniq, (d.adapted_high - mu_uniq) / sigma_uniq
-            )[pair]
-            terms.append(_Discrete(i, d, mu_uniq, sigma_uniq, pair, mass))
-    log_weights = np.log(self.weights[np.newaxis])
-    log_c = _truncnorm._norm_pdf_logC
-    # A discrete parameter's masses for each distinct value among all the candidates, once
-    # (Optuna computes them for the distinct values of its one block): each is a function of
-    # its value and component alone, so the same numbers.
-    tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    for t in terms:
-        if isinstance(t, _Discrete):
-            step, is_log = t.dist.step, t.dist.is_log
-            xi_uniq, xi_inv = np.unique(x[:, t.column], return_inverse=True)
-            left = np.log(xi_uniq - step / 2) if is_log else (xi_uniq - step / 2)
-            right = np.log(xi_uniq + step / 2) if is_log else (xi_uniq + step / 2)
-            mass = _truncnorm._log_gauss_mass(
-                (left[:, np.newaxis] - t.mu) / t.sigma, (right[:, np.newaxis] - t.mu) / t.sigma
-            )
-            tables[t.column] = (mass[:, t.pair], xi_inv.reshape(-1))
+            rows[0] -= t.log_mass
+    log_c = _norm_pdf_log_c()
+    for c in terms.cont:
+        assert c.bounds is not None
+        middle = (c.bounds[0] + c.bounds[1]) / 2
+        xi = (np.log(x[:, c.column]) if c.is_log else x[:, c.column]) - middle
+        mu = c.mu - middle
+        inv = 1.0 / (c.sigma * c.sigma)
+        columns.append(np.column_stack([xi * xi, xi]))
+        rows.extend([-0.5 * inv, mu * inv])
+        rows[0] += -0.5 * mu * mu * inv - log_c - c.log_mass - c.log_scale
+    discrete = [terms.tables[t.column] for t in terms.terms if isinstance(t, _Discrete)]
+    # candidates in the order of their discrete values: a block then reads few table rows
+    order = np.lexsort([inverse for _, inverse in discrete]) if discrete else np.arange(n)
+    A = np.hstack(columns)[order]
+    B = np.vstack(rows)
+    result = np.empty(n, dtype=np.float64)
+    block = np.empty((min(n, CHUNK), B.shape[1]))
+    for start in range(0, n, CHUNK):
+        weighted = block[: min(CHUNK, n - start)]
+        these = order[start : start + len(weighted)]
+        np.matmul(A[start : start + len(weighted)], B, out=weighted)
+        for table, inverse in discrete:
+            for j, value in enumerate(inverse[these]):
+                weighted[j] += table[value]
+        result[these] = _log_sum_exp(weighted)
+    return result
+
+
+def _elementwise_log_pdf(terms: _Terms, x: np.ndarray) -> np.ndarray:
+    """Optuna's arithmetic, element by element in its order, on blocks of candidates that stay
+    in cache, one parameter at a time and in place, with what does not depend on the
+    candidates computed once (`_Terms`): every value equals Optuna's."""
+    log_c = _norm_pdf_log_c()
     n = len(x)
     result = np.empty(n, dtype=np.float64)
     # blocks of candidates x components, allocated once (a fresh array of this size is pages
     # mapped and faulted in anew each time)
-    shape = (min(n, CHUNK), len(self.weights))
+    shape = (min(n, CHUNK), terms.log_weights.shape[1])
     buffers = [np.empty(shape) for _ in range(4)]
     for start in range(0, n, CHUNK):
         rows = x[start : start + CHUNK]
         weighted, z, total, out = (buf[: len(rows)] for buf in buffers)
         weighted.fill(0.0)
-        for t in terms:
+        for t in terms.terms:
             if isinstance(t, _Categorical):
                 weighted += t.log_weights[rows[:, t.column].astype(np.int64)]
                 continue
-            table, inverse = tables[t.column]
+            table, inverse = terms.tables[t.column]
             weighted += table[inverse[start : start + CHUNK]]
             weighted -= t.log_mass
-        for j, c in enumerate(cont):
+        for j, c in enumerate(terms.cont):
             xi = np.log(rows[:, c.column]) if c.is_log else rows[:, c.column]
             np.subtract(xi[:, np.newaxis], c.mu, out=z)
             z /= c.sigma
@@ -150,17 +258,45 @@ def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
             # numpy sums a short last axis (Optuna's block of parameters) left to right
             if j > 0:
                 total += o
-        if cont:
+        if terms.cont:
             weighted += total
-        weighted += log_weights
-        max_ = weighted.max(axis=1)
-        max_[np.isneginf(max_)] = 0
-        weighted -= max_[:, None]
-        with np.errstate(divide="ignore"):  # log(0) where no component has mass
-            result[start : start + len(rows)] = (
-                np.log(exp_nonpositive(weighted, out=z).sum(axis=1)) + max_
-            )
+        weighted += terms.log_weights
+        result[start : start + len(rows)] = _log_sum_exp(weighted, z)
     return result
+
+
+def _log_sum_exp(weighted: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """Each row's log of the sum of its exponentials, as Optuna takes it (the row's largest
+    subtracted first); overwrites `weighted`. With `scratch` (of at least its shape) exactly
+    Optuna's numbers (`exp_nonpositive`). Without, the terms below NORMAL count as
+    exp(NORMAL) instead of their own (or 0): each is under 1e-304 of the row's largest term
+    (1), so no sum changes, and numpy's exp keeps its fast path: one pass instead of eight."""
+    max_ = weighted.max(axis=1)
+    none = np.isneginf(max_)  # no component has mass: log(0)
+    max_[none] = 0
+    weighted -= max_[:, None]
+    if scratch is not None:
+        out = exp_nonpositive(weighted, out=scratch[: len(weighted)])
+    else:
+        out = np.exp(np.maximum(weighted, NORMAL, out=weighted), out=weighted)
+        out[none] = 0.0
+    with np.errstate(divide="ignore"):
+        result: np.ndarray = np.log(out.sum(axis=1)) + max_
+    return result
+
+
+def _norm_pdf_log_c() -> float:
+    from optuna.samplers._tpe import _truncnorm
+
+    return float(_truncnorm._norm_pdf_logC)
+
+
+# `_quadratic_log_pdf`'s values are within about this of Optuna's (absolute, in the log density):
+# its terms are at most QUADRATIC_TERMS, each rounded to float64 (2.2e-16 relative), a few
+# dozen of them summed. TPE keeps the candidate of largest l(x) / g(x) among 24: a choice that
+# could turn on a difference this small is a tie.
+QUADRATIC_TERMS = 1e5
+QUADRATIC_ERROR = 1e-9
 
 
 # numpy's exp is a normal number above NORMAL (and fast; from about -708 on it takes a slow

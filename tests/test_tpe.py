@@ -1,4 +1,5 @@
-"""`selector.tpe`: Optuna's TPE with cheaper, exact replacements for two of its functions."""
+"""`selector.tpe`: Optuna's TPE with cheaper replacements for some of its functions, the
+same proposals."""
 
 from __future__ import annotations
 
@@ -52,41 +53,96 @@ def _optunas() -> object:
     return tpe.optunas_log_pdf
 
 
-@pytest.mark.parametrize("n_trials", [12, 300])
-def test_mixture_log_pdf_equals_optunas_bit_for_bit(n_trials: int) -> None:
-    """Both Parzen estimators of a study with every kind of parameter, scored on TPE's own
-    candidates (a count that is no multiple of the block size) and on points at and beyond the
-    bounds: every value equal to Optuna's, -inf and all."""
-    optunas = _optunas()
+def _mixtures(n_trials: int) -> list[_MixtureOfProductDistribution]:
+    """Both Parzen estimators (good, bad) of a study of `n_trials` with every kind of parameter."""
     study = _history(n_trials)
     sampler = optuna.samplers.TPESampler(seed=1)
     trials = study.get_trials(deepcopy=False)
     below, above = _split_trials(study, trials, 10)
-    for part, handle_below in ((below, True), (above, False)):
-        pe = sampler._build_parzen_estimator(study, EVERY_KIND, part, handle_below=handle_below)
-        mixture: _MixtureOfProductDistribution = pe._mixture_distribution
-        rng = np.random.RandomState(0)
-        x = mixture.sample(rng, 3 * tpe.CHUNK + 7)
+    return [
+        sampler._build_parzen_estimator(
+            study, EVERY_KIND, part, handle_below=handle_below
+        )._mixture_distribution
+        for part, handle_below in ((below, True), (above, False))
+    ]
+
+
+def _candidates(mixture: _MixtureOfProductDistribution) -> np.ndarray:
+    """TPE's own candidates, a count that is no multiple of the block size."""
+    return mixture.sample(np.random.RandomState(0), 3 * tpe.CHUNK + 7)
+
+
+@pytest.mark.parametrize("n_trials", [12, 300])
+def test_elementwise_log_pdf_equals_optunas_bit_for_bit(n_trials: int) -> None:
+    """Where a mixture's density is not taken as a matrix product (points at and beyond the
+    bounds among the candidates), every value equals Optuna's, -inf and all; and so does
+    `_elementwise_log_pdf` on TPE's own candidates."""
+    optunas = _optunas()
+    for mixture in _mixtures(n_trials):
+        x = _candidates(mixture)
+        terms = tpe._Terms.of(mixture, x)
+        assert np.array_equal(tpe._elementwise_log_pdf(terms, x), optunas(mixture, x))  # type: ignore[operator]
         edges = x[:4].copy()
         edges[0, 1], edges[1, 1] = 0.0, 1.0  # on the bounds
         edges[2, 1], edges[3, 1] = -0.5, 1.5  # beyond them: zero density
         x = np.concatenate([x, edges])
+        assert not tpe._Terms.of(mixture, x).quadratic_ok(x)
         theirs = optunas(mixture, x)  # type: ignore[operator]
         ours = tpe.mixture_log_pdf(mixture, x)
         assert np.array_equal(ours, theirs, equal_nan=True)
         assert np.isneginf(ours[-2:]).all()
 
 
-def test_tpe_proposes_the_same_trials_with_either_log_pdf() -> None:
-    """A TPE search of 60 trials (with its constant liar, trials asked two at a time) asks
-    exactly the same params with Optuna's mixture density and with `mixture_log_pdf`."""
+@pytest.mark.parametrize("n_trials", [12, 300, 2000])
+def test_quadratic_log_pdf_within_its_error_of_optunas(n_trials: int) -> None:
+    """On TPE's own candidates `mixture_log_pdf` takes the matrix product, and each value is
+    within `QUADRATIC_ERROR` of Optuna's (absolute), for the good and the bad estimator of a
+    study with every kind of parameter."""
     optunas = _optunas()
+    for mixture in _mixtures(n_trials):
+        x = _candidates(mixture)
+        assert tpe._Terms.of(mixture, x).quadratic_ok(x)
+        theirs = optunas(mixture, x)  # type: ignore[operator]
+        ours = tpe.mixture_log_pdf(mixture, x)
+        assert np.isfinite(theirs).all()
+        assert np.abs(ours - theirs).max() <= tpe.QUADRATIC_ERROR
+        assert not np.array_equal(ours, theirs)  # the matrix product did score them
+
+
+def test_quadratic_log_pdf_is_not_taken_where_its_rounding_could_grow() -> None:
+    """A component a millionth of its range wide would have its expanded square rounded at
+    some 1e11: such a mixture is scored elementwise, Optuna's numbers."""
+    from optuna.samplers._tpe.probability_distributions import _BatchedTruncNormDistributions
+
+    optunas = _optunas()
+    narrow = _BatchedTruncNormDistributions(
+        mu=np.array([0.3, 0.5]), sigma=np.array([1e-6, 0.2]), low=0.0, high=1.0
+    )
+    mixture = _MixtureOfProductDistribution(weights=np.array([0.5, 0.5]), distributions=[narrow])
+    x = np.array([[0.3], [0.3 + 1e-6], [0.7]])
+    assert not tpe._Terms.of(mixture, x).quadratic_ok(x)
+    assert np.array_equal(tpe.mixture_log_pdf(mixture, x), optunas(mixture, x))  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("rounds", [30, 200])
+def test_tpe_proposes_the_same_trials_with_either_log_pdf(
+    rounds: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TPE search (with its constant liar, trials asked two at a time) asks exactly the same
+    params with Optuna's mixture density and with `mixture_log_pdf` (which takes each density
+    as a matrix product): 60 trials, and 400."""
+    optunas = _optunas()
+    products = []
+    quadratic = tpe._quadratic_log_pdf
+    monkeypatch.setattr(
+        tpe, "_quadratic_log_pdf", lambda terms, x: products.append(len(x)) or quadratic(terms, x)
+    )
 
     def search() -> list[dict[str, object]]:
         study = optuna.create_study(
             sampler=optuna.samplers.TPESampler(seed=7, constant_liar=True, n_startup_trials=8)
         )
-        for _ in range(30):
+        for _ in range(rounds):
             pair = [study.ask(EVERY_KIND), study.ask(EVERY_KIND)]
             for trial in pair:
                 study.tell(trial, _value(trial.params))
@@ -97,7 +153,9 @@ def test_tpe_proposes_the_same_trials_with_either_log_pdf() -> None:
         before = search()
     finally:
         _MixtureOfProductDistribution.log_pdf = tpe.mixture_log_pdf  # type: ignore[method-assign]
+    assert not products
     assert search() == before
+    assert len(products) >= 2 * (2 * rounds - 8)  # good and bad, each trial after the start-up
 
 
 def test_vectorised_log_ndtr_agrees_with_optunas_and_tpe_proposes_the_same() -> None:
