@@ -72,6 +72,10 @@ class _Continuous:
     # positive sigma keep the order, so a block of such candidates needs no truncation mask.
     bounds: tuple[float, float] | None
 
+    def values(self, x: np.ndarray) -> np.ndarray:
+        """The candidates' (rows of `x`) values of this parameter on its components' scale."""
+        return np.log(x[:, self.column]) if self.is_log else x[:, self.column]
+
 
 def mixture_log_pdf(self: Any, x: np.ndarray) -> np.ndarray:
     """`_MixtureOfProductDistribution.log_pdf(x)`: each candidate's (a row of `x`) log density
@@ -99,6 +103,7 @@ class _Terms:
     # computes them for the distinct values of its one block): each is a function of its value
     # and component alone, so the same numbers. column -> ((values, components), inverse)
     tables: dict[int, tuple[np.ndarray, np.ndarray]]
+    log_c: float  # the normal density's log constant, Optuna's
 
     @classmethod
     def of(cls, mixture: Any, x: np.ndarray) -> _Terms:
@@ -142,7 +147,8 @@ class _Terms:
                     (right[:, np.newaxis] - t.mu) / t.sigma,
                 )
                 tables[t.column] = (mass[:, t.pair], xi_inv.reshape(-1))
-        return cls(terms, cont, np.log(mixture.weights[np.newaxis]), tables)
+        log_weights = np.log(mixture.weights[np.newaxis])
+        return cls(terms, cont, log_weights, tables, _truncnorm._norm_pdf_logC)
 
     def quadratic_ok(self, x: np.ndarray) -> bool:
         """Whether `_quadratic_log_pdf` may score `x`: every candidate within every continuous
@@ -154,7 +160,7 @@ class _Terms:
         for c in self.cont:
             if c.bounds is None or c.degenerate.any():
                 return False
-            xi = np.log(x[:, c.column]) if c.is_log else x[:, c.column]
+            xi = c.values(x)
             low, high = c.bounds
             if not ((xi >= low) & (xi <= high)).all():
                 return False
@@ -186,16 +192,15 @@ def _quadratic_log_pdf(terms: _Terms, x: np.ndarray) -> np.ndarray:
             rows.extend(t.log_weights)
         else:
             rows[0] -= t.log_mass
-    log_c = _norm_pdf_log_c()
     for c in terms.cont:
         assert c.bounds is not None
         middle = (c.bounds[0] + c.bounds[1]) / 2
-        xi = (np.log(x[:, c.column]) if c.is_log else x[:, c.column]) - middle
+        xi = c.values(x) - middle
         mu = c.mu - middle
         inv = 1.0 / (c.sigma * c.sigma)
         columns.append(np.column_stack([xi * xi, xi]))
         rows.extend([-0.5 * inv, mu * inv])
-        rows[0] += -0.5 * mu * mu * inv - log_c - c.log_mass - c.log_scale
+        rows[0] += -0.5 * mu * mu * inv - terms.log_c - c.log_mass - c.log_scale
     discrete = [terms.tables[t.column] for t in terms.terms if isinstance(t, _Discrete)]
     # candidates in the order of their discrete values: a block then reads few table rows
     order = np.lexsort([inverse for _, inverse in discrete]) if discrete else np.arange(n)
@@ -218,7 +223,6 @@ def _elementwise_log_pdf(terms: _Terms, x: np.ndarray) -> np.ndarray:
     """Optuna's arithmetic, element by element in its order, on blocks of candidates that stay
     in cache, one parameter at a time and in place, with what does not depend on the
     candidates computed once (`_Terms`): every value equals Optuna's."""
-    log_c = _norm_pdf_log_c()
     n = len(x)
     result = np.empty(n, dtype=np.float64)
     # blocks of candidates x components, allocated once (a fresh array of this size is pages
@@ -237,7 +241,7 @@ def _elementwise_log_pdf(terms: _Terms, x: np.ndarray) -> np.ndarray:
             weighted += table[inverse[start : start + CHUNK]]
             weighted -= t.log_mass
         for j, c in enumerate(terms.cont):
-            xi = np.log(rows[:, c.column]) if c.is_log else rows[:, c.column]
+            xi = c.values(rows)
             np.subtract(xi[:, np.newaxis], c.mu, out=z)
             z /= c.sigma
             # Optuna's norm_logpdf(z) - log_mass - log_scale, one operation at a time, in place
@@ -245,7 +249,7 @@ def _elementwise_log_pdf(terms: _Terms, x: np.ndarray) -> np.ndarray:
             o = total if j == 0 else out
             np.square(z, out=o)
             o *= -0.5
-            o -= log_c
+            o -= terms.log_c
             o -= c.log_mass
             o -= c.log_scale
             inside = c.bounds is not None and bool(
@@ -283,12 +287,6 @@ def _log_sum_exp(weighted: np.ndarray, scratch: np.ndarray | None = None) -> np.
     with np.errstate(divide="ignore"):
         result: np.ndarray = np.log(out.sum(axis=1)) + max_
     return result
-
-
-def _norm_pdf_log_c() -> float:
-    from optuna.samplers._tpe import _truncnorm
-
-    return float(_truncnorm._norm_pdf_logC)
 
 
 # `_quadratic_log_pdf`'s values are within about this of Optuna's (absolute, in the log density):
