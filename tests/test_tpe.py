@@ -4,6 +4,7 @@ same proposals."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import optuna
@@ -253,14 +254,16 @@ def test_internal_repr_equals_optunas_and_follows_the_trials() -> None:
     assert running.number in {t.number for t in trials}
 
 
-@pytest.mark.parametrize("direction", ["minimize", "maximize"])
-def test_split_trials_equals_optunas(direction: str) -> None:
-    """`tpe.split_trials` gives Optuna's good and bad trials in Optuna's order: complete trials
-    with ties, pruned ones (with and without scores, a nan among them), infeasible and running
-    ones, at every size of the good part, read again from its cache."""
-    tpe.install()
-    optunas = tpe.optunas_split_trials
-    assert optunas is not None, "Optuna's _split_trials moved: tpe.install replaced nothing"
+SPLIT_STATES = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.RUNNING,
+)
+
+
+def _mixed_study(direction: str) -> optuna.Study:
+    """60 trials: complete ones with tied values, pruned ones (with and without scores, a nan
+    among them), infeasible and running ones."""
     study = optuna.create_study(direction=direction)
     rng = np.random.default_rng(0)
     for i in range(60):
@@ -277,16 +280,68 @@ def test_split_trials_equals_optunas(direction: str) -> None:
             continue  # running
         else:
             study.tell(trial, float(rng.choice([0.1, 0.2, 0.3])))  # ties
-    states = (
-        optuna.trial.TrialState.COMPLETE,
-        optuna.trial.TrialState.PRUNED,
-        optuna.trial.TrialState.RUNNING,
-    )
-    trials = study.get_trials(deepcopy=False, states=states)
+    return study
+
+
+def _numbers(parts: tuple[list[Any], list[Any]]) -> list[list[int]]:
+    return [[t.number for t in part] for part in parts]
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_split_trials_equals_optunas(direction: str) -> None:
+    """`tpe.split_trials` gives Optuna's good and bad trials in Optuna's order: complete trials
+    with ties, pruned ones (with and without scores, a nan among them), infeasible and running
+    ones, at every size of the good part, read again from its cache."""
+    tpe.install()
+    optunas = tpe.optunas_split_trials
+    assert optunas is not None, "Optuna's _split_trials moved: tpe.install replaced nothing"
+    study = _mixed_study(direction)
+    trials = study.get_trials(deepcopy=False, states=SPLIT_STATES)
     for n_below in (0, 1, 5, 11, 25, 60, 100):
         for _ in range(2):
             ours = tpe.split_trials(study, trials, n_below)
             theirs = optunas(study, trials, n_below)
-            assert [[t.number for t in part] for part in ours] == [
-                [t.number for t in part] for part in theirs
-            ], n_below
+            assert _numbers(ours) == _numbers(theirs), n_below
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_split_trials_adds_a_new_running_trial_to_the_last_split(
+    direction: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fused group's followers split its leader's trials plus the leader, running: that
+    split is the last one with the leader among the bad trials, Optuna's answer, without
+    working it out again. Any other change (a trial finished, another size of the good part,
+    two new trials) is worked out from the trials."""
+    tpe.install()
+    optunas = tpe.optunas_split_trials
+    assert optunas is not None
+    study = _mixed_study(direction)
+    worked_out = []
+    split = tpe._split
+    monkeypatch.setattr(
+        tpe, "_split", lambda *args: worked_out.append(len(args[1])) or split(*args)
+    )
+
+    def check(n_below: int) -> tuple[list[Any], list[Any]]:
+        trials = study.get_trials(deepcopy=False, states=SPLIT_STATES)
+        ours = tpe.split_trials(study, trials, n_below)
+        assert _numbers(ours) == _numbers(optunas(study, trials, n_below))
+        return ours
+
+    for n_below in (0, 4, 100):
+        check(n_below)
+        leader = study.ask()  # the leader's proposal split the trials before it existed
+        worked_out.clear()
+        _, above = check(n_below)
+        assert worked_out == [], "the followers' split was worked out again"
+        assert above[-1].number == leader.number
+        study.tell(leader, 0.2)  # the next group's leader: a finished trial changes the split
+        check(n_below)
+        assert len(worked_out) == 1
+    check(5)
+    study.ask()
+    study.ask()
+    worked_out.clear()
+    check(5)  # two new trials
+    check(6)  # another good part
+    assert len(worked_out) == 2
