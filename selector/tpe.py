@@ -381,12 +381,13 @@ def split_trials(study: Any, trials: list[Any], n_below: int) -> tuple[list[Any]
         and last.n_below == n_below
         and len(trials) == len(last.trials) + 1
         and trials[-1].state == TrialState.RUNNING
-        and all(trials[-1].number > t.number for t in last.above[-1:])
+        and (not last.above or trials[-1].number > last.above[-1].number)
         and trials[:-1] == last.trials
     ):
-        below, above = list(last.below), [*last.above, trials[-1]]
+        below, above = last.below, [*last.above, trials[-1]]
     else:
         below, above = _split(study, trials, n_below)
+    # the kept lists are never handed out: callers get copies
     study.__dict__["_selector_last_split"] = _Split(list(trials), n_below, below, above)
     return list(below), list(above)
 

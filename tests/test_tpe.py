@@ -283,6 +283,15 @@ def _mixed_study(direction: str) -> optuna.Study:
     return study
 
 
+def _optunas_split() -> Any:
+    """Optuna's own `_split_trials`, kept by `tpe.install` where it puts selector's in place."""
+    tpe.install()
+    assert tpe.optunas_split_trials is not None, (
+        "Optuna's _split_trials moved: tpe.install replaced nothing"
+    )
+    return tpe.optunas_split_trials
+
+
 def _numbers(parts: tuple[list[Any], list[Any]]) -> list[list[int]]:
     return [[t.number for t in part] for part in parts]
 
@@ -292,9 +301,7 @@ def test_split_trials_equals_optunas(direction: str) -> None:
     """`tpe.split_trials` gives Optuna's good and bad trials in Optuna's order: complete trials
     with ties, pruned ones (with and without scores, a nan among them), infeasible and running
     ones, at every size of the good part, read again from its cache."""
-    tpe.install()
-    optunas = tpe.optunas_split_trials
-    assert optunas is not None, "Optuna's _split_trials moved: tpe.install replaced nothing"
+    optunas = _optunas_split()
     study = _mixed_study(direction)
     trials = study.get_trials(deepcopy=False, states=SPLIT_STATES)
     for n_below in (0, 1, 5, 11, 25, 60, 100):
@@ -312,9 +319,7 @@ def test_split_trials_adds_a_new_running_trial_to_the_last_split(
     split is the last one with the leader among the bad trials, Optuna's answer, without
     working it out again. Any other change (a trial finished, another size of the good part,
     two new trials) is worked out from the trials."""
-    tpe.install()
-    optunas = tpe.optunas_split_trials
-    assert optunas is not None
+    optunas = _optunas_split()
     study = _mixed_study(direction)
     worked_out = []
     split = tpe._split
