@@ -72,9 +72,10 @@ residual = [false, true]
 """
 
 
-def study_file(dataset: str, workdir: Path, device: str = "cpu") -> Path:
+def study_file(dataset: str, workdir: Path, device: str = "cpu", seed: int | None = None) -> Path:
     """The study file a data set is searched with: the repository's, with an unbounded budget
-    (the contenders run until their time is up), or the 50,000 x 100 set written here."""
+    (the contenders run until their time is up), or the 50,000 x 100 set written here; `seed`
+    replaces the study's seed (its test rows, folds, samplers and trial seeds)."""
     import tomllib
 
     import tomli_w
@@ -97,10 +98,15 @@ def study_file(dataset: str, workdir: Path, device: str = "cpu") -> Path:
         csv = workdir / "synthetic.csv"
         frame.to_csv(csv, index=False)
         path = workdir / "synthetic.toml"
-        path.write_text(SYNTHETIC_STUDY.format(path=csv).replace('"cpu"', f'"{device}"'))
+        text = SYNTHETIC_STUDY.format(path=csv).replace('"cpu"', f'"{device}"')
+        if seed is not None:
+            text = text.replace("seed = 0", f"seed = {seed}")
+        path.write_text(text)
         return path
     raw = tomllib.loads((ROOT / "studies" / f"{dataset}.toml").read_text())
     raw["n_trials"] = 100_000
+    if seed is not None:
+        raw["seed"] = seed
     raw.setdefault("training", {})["device"] = device
     data = raw["data"]
     if "path" in data:
@@ -335,18 +341,30 @@ def _launch(
 
 
 def run_dataset(
-    dataset: str, minutes: float, workdir: Path, device: str = "cpu", c_workers: int = 1
+    dataset: str,
+    minutes: float,
+    workdir: Path,
+    device: str = "cpu",
+    c_workers: int = 1,
+    *,
+    seed: int | None = None,
+    only: str = "abcd",
 ) -> dict[str, Outcome]:
-    """The contenders on one data set: on the CPU (a) and (b), then (c) and (d), side by side,
-    each pinned to its own core; on a GPU (c) with `c_workers` workers, then (d), one after the
-    other (each has the GPU to itself)."""
-    study_path = study_file(dataset, workdir, device)
+    """The contenders in `only` on one data set: on the CPU (a) and (b), then (c) and (d), side
+    by side, each pinned to its own core; on a GPU (c) with `c_workers` workers, then (d), one
+    after the other (each has the GPU to itself)."""
+    study_path = study_file(dataset, workdir, device, seed)
     outcomes = {}
     cores = sorted(os.sched_getaffinity(0))
+    rounds: list[list[tuple[str, int | None]]]
     if device == "cpu":
-        rounds = [[("a", cores[0]), ("b", cores[-1])], [("c", cores[0]), ("d", cores[-1])]]
+        rounds = [
+            list(zip([k for k in pair if k in only], [cores[0], cores[-1]], strict=False))
+            for pair in (("a", "b"), ("c", "d"))
+        ]
     else:
-        rounds = [[("c", None)], [("d", None)]]
+        rounds = [[(key, None)] for key in "cd" if key in only]
+    rounds = [r for r in rounds if r]
     for contenders in rounds:
         procs = []
         for key, core in contenders:
@@ -380,19 +398,51 @@ def table(dataset: str, outcomes: dict[str, Outcome], minutes: float) -> str:
         row += "".join(f"{_fmt(o.best_at(m * 60)):>11}" for m in marks)
         row += f"{'-' if reach is None else f'{reach:.0f} s':>11}{_fmt(o.test):>9}"
         lines.append(row)
-    c, d = outcomes["c"], outcomes["d"]
-    lines.append(f"(d) / (c) trials: {d.count() / max(c.count(), 1):.2f}x")
+    c, d = outcomes.get("c"), outcomes.get("d")
+    if c is not None and d is not None:
+        lines.append(f"(d) / (c) trials: {d.count() / max(c.count(), 1):.2f}x")
     n = min(o.count() for o in outcomes.values())
     per_trial = ", ".join(f"{k} {_fmt(o.best_of_first(n))}" for k, o in outcomes.items())
     lines.append(
         f"best CV after the first {n} trials of each (search quality per trial): {per_trial}"
     )
-    reach = d.time_to(target)
-    if target is not None and reach is not None:
-        share = reach / (minutes * 60)
-        lines.append(f"(d) reached (a)'s {minutes:g}-min best in {share:.3f} of the time")
-    elif target is not None:
-        lines.append(f"(d) did not reach (a)'s {minutes:g}-min best ({target:.4f})")
+    if d is not None and target is not None:
+        reach = d.time_to(target)
+        if reach is not None:
+            share = reach / (minutes * 60)
+            lines.append(f"(d) reached (a)'s {minutes:g}-min best in {share:.3f} of the time")
+        else:
+            lines.append(f"(d) did not reach (a)'s {minutes:g}-min best ({target:.4f})")
+    return "\n".join(lines)
+
+
+def seeds_table(dataset: str, runs: dict[int, dict[str, Outcome]], minutes: float) -> str:
+    """The same contenders over several study seeds: each one's mean trials a minute and mean
+    best CV at each mark, and at how many seeds (d)'s best is at least (c)'s. One seed is one
+    search: whether one contender's search is better than another's at equal time takes
+    several."""
+    marks = [m for m in MARKS if m <= minutes]
+    keys = list(next(iter(runs.values())))
+    seeds = sorted(runs)
+    lines = [
+        f"{dataset}: over seeds {', '.join(map(str, seeds))}: mean best CV against wall time",
+        f"{'contender':40}{'/min':>8}" + "".join(f"{f'best@{m}m':>11}" for m in marks),
+    ]
+    for key in keys:
+        got = [runs[s][key] for s in seeds]
+        row = f"{got[0].name:40}{sum(o.count() for o in got) / len(got) / minutes:>8.1f}"
+        for m in marks:
+            values = [o.best_at(m * 60) for o in got]
+            known = [v for v in values if v is not None]
+            row += f"{_fmt(sum(known) / len(known) if len(known) == len(values) else None):>11}"
+        lines.append(row)
+    if "c" in keys and "d" in keys:
+        counts = []
+        for m in marks:
+            pairs = [(runs[s]["c"].best_at(m * 60), runs[s]["d"].best_at(m * 60)) for s in seeds]
+            ahead = sum(d is not None and (c is None or d >= c) for c, d in pairs)
+            counts.append(f"{m} min {ahead}/{len(seeds)}")
+        lines.append(f"seeds where (d)'s best is at least (c)'s: {', '.join(counts)}")
     return "\n".join(lines)
 
 
@@ -436,6 +486,10 @@ def main(argv: list[str] | None = None) -> None:
         "datasets", nargs="*", default=["penguins", "breast_cancer", "digits", "synthetic"]
     )
     p.add_argument("--minutes", type=float, default=8.0, help="wall time of each contender")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", help="study seeds, one search each (default: the study's)"
+    )
+    p.add_argument("--only", default="abcd", help="the contenders to run, e.g. cd (default: abcd)")
     p.add_argument("--calibrate", action="store_true", help="measure the fused engine's step costs")
     p.add_argument("--device", default="cpu", help="cpu (contenders pinned in pairs) or cuda")
     p.add_argument(
@@ -461,9 +515,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} (1 min) at start")
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets:
-            outcomes = run_dataset(dataset, args.minutes, Path(tmp), args.device, args.c_workers)
-            print(table(dataset, outcomes, args.minutes), flush=True)
-            print(f"load {os.getloadavg()[0]:.2f} (1 min) after {dataset}\n", flush=True)
+            runs = {}
+            for seed in args.seeds or [None]:
+                workdir = Path(tmp) / f"seed-{seed}"  # each search in a database of its own
+                workdir.mkdir(exist_ok=True)
+                outcomes = run_dataset(
+                    dataset,
+                    args.minutes,
+                    workdir,
+                    args.device,
+                    args.c_workers,
+                    seed=seed,
+                    only=args.only,
+                )
+                name = dataset if seed is None else f"{dataset}, seed {seed}"
+                print(table(name, outcomes, args.minutes), flush=True)
+                print(f"load {os.getloadavg()[0]:.2f} (1 min) after {name}\n", flush=True)
+                runs[seed] = outcomes
+            if len(runs) > 1:
+                print(seeds_table(dataset, runs, args.minutes) + "\n", flush=True)
 
 
 if __name__ == "__main__":

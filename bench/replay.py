@@ -5,7 +5,7 @@ Trials finished side by side do not measure a change to the engine's numbers: a 
 float32 rounding moves every score a little, TPE proposes other trials from the first group on,
 and the two searches train different networks. So a search is recorded once (`selector run`,
 one core, `--seconds`), and both versions train its fused groups as recorded: the same members
-(params and seeds), cut into the same parts (`fused.split_by_width`), each member leaving its
+(params and seeds), cut into the same parts (`fused.split_claim`), each member leaving its
 part at the epoch it left in the recording (pruned or stopped). Only the fused engine is timed
 (`fused.cross_validate_group`); parts of one train alone in both and are left out. Both versions
 are imported into one process (REV from a temporary git worktree) and train each part in turn,
@@ -90,7 +90,7 @@ def replay(trees: list[str], db: str, study_path: str, groups: int) -> dict[str,
     member_epochs = parts = 0
     for _, members in sorted(by_group.items())[:groups]:
         configs = [first["config"](t.params, study.space) for t in members]
-        cut = first["fused"].split_by_width(
+        cut = first["fused"].split_claim(
             configs, folds=len(folds), n_in=n_in, n_out=n_out, device="cpu"
         )
         for part in (p for p in cut if len(p) > 1):

@@ -991,6 +991,25 @@ def step_cost(
     return c["fixed"] + len(configs) * (c["per_member"] + flops / c["rate"])
 
 
+def split_claim(
+    configs: Sequence[TrialConfig], *, folds: int, n_in: int, n_out: int, device: str
+) -> list[list[int]]:
+    """The trials of one claim cut into the groups that train as one model each: by their
+    depth and batch size (`group_key`), then each of those by width (`split_by_width`).
+    Indices into `configs`, each group's in order."""
+    by_key: dict[tuple[int, ...], list[int]] = {}
+    for m, config in enumerate(configs):
+        by_key.setdefault(group_key(config), []).append(m)
+    parts = []
+    for key in sorted(by_key):
+        same = by_key[key]
+        cut = split_by_width(
+            [configs[m] for m in same], folds=folds, n_in=n_in, n_out=n_out, device=device
+        )
+        parts += [[same[i] for i in part] for part in cut]
+    return parts
+
+
 def split_by_width(
     configs: Sequence[TrialConfig], *, folds: int, n_in: int, n_out: int, device: str
 ) -> list[list[int]]:
@@ -1071,11 +1090,21 @@ def typical_config(space: SpaceSpec) -> TrialConfig:
     )
 
 
-def widest(config: TrialConfig, space: SpaceSpec) -> TrialConfig:
-    """`config` at the space's largest width, constant shape: what a member of its group can
-    need at most, for the memory check made before the other members are sampled."""
-    top = int(max(float(x) for x in _param_values(space.width)))
-    return dataclasses.replace(config, width=max(top, config.width), shape="constant")
+def largest(config: TrialConfig, space: SpaceSpec) -> TrialConfig:
+    """`config` at the space's largest depth, width and batch size, constant shape: what a
+    member of a claim can need at most (the claim's members may all train as one model), for
+    the memory check made before the other members are sampled."""
+
+    def top(p: Param, own: int) -> int:
+        return max(own, int(max(float(x) for x in _param_values(p))))
+
+    return dataclasses.replace(
+        config,
+        depth=top(space.depth, config.depth),
+        width=top(space.width, config.width),
+        batch_size=top(space.batch_size, config.batch_size),
+        shape="constant",
+    )
 
 
 def members_that_fit(
@@ -1105,7 +1134,7 @@ def choose_size(
     config = typical_config(space)
     n_in = folds[0].X_train.shape[1]
     by_cost = cost_size(config, folds=len(folds), n_in=n_in, n_out=n_out, device=device.type)
-    fits = members_that_fit(widest(config, space), folds, n_out, device, by_cost)
+    fits = members_that_fit(largest(config, space), folds, n_out, device, by_cost)
     return Sizing(max(1, min(by_cost, fits, cap)), by_cost, fits, cap, config)
 
 
@@ -1121,11 +1150,12 @@ __all__ = [
     "drive_group",
     "group_key",
     "group_need",
+    "largest",
     "member_order",
     "members_that_fit",
     "split_by_width",
+    "split_claim",
     "step_cost",
     "step_flops",
     "typical_config",
-    "widest",
 ]

@@ -243,9 +243,10 @@ class Objective:
         members: list[Started],
         on_done: Callable[[list[tuple[Started, engine.CVResult | BaseException]]], None],
     ) -> None:
-        """Train the `members` (sharing depth and batch size) as fused models: cut by width
-        where padding would cost more than a group's step (`fused.split_by_width`), each part
-        one model (a part of one trains with the stacked engine, as a trial alone). Each
+        """Train the `members` (a claim) as fused models: one for each depth and batch size,
+        cut further by width where padding would cost more than a group's step
+        (`fused.split_claim`), each part one model (a part of one trains with the stacked
+        engine, as a trial alone). Each
         member's epochs, pruning and result go to its own trial; `on_done([(member, outcome)])`
         with the members that leave their group at one epoch (`selector.fused.drive_group`)."""
         from selector import fused
@@ -269,14 +270,14 @@ class Objective:
             return storage.retrying(lambda: prune_members(members, values, epoch))
 
         n_in = self.folds[0].X_train.shape[1]
-        parts = fused.split_by_width(
+        parts = fused.split_claim(
             [m.config for m in members],
             folds=len(self.folds),
             n_in=n_in,
             n_out=self.n_out,
             device=self.device.type,
         )
-        for part in parts:  # members of very different widths: padding would cost more
+        for part in parts:
             group = [members[i] for i in part]
             if len(group) == 1:  # a part of one: the stacked engine, as for a trial alone
                 self._alone(group[0], on_done)

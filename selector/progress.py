@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import datetime
 import math
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from selector.record import (
     one_read,
     study_best,
 )
+
+_NEVER = datetime.datetime.max  # sorts a trial without an end after those with one
 
 
 def interactive() -> bool:
@@ -76,7 +79,8 @@ class Bar:
         best = best_val if best_val > -math.inf else None
         if self.total is None:
             self.total = int(study.user_attrs.get(ATTR_BUDGET, 0)) or None
-        for trial in sorted(trials, key=lambda t: t.number):  # ended together: by number
+        # by when they ended; those that ended together by number
+        for trial in sorted(trials, key=lambda t: (t.datetime_complete or _NEVER, t.number)):
             done = len(ended)
             if trial.state in FINISHED and trial.datetime_complete is not None:
                 done = bisect.bisect_right(ended, (trial.datetime_complete, trial.number))

@@ -1,5 +1,6 @@
 """Re-run one finished trial from its stored params and seed, and compare its fold scores.
-A fused trial is re-run with its whole group, as it ran (`_replay_group`).
+A fused trial is re-run with the members it trained with as one model, as it ran (`_part`,
+`_replay_group`); one that trained alone, alone.
 
 The config is rebuilt through the search space (`TrialRecord.config`), the folds from the
 study's recorded spec and data (fingerprints checked), the training seed from the trial's attrs.
@@ -34,6 +35,31 @@ class Replay:
         return asdict(self)
 
 
+def _part(
+    trial: record.TrialRecord,
+    trials: list[record.TrialRecord],
+    spec: Any,
+    dev: data.DevSet,
+    folds: list[data.FoldData],
+) -> list[record.TrialRecord]:
+    """The trials `trial` trained with as one model: its claim (`group`) cut as the worker cut
+    it (`fused.split_claim`: by depth and batch size, then by width), or itself alone."""
+    if (trial.group_size or 1) <= 1:
+        return [trial]
+    from selector import engine, fused
+
+    claim = [t for t in trials if t.group == trial.group]
+    parts = fused.split_claim(
+        [t.config(spec.space) for t in claim],
+        folds=len(folds),
+        n_in=folds[0].X_train.shape[1],
+        n_out=dev.n_classes if dev.task == "classification" else 1,
+        device=engine.resolve_device(spec.training.device).type,
+    )
+    at = next(i for i, t in enumerate(claim) if t.number == trial.number)
+    return [claim[i] for i in next(p for p in parts if at in p)]
+
+
 def _replay_group(
     study: Any,
     spec: Any,
@@ -41,7 +67,7 @@ def _replay_group(
     folds: list[data.FoldData],
     members: list[record.TrialRecord],
 ) -> dict[int, tuple[list[float], list[float]]]:
-    """Re-run a fused trial's whole group as it ran: the same members, seeds and order, each
+    """Re-run the members of one fused model as it ran: the same members, seeds and order, each
     pruned member leaving at the epoch it was pruned (the others stop early or diverge on their
     own), so every step has the shapes it had. Each member's curve and final fold scores."""
     from selector import fused, metrics
@@ -100,8 +126,8 @@ def replay(url: str, name: str, number: int) -> Replay:
         training = spec.training.model_copy(update={"max_epochs": len(curve)})
         spec = spec.model_copy(update={"training": training})
     folds = list(data.iter_folds(dev))
-    if (trial.group_size or 1) > 1:
-        members = [t for t in trials if t.group == trial.group]
+    members = _part(trial, trials, rec.spec, dev, folds)
+    if len(members) > 1:
         curves = _replay_group(study, rec.spec, dev, folds, members)
         replayed_curve, fold_scores = curves[trial.number]
         stored = list(trial.fold_scores) if trial.state == TrialState.COMPLETE else curve

@@ -145,15 +145,16 @@ def claim(study: optuna.Study, url: str, limit: int) -> optuna.Trial | None:
 def claim_group(
     study: optuna.Study, url: str, limit: int, size: int, objective: Objective
 ) -> list[tuple[optuna.Trial, TrialConfig | None]]:
-    """Start up to `size` trials that can train as one fused group, if the budget allows.
+    """Start up to `size` trials to train as fused groups, if the budget allows.
 
-    The first (the leader) is sampled freely. The others are sampled with the leader's depth and
-    batch size fixed (`fused.group_key`; Optuna's `PartialFixedSampler` over the study's own
-    sampler), every other parameter as the sampler chooses: under TPE, each follower is TPE's own
-    proposal from one fit of its model for the whole group (`follower_proposals`), with any other
-    sampler its `ask` with the key fixed. All are claimed under the budget lock,
-    so `n_trials` stays exact; members are as many as fit in memory at the space's widest width.
-    Returns each trial with its config (None for a lone trial, sampled when it starts)."""
+    Every trial of the claim is the sampler's own choice of every parameter: the first (the
+    leader) is the study's `ask`; under TPE each of the others is TPE's own proposal from one fit
+    of its model for the whole claim (`follower_proposals`), with any other sampler its `ask`.
+    The grouping comes after: the claim trains as one model for each depth and batch size,
+    cut further by width (`fused.split_claim`). All are claimed under the budget lock, so
+    `n_trials` stays exact; members are as many as fit in memory at the space's largest depth,
+    width and batch size. Returns each trial with its config (None for a lone trial, sampled
+    when it starts)."""
     with storage.created_trials(study) as made:
         try:
             with budget_lock(url, study.study_name), record.core_trial_reads(study):  # ask reads
@@ -175,8 +176,13 @@ def claim_group(
 def _group(
     study: optuna.Study, objective: Objective, n: int, made: list[int]
 ) -> list[tuple[optuna.Trial, TrialConfig | None]]:
-    """`claim_group`'s group of `n`, under its lock: the leader, then its followers (the ids of
-    those created together appended to `made`)."""
+    """`claim_group`'s claim of `n`, under its lock: the leader, then its followers (the ids of
+    those created together appended to `made`).
+
+    The followers once took the leader's depth and batch size, so that a claim was one model:
+    then a key was drawn once a claim and observed by 32 trials, and TPE never left the first
+    one (breast_cancer, seed 2: every claim of a 2-minute search at depth 2, 17 of 19 at batch
+    size 64, where `--fuse 1` settled on depth 1 and batch size 16)."""
     from selector import fused
 
     space = objective.spec.space
@@ -184,28 +190,22 @@ def _group(
         leader = study.ask()
         config = sample_config(leader, space)
     n = fused.members_that_fit(
-        fused.widest(config, space), objective.folds, objective.n_out, objective.device, n
+        fused.largest(config, space), objective.folds, objective.n_out, objective.device, n
     )
-    fixed = {
-        name: getattr(config, name)
-        for name in fused.GROUP_KEY
-        if getattr(space, name).kind != "fixed"
-    }
     own = study.sampler
     with record.one_read(study, running=False), storage.buffered_params(study):
-        planned = follower_proposals(study, own, fixed, n - 1)  # one fit for all
+        planned = follower_proposals(study, own, n - 1)  # one fit for all
         members: list[tuple[optuna.Trial, TrialConfig | None]] = [(leader, config)]
         ids = storage.new_trials(study, n - 1)  # one transaction for all
         made.extend(ids or [])
         try:
             for j in range(n - 1):
-                with warnings.catch_warnings():  # experimental since Optuna 2.4
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    study.sampler = optuna.samplers.PartialFixedSampler(
-                        {**fixed, **planned[j]} if planned else fixed, own
-                    )
+                if planned:
+                    with warnings.catch_warnings():  # experimental since Optuna 2.4
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        study.sampler = optuna.samplers.PartialFixedSampler(planned[j], own)
                 trial = study.ask() if ids is None else optuna.Trial(study, ids[j])
-                members.append((trial, sample_config(trial, space)))  # the key fixed
+                members.append((trial, sample_config(trial, space)))
         finally:
             study.sampler = own
             storage.forget_fresh(study)
@@ -225,22 +225,22 @@ def _abandon(study: optuna.Study, trial_ids: list[int]) -> None:
 
 
 def follower_proposals(
-    study: optuna.Study, sampler: optuna.samplers.BaseSampler, fixed: dict[str, Any], n: int
+    study: optuna.Study, sampler: optuna.samplers.BaseSampler, n: int
 ) -> list[dict[str, Any]] | None:
-    """The params of `n` followers of a group whose key is `fixed`, as TPE proposes them, from
-    one fit of its two Parzen estimators for the whole group; None where the sampler does not
-    propose this way (not a multivariate TPE, or still in its random start-up trials), and
-    followers are then asked one by one.
+    """The params of `n` followers of a claim, as TPE proposes them, from one fit of its two
+    Parzen estimators for the whole claim; None where the sampler does not propose this way (not
+    a multivariate TPE, or still in its random start-up trials), and followers are then asked
+    one by one.
 
     TPE's proposal for one trial: split the finished trials (and, with its constant liar, the
     running ones, as bad) into good and bad, fit a Parzen estimator l to the good and g to the
-    bad over the parameters not fixed, draw `n_ei_candidates` from l and keep the one with the
-    largest l/g. Each follower here is exactly that, with its own candidates drawn from the same
-    l and g: the draws TPE makes for trials asked side by side, as when workers ask at once.
-    What it leaves out is the liar inside the group (a follower does not see the followers
-    before it among the bad; the leader and every other running trial it does see). Fitting
-    once instead of once a follower cuts a group's sampling about M-fold: 11 of a fused
-    penguins trial's 40 ms went to TPE's fit at 900 trials."""
+    bad, draw `n_ei_candidates` from l and keep the one with the largest l/g. Each follower here
+    is exactly that, with its own candidates drawn from the same l and g: the draws TPE makes
+    for trials asked side by side, as when workers ask at once. What it leaves out is the liar
+    inside the claim (a follower does not see the followers before it among the bad; the leader
+    and every other running trial it does see). Fitting once instead of once a follower cuts a
+    claim's sampling about M-fold: 11 of a fused penguins trial's 40 ms went to TPE's fit at 900
+    trials."""
     if not isinstance(sampler, optuna.samplers.TPESampler) or n <= 0:
         return None
     try:
@@ -253,11 +253,7 @@ def follower_proposals(
         )
         if len(finished) < sampler._n_startup_trials:
             return None
-        space = {
-            name: dist
-            for name, dist in sampler.infer_relative_search_space(study, finished[-1]).items()
-            if name not in fixed
-        }
+        space = sampler.infer_relative_search_space(study, finished[-1])
         if not space:
             return None
         states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)

@@ -539,6 +539,32 @@ def test_members_that_fit_follow_the_memory_estimate(
     assert fused.members_that_fit(config, iris_folds, 3, CPU, 8) == 1
 
 
+def test_a_claim_trains_as_one_model_per_depth_and_batch_size() -> None:
+    """`split_claim`: each part one key, every member in exactly one part; members of one key
+    and like widths stay together, and a very narrow one is cut from very wide ones."""
+    configs = [
+        TrialConfig(depth=2, width=32, batch_size=16),
+        TrialConfig(depth=1, width=32, batch_size=16),
+        TrialConfig(depth=2, width=30, batch_size=16),
+        TrialConfig(depth=2, width=32, batch_size=64),
+        TrialConfig(depth=1, width=34, batch_size=16),
+        TrialConfig(depth=2, width=4, batch_size=64),
+        TrialConfig(depth=2, width=2048, batch_size=64),
+    ]
+    parts = fused.split_claim(configs, folds=5, n_in=10, n_out=3, device="cpu")
+    assert sorted(m for part in parts for m in part) == list(range(len(configs)))
+    assert all(len({fused.group_key(configs[m]) for m in part}) == 1 for part in parts)
+    assert [0, 2] in parts and [1, 4] in parts
+    assert not any({5, 6} <= set(part) for part in parts)
+
+
+def test_the_memory_check_takes_the_largest_member_a_claim_can_hold() -> None:
+    space = _fused_spec().space  # depth 1 to 2, width 8 to 32, batch size 16 or 32
+    big = fused.largest(TrialConfig(depth=1, width=8, batch_size=16, shape="funnel"), space)
+    assert (big.depth, big.width, big.batch_size, big.shape) == (2, 32, 32, "constant")
+    assert big.lr == TrialConfig().lr  # the rest is the member's own
+
+
 # --- members are ordinary Optuna trials -------------------------------------------------------
 
 
@@ -578,8 +604,6 @@ def test_a_fused_study_records_every_member_as_its_own_trial(url: str) -> None:
     assert max(len(g) for g in groups.values()) == 4
     for leader, members in groups.items():
         assert {t.user_attrs["group_size"] for t in members} == {len(members)}
-        # members share the group key, and nothing else is forced to agree
-        assert len({(t.params["depth"], t.params["batch_size"]) for t in members}) == 1
         assert leader == min(t.number for t in members)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert complete
@@ -589,6 +613,25 @@ def test_a_fused_study_records_every_member_as_its_own_trial(url: str) -> None:
         assert rec.epochs_run == len(t.intermediate_values)
     st = summary_mod.status(url, "iris-small")
     assert len(st.trials) == 8
+
+
+def test_replay_reruns_each_member_with_the_model_it_trained_in(url: str) -> None:
+    """A claim of 4 with members of several depths and batch sizes (TPE's random start-up)
+    trained as one model a key; `selector replay` re-runs each member's own model as it ran."""
+    from selector import replay
+
+    s = _fused_spec()
+    study_mod.run(s, url)
+    trials = _all_trials(url)
+    claims: dict[int, set[tuple[int, int]]] = {}
+    for t in trials:
+        claims.setdefault(t.user_attrs["group"], set()).add(
+            (t.params["depth"], t.params["batch_size"])
+        )
+    assert any(len(keys) > 1 for keys in claims.values())
+    for t in trials:
+        r = replay.replay(url, "iris-small", t.number)
+        assert r.identical, r
 
 
 def test_fused_members_score_as_their_solo_runs(url: str, tmp_path: Path) -> None:
@@ -725,7 +768,10 @@ def test_heartbeats_cover_every_member(url: str) -> None:
         assert beats.scalar() == 8
 
 
-def test_group_members_are_sampled_with_the_leader_key(url: str) -> None:
+def test_claimed_members_each_draw_every_parameter(url: str) -> None:
+    """Every member of a claim is the sampler's own draw, depth and batch size included (the
+    claim is cut into one model a key afterwards): in TPE's random start-up, four members
+    come with more than one key."""
     s = _fused_spec()
     study_mod.create_or_resume(s, url)
     st = optuna.load_study(
@@ -736,8 +782,8 @@ def test_group_members_are_sampled_with_the_leader_key(url: str) -> None:
     assert len(claimed) == 4
     configs = [c for _, c in claimed]
     assert all(c is not None for c in configs)
-    assert len({fused.group_key(c) for c in configs if c is not None}) == 1
-    assert len({c.lr for c in configs if c is not None}) == 4  # the rest is the sampler's
+    assert len({fused.group_key(c) for c in configs if c is not None}) > 1
+    assert len({c.lr for c in configs if c is not None}) == 4
     assert worker.claim_group(st, url, 5, 4, dev)[0][1] is None  # one place left: a lone trial
     assert worker.claim_group(st, url, 5, 4, dev) == []
 
@@ -807,7 +853,7 @@ def test_follower_proposals_are_tpe_proposals_from_one_fit() -> None:
         direction="maximize", sampler=optuna.samplers.TPESampler(seed=7, constant_liar=True)
     )
     study.add_trials(history.get_trials())
-    proposed = worker.follower_proposals(study, study.sampler, {}, 1)
+    proposed = worker.follower_proposals(study, study.sampler, 1)
     assert proposed is not None
     twin = optuna.create_study(
         direction="maximize", sampler=optuna.samplers.TPESampler(seed=7, constant_liar=True)
@@ -817,25 +863,24 @@ def test_follower_proposals_are_tpe_proposals_from_one_fit() -> None:
     sample_config(trial, _fused_spec().space)
     assert proposed[0] == trial.params
 
-    fixed = {"depth": 2, "batch_size": 16}
-    several = worker.follower_proposals(study, study.sampler, fixed, 6)
+    several = worker.follower_proposals(study, study.sampler, 6)
     assert several is not None and len(several) == 6
-    assert all(not fixed.keys() & p.keys() for p in several)  # the key stays the leader's
+    assert all(p.keys() == proposed[0].keys() for p in several)  # depth and batch size too
     assert len({p["lr"] for p in several}) == 6  # each from its own candidates
 
 
 def test_follower_proposals_fall_back_where_tpe_does_not_fit() -> None:
     fresh = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=1))
-    assert worker.follower_proposals(fresh, fresh.sampler, {}, 3) is None  # start-up trials
+    assert worker.follower_proposals(fresh, fresh.sampler, 3) is None  # start-up trials
     history = _tpe_history()
     rand = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     rand.add_trials(history.get_trials())
-    assert worker.follower_proposals(rand, rand.sampler, {}, 3) is None
+    assert worker.follower_proposals(rand, rand.sampler, 3) is None
 
 
 def test_a_claimed_group_past_start_up_takes_the_planned_proposals(url: str) -> None:
-    """Past TPE's start-up, claim_group's followers carry the leader's key and params that are
-    recorded in the study as the configs they train."""
+    """Past TPE's start-up, claim_group's followers carry params that are recorded in the
+    study as the configs they train."""
     s = _fused_spec(n_trials=100)
     study_mod.create_or_resume(s, url)
     st = optuna.load_study(
@@ -846,7 +891,6 @@ def test_a_claimed_group_past_start_up_takes_the_planned_proposals(url: str) -> 
     claimed = worker.claim_group(st, url, 100, 5, dev)
     assert len(claimed) == 5
     configs = [c for _, c in claimed]
-    assert len({fused.group_key(c) for c in configs if c is not None}) == 1
     assert len({c.lr for c in configs if c is not None}) == 5
     stored = {t.number: t.params for t in st.get_trials(states=(TrialState.RUNNING,))}
     for trial, config in claimed:
