@@ -215,7 +215,7 @@ class TrialRecord:
     seed: int | None = None
     fold_seeds: tuple[int, ...] = ()
     worker: int | None = None
-    group: int | None = None  # a fused trial: its group's first trial number and its size
+    group: int | None = None  # a fused trial: its claim's first trial number and its size
     group_size: int | None = None
     n_params: int | None = None
     fold_scores: tuple[float, ...] = ()
