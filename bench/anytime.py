@@ -11,9 +11,12 @@ own core with one thread (`taskset`), two at a time side by side:
 
 For each data set it prints trials per minute, the best CV score at 1, 2, 4 and 8 minutes, the
 time each contender needs to reach (a)'s final best, and the test score of each one's chosen
-config (its refit on all dev rows, scored once on the held-out rows). `--calibrate` prints the
-fused engine's measured step costs instead (`selector.fused.COST`). On a GPU
-(`--device cuda --c-workers 4`): (c) with 4 workers sharing the GPU, then (d), each alone.
+config (its refit on all dev rows, scored once on the held-out rows). One seed is one search,
+and where a search goes decides its trials a minute as much as the engine does: `--seeds 0 1 2`
+runs each data set under several study seeds (`--only cd`: those contenders) and adds each
+one's mean over them. `--calibrate` prints the fused engine's measured step costs instead
+(`selector.fused.COST`). On a GPU (`--device cuda --c-workers 4`): (c) with 4 workers sharing
+the GPU, then (d), each alone.
 """
 
 from __future__ import annotations

@@ -246,9 +246,9 @@ class Objective:
         """Train the `members` (a claim) as fused models: one for each depth and batch size,
         cut further by width where padding would cost more than a group's step
         (`fused.split_claim`), each part one model (a part of one trains with the stacked
-        engine, as a trial alone). Each
-        member's epochs, pruning and result go to its own trial; `on_done([(member, outcome)])`
-        with the members that leave their group at one epoch (`selector.fused.drive_group`)."""
+        engine, as a trial alone). Each member's epochs, pruning and result go to its own
+        trial; `on_done([(member, outcome)])` with the members that leave their group at one
+        epoch (`selector.fused.drive_group`)."""
         from selector import fused
 
         prune_from = first_prunable_epoch(self.spec.search.pruner)
