@@ -30,11 +30,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def record(dataset: str, seconds: int, workdir: Path) -> Path:
-    """A search of `seconds` on one core, recorded in a fresh SQLite database."""
+def record(dataset: str, seconds: int, workdir: Path, study: Path | None = None) -> Path:
+    """A search of `seconds` on one core, recorded in a fresh SQLite database (of `study`,
+    default the benchmark's study file of `dataset`)."""
     from bench.anytime import one_thread_env, study_file
 
-    study = study_file(dataset, workdir)
+    study = study or study_file(dataset, workdir)
     db = workdir / f"{dataset}-recorded.db"
     cmd = [sys.executable, "-m", "selector", "run", str(study), "--storage", f"sqlite:///{db}"]
     cmd += ["--workers", "1", "--threads", "1", "--timeout", str(seconds)]

@@ -541,7 +541,8 @@ def test_members_that_fit_follow_the_memory_estimate(
 
 def test_a_claim_trains_as_one_model_per_depth_and_batch_size() -> None:
     """`split_claim`: each part one key, every member in exactly one part; members of one key
-    and like widths stay together, and a very narrow one is cut from very wide ones."""
+    and like widths stay together, a narrow one is cut from a wider one where padding costs
+    more, and one whose step is mostly its own arithmetic trains alone."""
     configs = [
         TrialConfig(depth=2, width=32, batch_size=16),
         TrialConfig(depth=1, width=32, batch_size=16),
@@ -549,6 +550,7 @@ def test_a_claim_trains_as_one_model_per_depth_and_batch_size() -> None:
         TrialConfig(depth=2, width=32, batch_size=64),
         TrialConfig(depth=1, width=34, batch_size=16),
         TrialConfig(depth=2, width=4, batch_size=64),
+        TrialConfig(depth=2, width=200, batch_size=64),
         TrialConfig(depth=2, width=2048, batch_size=64),
     ]
     parts = fused.split_claim(configs, folds=5, n_in=10, n_out=3, device="cpu")
@@ -556,6 +558,10 @@ def test_a_claim_trains_as_one_model_per_depth_and_batch_size() -> None:
     assert all(len({fused.group_key(configs[m]) for m in part}) == 1 for part in parts)
     assert [0, 2] in parts and [1, 4] in parts
     assert not any({5, 6} <= set(part) for part in parts)
+    assert fused.cost_size(configs[7], folds=5, n_in=10, n_out=3, device="cpu") == 1
+    assert [7] in parts
+    cuda = fused.split_claim(configs, folds=5, n_in=10, n_out=3, device="cuda")
+    assert [7] not in cuda  # on a GPU the wide one is fused too
 
 
 def test_the_memory_check_takes_the_largest_member_a_claim_can_hold() -> None:

@@ -1,0 +1,167 @@
+"""What fusing saves on the trials a search actually ran: `python -m bench.fusegain [DATASETS]`.
+
+`bench.anytime`'s trials a minute measure two things at once: the engine, and where each
+search goes (a search that settles on wide networks finishes fewer trials, fused or not). Here a
+search is recorded once (`selector run`, one core, `--seconds`, the study's seed or `--seed`),
+and its claims' fused models are trained twice: as recorded (`fused.cross_validate_group`, the
+parts `fused.split_claim` cuts), and member by member with the stacked engine, as `--fuse 1`
+trains a trial. Every member leaves at the epoch it left in the recording, in both. Parts of
+one member train alone in the search too and are left out. The two ways alternate part by part
+in one process (the machine's speed drifts within a minute), one such process on each core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(db: str, study_path: str, claims: int) -> dict[str, Any]:
+    """In a child process: seconds fused and seconds member by member over the fused parts of
+    the first `claims` recorded claims."""
+    import optuna
+    import torch
+
+    from selector import data, fused, metrics, spec, stacked
+    from selector.space import replay_config
+
+    torch.set_num_threads(1)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = spec.load(Path(study_path))
+    dev = data.dev_set(data.prepare(study))
+    folds = list(data.iter_folds(dev))
+    metric = metrics.get(study.metric)
+    url = f"sqlite:///{db}"
+    name = optuna.get_all_study_names(url)[0]
+    by_claim = collections.defaultdict(list)
+    for t in optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False):
+        if t.state.name in ("COMPLETE", "PRUNED") and "group" in t.user_attrs:
+            by_claim[t.user_attrs["group"]].append(t)
+    n_out = dev.n_classes if dev.task == "classification" else 1
+
+    def together(configs: list[Any], seeds: list[int], last: list[int]) -> None:
+        fused.cross_validate_group(
+            configs,
+            folds,
+            task=dev.task,
+            n_classes=dev.n_classes,
+            metric=metric,
+            training=study.training,
+            seeds=seeds,
+            on_epoch=lambda epoch, values: {
+                m: optuna.TrialPruned() for m in values if epoch >= last[m]
+            },
+        )
+
+    def apart(configs: list[Any], seeds: list[int], last: list[int]) -> None:
+        for config, seed, stop in zip(configs, seeds, last, strict=True):
+
+            def at(epoch: int, value: float, stop: int = stop) -> None:
+                if epoch >= stop:
+                    raise optuna.TrialPruned()
+
+            with contextlib.suppress(optuna.TrialPruned):
+                stacked.auto_cross_validate(
+                    config,
+                    folds,
+                    task=dev.task,
+                    n_classes=dev.n_classes,
+                    metric=metric,
+                    training=study.training,
+                    seed=seed,
+                    on_epoch=at,
+                )
+
+    seconds = {"fused": 0.0, "alone": 0.0}
+    parts = members = member_epochs = 0
+    for _, trials in sorted(by_claim.items())[:claims]:
+        configs = [replay_config(t.params, study.space) for t in trials]
+        cut = fused.split_claim(
+            configs, folds=len(folds), n_in=folds[0].X_train.shape[1], n_out=n_out, device="cpu"
+        )
+        for part in (p for p in cut if len(p) > 1):
+            args = (
+                [configs[i] for i in part],
+                [int(trials[i].user_attrs["seed"]) for i in part],
+                [len(trials[i].intermediate_values) for i in part],
+            )
+            ways = [("fused", together), ("alone", apart)]
+            if parts % 2:
+                ways.reverse()
+            if parts == 0:  # first calls import and warm up more: once, untimed
+                for _, run in ways:
+                    run(*args)
+            for key, run in ways:
+                began = time.perf_counter()
+                run(*args)
+                seconds[key] += time.perf_counter() - began
+            parts += 1
+            members += len(part)
+            member_epochs += sum(args[2])
+    return {"seconds": seconds, "parts": parts, "members": members, "epochs": member_epochs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("datasets", nargs="*", default=["penguins", "breast_cancer"])
+    parser.add_argument("--seconds", type=int, default=90, help="length of the recorded search")
+    parser.add_argument("--seed", type=int, help="the study's seed (default: the study file's)")
+    parser.add_argument("--claims", type=int, default=30, help="recorded claims trained")
+    parser.add_argument("--child", nargs=3, metavar=("DB", "STUDY", "CLAIMS"))
+    args = parser.parse_args()
+    if args.child:
+        db, study, claims = args.child
+        print(json.dumps(measure(db, study, int(claims))))
+        return
+    from bench.anytime import one_thread_env, study_file
+    from bench.replay import record
+
+    print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} (1 min)")
+    with tempfile.TemporaryDirectory(prefix="selector-fusegain-") as tmp:
+        work = Path(tmp)
+        for dataset in args.datasets:
+            study = study_file(dataset, work, seed=args.seed)
+            db = record(dataset, args.seconds, work, study)
+            procs = []
+            for core in sorted(os.sched_getaffinity(0)):
+                cmd = ["taskset", "-c", str(core), sys.executable, "-m", "bench.fusegain"]
+                cmd += ["--child", str(db), str(study), str(args.claims)]
+                procs.append(
+                    (
+                        core,
+                        subprocess.Popen(
+                            cmd, cwd=ROOT, stdout=subprocess.PIPE, env=one_thread_env()
+                        ),
+                    )
+                )
+            seed = "the study's seed" if args.seed is None else f"seed {args.seed}"
+            print(
+                f"{dataset} ({seed}): the first {args.claims} claims of a {args.seconds} s search"
+            )
+            for core, p in procs:
+                out, _ = p.communicate()
+                if p.returncode != 0:
+                    raise SystemExit(f"the measurement on core {core} failed (exit {p.returncode})")
+                r = json.loads(out)
+                s = r["seconds"]
+                print(
+                    f"  core {core}: {r['parts']} fused models of {r['members']} members, "
+                    f"{r['epochs']} member-epochs: fused {s['fused']:.2f} s, one by one "
+                    f"{s['alone']:.2f} s: fusing {s['alone'] / s['fused']:.2f}x faster"
+                )
+            print(f"  load {os.getloadavg()[0]:.2f} (1 min) after {dataset}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
