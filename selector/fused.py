@@ -1020,7 +1020,7 @@ def split_claim(
 def split_by_width(
     configs: Sequence[TrialConfig], *, folds: int, n_in: int, n_out: int, device: str
 ) -> list[list[int]]:
-    """The members of one claimed group (sharing depth and batch size) cut into the groups that
+    """Members sharing depth and batch size (one key of a claim) cut into the groups that
     train fastest by the cost model: padding a narrow member to a wide one's width costs its
     arithmetic, each group costs a step's fixed part. Members sorted by width are cut into runs
     by dynamic programming (`step_cost` summed over the runs, least). Indices into `configs`."""
