@@ -13,7 +13,6 @@ in one process (the machine's speed drifts within a minute), one such process on
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
@@ -33,6 +32,7 @@ def measure(db: str, study_path: str, claims: int) -> dict[str, Any]:
     import optuna
     import torch
 
+    from bench.replay import recorded_claims
     from selector import data, fused, metrics, spec, stacked
     from selector.space import replay_config
 
@@ -42,12 +42,7 @@ def measure(db: str, study_path: str, claims: int) -> dict[str, Any]:
     dev = data.dev_set(data.prepare(study))
     folds = list(data.iter_folds(dev))
     metric = metrics.get(study.metric)
-    url = f"sqlite:///{db}"
-    name = optuna.get_all_study_names(url)[0]
-    by_claim = collections.defaultdict(list)
-    for t in optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False):
-        if t.state.name in ("COMPLETE", "PRUNED") and "group" in t.user_attrs:
-            by_claim[t.user_attrs["group"]].append(t)
+    by_claim = recorded_claims(db)
     n_out = dev.n_classes if dev.task == "classification" else 1
 
     def together(configs: list[Any], seeds: list[int], last: list[int]) -> None:
@@ -85,7 +80,7 @@ def measure(db: str, study_path: str, claims: int) -> dict[str, Any]:
 
     seconds = {"fused": 0.0, "alone": 0.0}
     parts = members = member_epochs = 0
-    for _, trials in sorted(by_claim.items())[:claims]:
+    for trials in list(by_claim.values())[:claims]:
         configs = [replay_config(t.params, study.space) for t in trials]
         cut = fused.split_claim(
             configs, folds=len(folds), n_in=folds[0].X_train.shape[1], n_out=n_out, device="cpu"

@@ -48,6 +48,20 @@ def record(dataset: str, seconds: int, workdir: Path, study: Path | None = None)
     return db
 
 
+def recorded_claims(db: str | Path) -> dict[int, list[Any]]:
+    """The finished trials of a recorded search's fused claims, by claim (its first trial's
+    number), in order of claims and of trial numbers."""
+    import optuna
+
+    url = f"sqlite:///{db}"
+    study = optuna.load_study(study_name=optuna.get_all_study_names(url)[0], storage=url)
+    claims = collections.defaultdict(list)
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name in ("COMPLETE", "PRUNED") and "group" in t.user_attrs:
+            claims[t.user_attrs["group"]].append(t)
+    return dict(sorted(claims.items()))
+
+
 def _load(tree: str) -> dict[str, Any]:
     """The `selector` package of `tree`, imported under its own name and then taken out of
     `sys.modules`, so that another tree's can be imported next to it in this process (each
@@ -79,17 +93,12 @@ def replay(trees: list[str], db: str, study_path: str, groups: int) -> dict[str,
     study = first["spec"].load(Path(study_path))
     dev = first["data"].dev_set(first["data"].prepare(study))
     folds = list(first["data"].iter_folds(dev))
-    url = f"sqlite:///{db}"
-    name = optuna.get_all_study_names(url)[0]
-    by_group = collections.defaultdict(list)
-    for t in optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False):
-        if t.state.name in ("COMPLETE", "PRUNED") and "group" in t.user_attrs:
-            by_group[t.user_attrs["group"]].append(t)
+    by_group = recorded_claims(db)
     n_out = dev.n_classes if dev.task == "classification" else 1
     n_in = folds[0].X_train.shape[1]
     seconds = [0.0] * len(versions)
     member_epochs = parts = 0
-    for _, members in sorted(by_group.items())[:groups]:
+    for members in list(by_group.values())[:groups]:
         configs = [first["config"](t.params, study.space) for t in members]
         cut = first["fused"].split_claim(
             configs, folds=len(folds), n_in=n_in, n_out=n_out, device="cpu"
