@@ -238,17 +238,30 @@ class Objective:
             )
         return writes
 
+    def parts(self, configs: list[TrialConfig]) -> list[list[int]]:
+        """A claim's trials cut into the models they train in (`fused.split_claim`)."""
+        from selector import fused
+
+        return fused.split_claim(
+            configs,
+            folds=len(self.folds),
+            n_in=self.folds[0].X_train.shape[1],
+            n_out=self.n_out,
+            device=self.device.type,
+        )
+
     def group(
         self,
         members: list[Started],
+        parts: list[list[int]],
         on_done: Callable[[list[tuple[Started, engine.CVResult | BaseException]]], None],
     ) -> None:
-        """Train the `members` (a claim) as fused models: one for each depth and batch size,
-        cut further by width where padding would cost more than a group's step
-        (`fused.split_claim`), each part one model (a part of one trains with the stacked
-        engine, as a trial alone). Each member's epochs, pruning and result go to its own
-        trial; `on_done([(member, outcome)])` with the members that leave their group at one
-        epoch (`selector.fused.drive_group`)."""
+        """Train the `members` (a claim) as fused models, one for each of `parts` (`parts`: one
+        for each depth and batch size, cut further by width where padding would cost more than
+        a group's step); a part of one trains with the stacked engine, as a trial alone. Each
+        member's epochs, pruning and result go to its own trial; `on_done([(member,
+        outcome)])` with the members that leave their group at one epoch
+        (`selector.fused.drive_group`)."""
         from selector import fused
 
         prune_from = first_prunable_epoch(self.spec.search.pruner)
@@ -269,14 +282,6 @@ class Objective:
                 return {}
             return storage.retrying(lambda: prune_members(members, values, epoch))
 
-        n_in = self.folds[0].X_train.shape[1]
-        parts = fused.split_claim(
-            [m.config for m in members],
-            folds=len(self.folds),
-            n_in=n_in,
-            n_out=self.n_out,
-            device=self.device.type,
-        )
         for part in parts:
             group = [members[i] for i in part]
             if len(group) == 1:  # a part of one: the stacked engine, as for a trial alone

@@ -217,6 +217,7 @@ class TrialRecord:
     worker: int | None = None
     group: int | None = None  # a fused trial: its claim's first trial number and its size
     group_size: int | None = None
+    fused_model: int | None = None  # the first trial number of the model it trained in
     n_params: int | None = None
     fold_scores: tuple[float, ...] = ()
     train_fold_scores: tuple[float, ...] = ()
@@ -274,6 +275,7 @@ class TrialRecord:
             "worker": self.worker,
             "group": self.group,
             "group_size": self.group_size,
+            "fused_model": self.fused_model,
             "n_params": self.n_params,
             "best_epoch": self.best_epoch,
             "epochs_run": self.epochs_run,
@@ -333,6 +335,7 @@ class TrialRecord:
             worker=_int(a.get("worker")),
             group=_int(a.get("group")),
             group_size=_int(a.get("group_size")),
+            fused_model=_int(a.get("fused_model")),
             n_params=_int(a.get("n_params")),
             fold_scores=tuple(float(x) for x in a.get("fold_scores") or ()),
             train_fold_scores=tuple(float(x) for x in a.get("train_fold_scores") or ()),

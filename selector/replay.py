@@ -42,13 +42,16 @@ def _part(
     dev: data.DevSet,
     folds: list[data.FoldData],
 ) -> list[record.TrialRecord]:
-    """The trials `trial` trained with as one model: its claim (`group`) cut as the worker cut
-    it (`fused.split_claim`: by depth and batch size, then by width), or itself alone."""
+    """The trials `trial` trained with as one model, as recorded (`fused_model`), or itself
+    alone. Trials that an earlier version recorded without it are cut from their claim
+    (`group`) as this version's worker would cut it (`fused.split_claim`)."""
     if (trial.group_size or 1) <= 1:
         return [trial]
+    claim = [t for t in trials if t.group == trial.group]
+    if trial.fused_model is not None:
+        return [t for t in claim if t.fused_model == trial.fused_model]
     from selector import engine, fused
 
-    claim = [t for t in trials if t.group == trial.group]
     parts = fused.split_claim(
         [t.config(spec.space) for t in claim],
         folds=len(folds),

@@ -374,6 +374,10 @@ def run_group(
     with beating(study, trials, heartbeat.interval, first_recorded=in_one) as live:
         attrs = {"worker": worker, "group": trials[0].number, "group_size": len(trials)}
         members = [objective.start(t, attrs, config=c, write=False) for t, c in claimed]
+        parts = objective.parts([m.config for m in members])
+        for part in parts:  # which model each trained in, for `selector replay`
+            for i in part:
+                members[i].out.attrs["fused_model"] = members[part[0]].trial.number
         storage.retrying(  # every member's start (and first heartbeat) in one transaction
             lambda: storage.write_trials(
                 [
@@ -426,7 +430,7 @@ def run_group(
                     tell([(m, e) for m in rest])
 
         try:
-            objective.group(members, tell)
+            objective.group(members, parts, tell)
         except (KeyboardInterrupt, SelectorError) as e:  # a stop, or the storage failed
             fail_rest(e)
             raise

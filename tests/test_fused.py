@@ -635,9 +635,44 @@ def test_replay_reruns_each_member_with_the_model_it_trained_in(url: str) -> Non
             (t.params["depth"], t.params["batch_size"])
         )
     assert any(len(keys) > 1 for keys in claims.values())
+    models: dict[int, list[optuna.trial.FrozenTrial]] = {}
+    for t in trials:  # each member records the model it trained in: one key a model
+        models.setdefault(t.user_attrs["fused_model"], []).append(t)
+    assert all(
+        len({(t.params["depth"], t.params["batch_size"]) for t in ts}) == 1
+        for ts in models.values()
+    )
     for t in trials:
         r = replay.replay(url, "iris-small", t.number)
         assert r.identical, r
+
+
+def test_replay_takes_the_recorded_model_and_cuts_older_records_as_the_worker_does(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The members of a trial's model are the ones it recorded, whatever the cut rule is now;
+    a trial recorded without it (an earlier version) gets its claim cut by `split_claim`."""
+    from selector import replay
+
+    s = _fused_spec()
+    study_mod.run(s, url)
+    study, rec = record.open_study(url, "iris-small")
+    trials = record.trials(study)
+    dev = data.dev_set(data.prepare(rec.spec))
+    folds = list(data.iter_folds(dev))
+    recorded = {t.number: replay._part(t, trials, rec.spec, dev, folds) for t in trials}
+    older = [dataclasses.replace(t, fused_model=None) for t in trials]
+    for t in older:
+        assert [m.number for m in replay._part(t, older, rec.spec, dev, folds)] == [
+            m.number for m in recorded[t.number]
+        ]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the recorded model is read, not cut again")
+
+    monkeypatch.setattr(fused, "split_claim", refuse)
+    for t in trials:
+        assert replay._part(t, trials, rec.spec, dev, folds) == recorded[t.number]
 
 
 def test_fused_members_score_as_their_solo_runs(url: str, tmp_path: Path) -> None:
