@@ -8,6 +8,10 @@ parts `fused.split_claim` cuts), and member by member with the stacked engine, a
 trains a trial. Every member leaves at the epoch it left in the recording, in both. Parts of
 one member train alone in the search too and are left out. The two ways alternate part by part
 in one process (the machine's speed drifts within a minute), one such process on each core.
+
+`--worth W1 W2 ...` measures the rule that trains a claim's wide trials alone instead
+(`fused.WORTH`): each claim is cut at each value and trained whole (fused parts fused, parts of
+one with the stacked engine), the values in turn claim by claim.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(db: str, study_path: str, claims: int) -> dict[str, Any]:
+def measure(
+    db: str, study_path: str, claims: int, worths: list[float] | None = None
+) -> dict[str, Any]:
     """In a child process: seconds fused and seconds member by member over the fused parts of
-    the first `claims` recorded claims."""
+    the first `claims` recorded claims; with `worths`, seconds to train those claims whole as
+    cut at each `fused.WORTH`."""
     import optuna
     import torch
 
@@ -78,14 +85,42 @@ def measure(db: str, study_path: str, claims: int) -> dict[str, Any]:
                     on_epoch=at,
                 )
 
+    def cut(configs: list[Any]) -> list[list[int]]:
+        n_in = folds[0].X_train.shape[1]
+        return fused.split_claim(configs, folds=len(folds), n_in=n_in, n_out=n_out, device="cpu")
+
+    if worths:
+        spent = {str(w): 0.0 for w in worths}
+        models = {str(w): 0 for w in worths}
+        chosen = list(by_claim.values())[:claims]
+        for i, trials in enumerate(chosen):
+            configs = [replay_config(t.params, study.space) for t in trials]
+            seeds = [int(t.user_attrs["seed"]) for t in trials]
+            last = [len(t.intermediate_values) for t in trials]
+            turn = worths[i % len(worths) :] + worths[: i % len(worths)]
+            for w in turn:
+                fused.WORTH = w
+                parts = cut(configs)
+                for rep in range(2 if i == 0 else 1):  # the first claim once untimed (warm-up)
+                    began = time.perf_counter()
+                    for part in parts:
+                        way = together if len(part) > 1 else apart
+                        way(*([x[j] for j in part] for x in (configs, seeds, last)))
+                    if rep == (1 if i == 0 else 0):
+                        spent[str(w)] += time.perf_counter() - began
+                models[str(w)] += len(parts)
+        return {
+            "worths": spent,
+            "models": models,
+            "claims": len(chosen),
+            "members": sum(len(t) for t in chosen),
+        }
+
     seconds = {"fused": 0.0, "alone": 0.0}
     parts = members = member_epochs = 0
     for trials in list(by_claim.values())[:claims]:
         configs = [replay_config(t.params, study.space) for t in trials]
-        cut = fused.split_claim(
-            configs, folds=len(folds), n_in=folds[0].X_train.shape[1], n_out=n_out, device="cpu"
-        )
-        for part in (p for p in cut if len(p) > 1):
+        for part in (p for p in cut(configs) if len(p) > 1):
             args = (
                 [configs[i] for i in part],
                 [int(trials[i].user_attrs["seed"]) for i in part],
@@ -113,11 +148,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=90, help="length of the recorded search")
     parser.add_argument("--seed", type=int, help="the study's seed (default: the study file's)")
     parser.add_argument("--claims", type=int, default=30, help="recorded claims trained")
+    parser.add_argument(
+        "--worth",
+        type=float,
+        nargs="+",
+        help="train the claims whole, cut at each of these fused.WORTH values, and compare",
+    )
     parser.add_argument("--child", nargs=3, metavar=("DB", "STUDY", "CLAIMS"))
     args = parser.parse_args()
     if args.child:
         db, study, claims = args.child
-        print(json.dumps(measure(db, study, int(claims))))
+        print(json.dumps(measure(db, study, int(claims), args.worth)))
         return
     from bench.anytime import one_thread_env, study_file
     from bench.replay import record
@@ -132,6 +173,8 @@ def main() -> None:
             for core in sorted(os.sched_getaffinity(0)):
                 cmd = ["taskset", "-c", str(core), sys.executable, "-m", "bench.fusegain"]
                 cmd += ["--child", str(db), str(study), str(args.claims)]
+                if args.worth:
+                    cmd += ["--worth", *map(str, args.worth)]
                 procs.append(
                     (
                         core,
@@ -149,6 +192,15 @@ def main() -> None:
                 if p.returncode != 0:
                     raise SystemExit(f"the measurement on core {core} failed (exit {p.returncode})")
                 r = json.loads(out)
+                if args.worth:
+                    first = str(args.worth[0])
+                    told = ", ".join(
+                        f"WORTH {w}: {t:.2f} s, {r['models'][w]} models "
+                        f"({t / r['worths'][first]:.2f}x the time at {first})"
+                        for w, t in r["worths"].items()
+                    )
+                    print(f"  core {core}: {r['claims']} claims, {r['members']} trials: {told}")
+                    continue
                 s = r["seconds"]
                 print(
                     f"  core {core}: {r['parts']} fused models of {r['members']} members, "

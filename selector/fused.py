@@ -962,7 +962,12 @@ MAX_AUTO = {"cpu": 32, "cuda": 64}
 # Trials are fused only where the fixed part is at least this share of a trial's step alone:
 # below it fusing saves little time, and members that train side by side cannot learn from
 # each other's results (on digits, groups of 4 were pruned less and finished 0.44x the trials).
-WORTH = 0.5
+# A claim's trial below it trains alone (`split_claim`). Recorded breast_cancer searches (seeds
+# 0, 1, 2, 4; 60 s) trained their claims whole in 0.88x to 1.01x the time at 0.25 that they took
+# at 0.5 (mean 0.95x), and 0.88x to 1.03x at 1/3 (`python -m bench.fusegain --worth 0.5 0.25`):
+# at depth 3 and batch size 16, fused models of widths up to about 190 trained faster than their
+# members alone, wider ones slower.
+WORTH = 0.25
 # Share of the device's available memory a group may plan to use (`stacked.MEMORY_SHARE`).
 MEMORY_SHARE = 0.5
 
@@ -996,11 +1001,11 @@ def split_claim(
 ) -> list[list[int]]:
     """The trials of one claim cut into the groups that train as one model each: by their
     depth and batch size (`group_key`), then each of those by width (`split_by_width`).
-    A trial whose step alone is mostly its own arithmetic (`cost_size` 1, the rule `fuse =
-    "auto"` applies to a study's typical trial) trains alone: on breast_cancer at depth 3,
-    width about 200 and batch size 16, the fused models of a recorded search took 1.17x the
-    time of their members one by one (`bench.fusegain`). Indices into `configs`, each group's
-    in order."""
+    A trial whose step alone is mostly its own arithmetic (`cost_size` 1: the fixed part under
+    `WORTH` of it, the rule `fuse = "auto"` applies to a study's typical trial) trains alone:
+    on breast_cancer at depth 3 and batch size 16, fused models wider than about 190 took longer
+    than their members one by one (`bench.fusegain`). Indices into `configs`, each group's in
+    order."""
     by_key: dict[tuple[int, ...], list[int]] = {}
     parts = []
     for m, config in enumerate(configs):
