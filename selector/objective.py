@@ -256,11 +256,11 @@ class Objective:
         parts: list[list[int]],
         on_done: Callable[[list[tuple[Started, engine.CVResult | BaseException]]], None],
     ) -> None:
-        """Train the `members` (a claim) as fused models, one for each of `parts` (`parts`: one
-        for each depth and batch size, cut further by width where padding would cost more than
-        a group's step); a part of one trains with the stacked engine, as a trial alone. Each
-        member's epochs, pruning and result go to its own trial; `on_done([(member,
-        outcome)])` with the members that leave their group at one epoch
+        """Train the `members` (a claim) as fused models, one for each of its `parts`
+        (`Objective.parts`: one for each depth and batch size, cut further by width where
+        padding would cost more than a group's step); a part of one trains with the stacked
+        engine, as a trial alone. Each member's epochs, pruning and result go to its own trial;
+        `on_done([(member, outcome)])` with the members that leave their group at one epoch
         (`selector.fused.drive_group`)."""
         from selector import fused
 
