@@ -52,18 +52,22 @@ def measure(
     by_claim = recorded_claims(db)
     n_out = dev.n_classes if dev.task == "classification" else 1
 
+    shared = {
+        "task": dev.task,
+        "n_classes": dev.n_classes,
+        "metric": metric,
+        "training": study.training,
+    }
+
     def together(configs: list[Any], seeds: list[int], last: list[int]) -> None:
         fused.cross_validate_group(
             configs,
             folds,
-            task=dev.task,
-            n_classes=dev.n_classes,
-            metric=metric,
-            training=study.training,
             seeds=seeds,
             on_epoch=lambda epoch, values: {
                 m: optuna.TrialPruned() for m in values if epoch >= last[m]
             },
+            **shared,
         )
 
     def apart(configs: list[Any], seeds: list[int], last: list[int]) -> None:
@@ -74,16 +78,15 @@ def measure(
                     raise optuna.TrialPruned()
 
             with contextlib.suppress(optuna.TrialPruned):
-                stacked.auto_cross_validate(
-                    config,
-                    folds,
-                    task=dev.task,
-                    n_classes=dev.n_classes,
-                    metric=metric,
-                    training=study.training,
-                    seed=seed,
-                    on_epoch=at,
-                )
+                stacked.auto_cross_validate(config, folds, seed=seed, on_epoch=at, **shared)
+
+    def whole(
+        parts: list[list[int]], configs: list[Any], seeds: list[int], last: list[int]
+    ) -> None:
+        """A claim trained as cut: its fused parts fused, its parts of one alone."""
+        for part in parts:
+            way = together if len(part) > 1 else apart
+            way(*([x[j] for j in part] for x in (configs, seeds, last)))
 
     def cut(configs: list[Any]) -> list[list[int]]:
         n_in = folds[0].X_train.shape[1]
@@ -101,13 +104,11 @@ def measure(
             for w in turn:
                 fused.WORTH = w
                 parts = cut(configs)
-                for rep in range(2 if i == 0 else 1):  # the first claim once untimed (warm-up)
-                    began = time.perf_counter()
-                    for part in parts:
-                        way = together if len(part) > 1 else apart
-                        way(*([x[j] for j in part] for x in (configs, seeds, last)))
-                    if rep == (1 if i == 0 else 0):
-                        spent[str(w)] += time.perf_counter() - began
+                if i == 0:  # the first claim once untimed: the first calls warm up more
+                    whole(parts, configs, seeds, last)
+                began = time.perf_counter()
+                whole(parts, configs, seeds, last)
+                spent[str(w)] += time.perf_counter() - began
                 models[str(w)] += len(parts)
         return {
             "worths": spent,
