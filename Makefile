@@ -6,16 +6,25 @@ SEL    := $(VENV)/bin/selector
 DEMO   := demo
 # torch first, pinned to the local CPU wheel; without it pip would pull the multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# every package's version, as the tests and benchmarks ran (`make lock` writes it)
+CONSTRAINTS ?= constraints.txt
+PIN    := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install demo test test-slow test-all lint bench clean
+.PHONY: install lock demo test test-slow test-all lint bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,postgres]'
+	$(PY) -m pip install -q $(PIN) $(TORCH)
+	$(PY) -m pip install -q $(PIN) -e '.[dev,postgres]'
 	touch $@
+
+lock: install
+	grep '^#' constraints.txt > constraints.txt.new
+	# torch without its local label (+cpu): the same pin takes the CUDA build of that version
+	$(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' >> constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 demo: install
 	rm -rf $(DEMO) && mkdir -p $(DEMO)

@@ -15,3 +15,62 @@ matmul ceiling (measured in the same run), and the mean CV accuracy after the la
 """
 
 from __future__ import annotations
+
+import os
+import re
+from importlib import metadata
+from pathlib import Path
+
+CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
+# the packages whose versions decide a benchmark's numbers: the engine's, and a search's path
+KEY_PACKAGES = ("torch", "optuna", "numpy", "scipy", "scikit-learn")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned(path: Path = CONSTRAINTS) -> dict[str, str]:
+    """constraints.txt's `name==version` lines, by canonical package name."""
+    out = {}
+    for line in path.read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            out[_canonical(name)] = version.strip()
+    return out
+
+
+def differences(pins: dict[str, str]) -> list[str]:
+    """Installed packages whose version is not the pinned one ("numpy 2.4.7, pinned 2.4.6");
+    packages not installed are left out (a benchmark does not need the dev tools)."""
+    out = []
+    for name, version in sorted(pins.items()):
+        try:
+            have = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if "+" not in version:  # a pin without a local label takes any build (2.13.0+cpu)
+            have = have.partition("+")[0]
+        if have != version:
+            out.append(f"{name} {have}, pinned {version}")
+    return out
+
+
+def environment() -> str:
+    """One line for a benchmark's header: the machine, its load, the key packages' versions and
+    whether every installed package is at the version constraints.txt pins."""
+    versions = []
+    for name in KEY_PACKAGES:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} not installed")
+    if CONSTRAINTS.exists():
+        diff = differences(pinned())
+        pins = "as constraints.txt pins" if not diff else "not as pinned: " + "; ".join(diff)
+    else:
+        pins = "no constraints.txt"
+    return (
+        f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} (1 min); "
+        f"{', '.join(versions)}; packages {pins}"
+    )

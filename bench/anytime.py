@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import environment
+
 ROOT = Path(__file__).resolve().parents[1]
 MARKS = (1, 2, 4, 8)  # minutes at which the best CV score is shown
 CONTENDERS = {
@@ -515,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
             workers = args.c_workers if args.contender == "c" else 1
             selector_run(args.study, args.minutes, fuse, args.out, t0, workers)
         return
-    print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} (1 min) at start")
+    print(environment())
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets:
             runs = {}

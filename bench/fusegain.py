@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -164,7 +166,7 @@ def main() -> None:
     from bench.anytime import one_thread_env, study_file
     from bench.replay import record
 
-    print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} (1 min)")
+    print(environment())
     with tempfile.TemporaryDirectory(prefix="selector-fusegain-") as tmp:
         work = Path(tmp)
         for dataset in args.datasets:

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import environment
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -182,7 +184,7 @@ def main() -> None:
             text=True,
         ).stdout.strip()
         try:
-            print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} (1 min)")
+            print(environment())
             label = rev if rev.startswith(args.against) else f"{args.against} ({rev})"
             for dataset in args.datasets:
                 db = record(dataset, args.seconds, work)

@@ -56,6 +56,7 @@ def test_dockerfile_installs_the_pinned_cpu_torch_before_selector() -> None:
     assert 'ARG TORCH_SPEC="torch==2.13.0"' in lines
     package = next(i for i, ln in enumerate(lines) if "pip install" in ln and "postgres" in ln)
     assert torch < package
+    assert "-c constraints.txt" in lines[package]  # the versions the tests ran with
     assert 'ENTRYPOINT ["selector"]' in lines
 
 
