@@ -53,3 +53,13 @@ def test_the_benchmark_header_names_the_key_versions() -> None:
     assert line.startswith("machine: ") and "(1 min)" in line
     assert f"numpy {np.__version__}" in line
     assert "packages as constraints.txt pins" in line or "packages not as pinned: " in line
+
+
+def test_the_gpu_machines_wheels_are_pinned_packages() -> None:
+    # bench/gpu-wheels.sh downloads these at constraints.txt's versions
+    script = (ROOT / "bench" / "gpu-wheels.sh").read_text()
+    need = re.search(r'NEED="([^"]*)"', script)
+    assert need
+    pins = pinned(ROOT / "constraints.txt")
+    assert {"optuna", "sqlalchemy", "pydantic", "pydantic-core"} <= set(need.group(1).split())
+    assert set(need.group(1).split()) <= set(pins)
