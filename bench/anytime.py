@@ -9,10 +9,14 @@ own core with one thread (`taskset`), two at a time side by side:
   (c) `selector run --fuse 1` (one trial at a time, the stacked engine);
   (d) `selector run` as shipped (fused trials, `[search] fuse = "auto"`).
 
-For each data set it prints trials per minute, the best CV score at 1, 2, 4 and 8 minutes, the
-time each contender needs to reach (a)'s final best, and the test score of each one's chosen
-config (its refit on all dev rows, scored once on the held-out rows). One seed is one search,
-and where a search goes decides its trials a minute as much as the engine does: `--seeds 0 1 2`
+For each data set it prints trials per minute, the share of them pruned, the K-fold epochs a
+trial trained and the epochs trained a minute (the engine's work, whatever the pruner cut), the
+best CV score at 1, 2, 4 and 8 minutes, the time each contender needs to reach (a)'s final best,
+and the test score of each one's chosen config (its refit on all dev rows, scored once on the
+held-out rows). One seed is one search, and where a search goes decides its trials a minute as
+much as the engine does (which networks it settles on, and how much the median pruner cuts: the
+median of quantised scores such as accuracy can settle a step lower in one search than in
+another, and each trial then trains longer): `--seeds 0 1 2`
 runs each data set under several study seeds (`--only cd`: those contenders) and adds each
 one's mean over them. `--calibrate` prints the fused engine's measured step costs instead
 (`selector.fused.COST`). On a GPU (`--device cuda --c-workers 4`): (c) with 4 workers sharing
@@ -148,7 +152,7 @@ def typical(study_path: Path, minutes: float, pruned: bool, out: Path, t0: float
     tr = s.training
     log: list[dict[str, Any]] = []
 
-    def fold_score(config: Any, fold: data.FoldData, seed: int) -> tuple[float, int]:
+    def fold_score(config: Any, fold: data.FoldData, seed: int) -> tuple[float, int, int]:
         torch.manual_seed(seed)
         n_out = n_classes if task == "classification" else 1
         model = build_mlp(config, fold.X_train.shape[1], n_out)
@@ -185,15 +189,18 @@ def typical(study_path: Path, minutes: float, pruned: bool, out: Path, t0: float
                 best, best_epoch = score, epoch
             if epoch - best_epoch >= tr.patience:
                 break
-        return best, best_epoch
+        return best, best_epoch, epoch
 
     def objective(trial: optuna.Trial) -> float:
         config = sample_config(trial, s.space)
         scores, epochs = [], []
+        ran = 0  # fold-epochs trained
         for k, fold in enumerate(folds):
-            score, epoch = fold_score(config, fold, engine.derive_seed(s.seed, trial.number, k))
+            score, epoch, n = fold_score(config, fold, engine.derive_seed(s.seed, trial.number, k))
             scores.append(score)
             epochs.append(epoch)
+            ran += n
+            trial.set_user_attr("epochs", ran / len(folds))
             trial.report(float(np.mean(scores)), k)
             if pruned and trial.should_prune():
                 raise optuna.TrialPruned()
@@ -201,7 +208,15 @@ def typical(study_path: Path, minutes: float, pruned: bool, out: Path, t0: float
         return float(np.mean(scores))
 
     def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        log.append({"t": time.time() - t0, "state": trial.state.name, "value": trial.value})
+        epochs = trial.user_attrs.get("epochs", 0.0)
+        log.append(
+            {
+                "t": time.time() - t0,
+                "state": trial.state.name,
+                "value": trial.value,
+                "epochs": epochs,
+            }
+        )
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     pruner = optuna.pruners.MedianPruner() if pruned else optuna.pruners.NopPruner()
@@ -275,6 +290,7 @@ def selector_run(
             "t": t.datetime_complete.timestamp() - t0,  # type: ignore[union-attr]
             "state": t.state.name,
             "value": t.value,
+            "epochs": len(t.intermediate_values),  # one a K-fold epoch
         }
         for t in study.get_trials(deepcopy=False)
         if t.state.is_finished() and t.datetime_complete is not None
@@ -319,9 +335,22 @@ class Outcome:
         values = [t["value"] for t in done if t["state"] == "COMPLETE"]
         return max(values) if values else None
 
-    def count(self) -> int:
+    def done(self) -> list[dict[str, Any]]:
         """Trials finished (complete or pruned) within the time."""
-        return len([t for t in self.finished() if t["state"] in ("COMPLETE", "PRUNED")])
+        return [t for t in self.finished() if t["state"] in ("COMPLETE", "PRUNED")]
+
+    def count(self) -> int:
+        return len(self.done())
+
+    def pruned_share(self) -> float:
+        done = self.done()
+        return sum(t["state"] == "PRUNED" for t in done) / max(len(done), 1)
+
+    def epochs(self) -> float:
+        """K-fold epochs trained by the finished trials (an epoch of all K folds is one; a
+        trial pruned after 2 of 5 folds of 10 epochs counts 4): the engine's work, whatever
+        the pruner cut."""
+        return float(sum(t.get("epochs", 0.0) for t in self.done()))
 
     def time_to(self, target: float | None) -> float | None:
         if target is None:
@@ -393,19 +422,24 @@ def _fmt(v: float | None) -> str:
 def table(dataset: str, outcomes: dict[str, Outcome], minutes: float) -> str:
     marks = [m for m in MARKS if m <= minutes]
     target = outcomes["a"].best_at(minutes * 60) if "a" in outcomes else None
-    head = f"{'contender':40}{'trials':>8}{'/min':>8}"
+    head = f"{'contender':40}{'trials':>8}{'/min':>8}{'pruned':>8}{'epochs':>8}{'ep/min':>8}"
     head += "".join(f"{f'best@{m}m':>11}" for m in marks)
     head += f"{'reach (a)':>11}{'test':>9}"
     lines = [f"{dataset}: best CV score against wall time ({minutes:g} min each)", head]
     for o in outcomes.values():
         reach = o.time_to(target)
         row = f"{o.name:40}{o.count():>8}{o.count() / minutes:>8.1f}"
+        row += f"{o.pruned_share():>8.0%}{o.epochs() / max(o.count(), 1):>8.1f}"
+        row += f"{o.epochs() / minutes:>8.0f}"
         row += "".join(f"{_fmt(o.best_at(m * 60)):>11}" for m in marks)
         row += f"{'-' if reach is None else f'{reach:.0f} s':>11}{_fmt(o.test):>9}"
         lines.append(row)
     c, d = outcomes.get("c"), outcomes.get("d")
     if c is not None and d is not None:
-        lines.append(f"(d) / (c) trials: {d.count() / max(c.count(), 1):.2f}x")
+        lines.append(
+            f"(d) / (c) trials: {d.count() / max(c.count(), 1):.2f}x; "
+            f"K-fold epochs trained: {d.epochs() / max(c.epochs(), 1e-9):.2f}x"
+        )
     n = min(o.count() for o in outcomes.values())
     per_trial = ", ".join(f"{k} {_fmt(o.best_of_first(n))}" for k, o in outcomes.items())
     lines.append(
@@ -431,11 +465,12 @@ def seeds_table(dataset: str, runs: dict[int, dict[str, Outcome]], minutes: floa
     seeds = sorted(runs)
     lines = [
         f"{dataset}: over seeds {', '.join(map(str, seeds))}: mean best CV against wall time",
-        f"{'contender':40}{'/min':>8}" + "".join(f"{f'best@{m}m':>11}" for m in marks),
+        f"{'contender':40}{'/min':>8}{'ep/min':>8}" + "".join(f"{f'best@{m}m':>11}" for m in marks),
     ]
     for key in keys:
         got = [runs[s][key] for s in seeds]
         row = f"{got[0].name:40}{sum(o.count() for o in got) / len(got) / minutes:>8.1f}"
+        row += f"{sum(o.epochs() for o in got) / len(got) / minutes:>8.0f}"
         for m in marks:
             values = [o.best_at(m * 60) for o in got]
             known = [v for v in values if v is not None]
