@@ -157,6 +157,9 @@ def main() -> None:
         nargs="+",
         help="train the claims whole, cut at each of these fused.WORTH values, and compare",
     )
+    parser.add_argument(
+        "--fuse", help="record the search with `selector run --fuse` (default: the study's)"
+    )
     parser.add_argument("--child", nargs=3, metavar=("DB", "STUDY", "CLAIMS"))
     args = parser.parse_args()
     if args.child:
@@ -171,7 +174,7 @@ def main() -> None:
         work = Path(tmp)
         for dataset in args.datasets:
             study = study_file(dataset, work, seed=args.seed)
-            db = record(dataset, args.seconds, work, study)
+            db = record(dataset, args.seconds, work, study, fuse=args.fuse)
             procs = []
             for core in sorted(os.sched_getaffinity(0)):
                 cmd = ["taskset", "-c", str(core), sys.executable, "-m", "bench.fusegain"]
@@ -187,8 +190,10 @@ def main() -> None:
                     )
                 )
             seed = "the study's seed" if args.seed is None else f"seed {args.seed}"
+            fuse = "" if args.fuse is None else f", --fuse {args.fuse}"
             print(
-                f"{dataset} ({seed}): the first {args.claims} claims of a {args.seconds} s search"
+                f"{dataset} ({seed}{fuse}): the first {args.claims} claims of a "
+                f"{args.seconds} s search"
             )
             for core, p in procs:
                 out, _ = p.communicate()

@@ -32,15 +32,19 @@ from bench import environment
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def record(dataset: str, seconds: int, workdir: Path, study: Path | None = None) -> Path:
+def record(
+    dataset: str, seconds: int, workdir: Path, study: Path | None = None, fuse: str | None = None
+) -> Path:
     """A search of `seconds` on one core, recorded in a fresh SQLite database (of `study`,
-    default the benchmark's study file of `dataset`)."""
+    default the benchmark's study file of `dataset`; `fuse`: `selector run --fuse`)."""
     from bench.anytime import one_thread_env, study_file
 
     study = study or study_file(dataset, workdir)
     db = workdir / f"{dataset}-recorded.db"
     cmd = [sys.executable, "-m", "selector", "run", str(study), "--storage", f"sqlite:///{db}"]
     cmd += ["--workers", "1", "--threads", "1", "--timeout", str(seconds)]
+    if fuse is not None:
+        cmd += ["--fuse", fuse]
     pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))]
     done = subprocess.run(
         [*pin, *cmd], cwd=ROOT, env=one_thread_env(), capture_output=True, text=True
