@@ -476,7 +476,7 @@ def seeds_table(dataset: str, runs: dict[int, dict[str, Outcome]], minutes: floa
             known = [v for v in values if v is not None]
             row += f"{_fmt(sum(known) / len(known) if len(known) == len(values) else None):>11}"
         lines.append(row)
-    if "c" in keys and "d" in keys:
+    if "c" in keys and "d" in keys and marks:
         counts = []
         for m in marks:
             pairs = [(runs[s]["c"].best_at(m * 60), runs[s]["d"].best_at(m * 60)) for s in seeds]

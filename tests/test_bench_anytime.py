@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.anytime import Outcome, table
+from bench.anytime import Outcome, seeds_table, table
 
 
 def _log(*trials: tuple[float, str, float | None, float]) -> list[dict[str, object]]:
@@ -36,3 +36,19 @@ def test_the_table_counts_pruned_trials_and_the_k_fold_epochs_each_trained() -> 
     assert rows[2].split()[1:6] == ["3", "3.0", "67%", "6.0", "18"]
     assert rows[3].split()[1:6] == ["4", "4.0", "25%", "8.8", "35"]
     assert "(d) / (c) trials: 1.33x; K-fold epochs trained: 1.94x" in text
+
+
+def test_the_seeds_table_leaves_out_the_marks_line_when_no_mark_fits() -> None:
+    def run(epochs: float) -> dict[str, Outcome]:
+        log = _log((5, "COMPLETE", 0.9, epochs), (9, "PRUNED", None, 3))
+        return {"c": Outcome("(c)", log, None, 0.5), "d": Outcome("(d)", log, None, 0.5)}
+
+    short = seeds_table("penguins", {0: run(10), 1: run(12)}, 0.5)
+    assert "seeds where" not in short
+    assert short.splitlines()[2].split()[-2:] == [
+        "4.0",
+        "28",
+    ]  # trials and K-fold epochs a minute, mean of 13 and 15
+    assert "seeds where (d)'s best is at least (c)'s: 1 min 2/2" in seeds_table(
+        "penguins", {0: run(10), 1: run(12)}, 1.0
+    )
