@@ -12,6 +12,10 @@ in one process (the machine's speed drifts within a minute), one such process on
 `--worth W1 W2 ...` measures the rule that trains a claim's wide trials alone instead
 (`fused.WORTH`): each claim is cut at each value and trained whole (fused parts fused, parts of
 one with the stacked engine), the values in turn claim by claim.
+
+`--merge N` measures what bigger claims (or a key's members queued across claims) would save at
+equal work: every N consecutive claims trained whole as claimed, against the same trials cut
+and trained as one claim, in turn batch by batch.
 """
 
 from __future__ import annotations
@@ -33,11 +37,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(
-    db: str, study_path: str, claims: int, worths: list[float] | None = None
+    db: str,
+    study_path: str,
+    claims: int,
+    worths: list[float] | None = None,
+    merge: int | None = None,
 ) -> dict[str, Any]:
     """In a child process: seconds fused and seconds member by member over the fused parts of
     the first `claims` recorded claims; with `worths`, seconds to train those claims whole as
-    cut at each `fused.WORTH`."""
+    cut at each `fused.WORTH`; with `merge`, seconds to train them whole as claimed and with
+    every `merge` consecutive claims cut as one."""
     import optuna
     import torch
 
@@ -94,14 +103,49 @@ def measure(
         n_in = folds[0].X_train.shape[1]
         return fused.split_claim(configs, folds=len(folds), n_in=n_in, n_out=n_out, device="cpu")
 
+    def recorded(trials: list[Any]) -> tuple[list[Any], list[int], list[int]]:
+        """Configs, seeds and the epoch each left at."""
+        configs = [replay_config(t.params, study.space) for t in trials]
+        return (
+            configs,
+            [int(t.user_attrs["seed"]) for t in trials],
+            [len(t.intermediate_values) for t in trials],
+        )
+
+    if merge:
+        chosen = list(by_claim.values())[:claims]
+        took = {"claimed": 0.0, "merged": 0.0}
+        built = {"claimed": 0, "merged": 0}
+        for i in range(0, len(chosen), merge):
+            batch = chosen[i : i + merge]
+            ways = {
+                "claimed": [recorded(trials) for trials in batch],
+                "merged": [recorded([t for trials in batch for t in trials])],
+            }
+            order = ["claimed", "merged"] if (i // merge) % 2 == 0 else ["merged", "claimed"]
+            for way in order:
+                cuts = [cut(configs) for configs, _, _ in ways[way]]
+                if i == 0:  # the first batch once untimed: the first calls warm up more
+                    for parts, args in zip(cuts, ways[way], strict=True):
+                        whole(parts, *args)
+                began = time.perf_counter()
+                for parts, args in zip(cuts, ways[way], strict=True):
+                    whole(parts, *args)
+                took[way] += time.perf_counter() - began
+                built[way] += sum(len(parts) for parts in cuts)
+        return {
+            "merge": took,
+            "models": built,
+            "claims": len(chosen),
+            "members": sum(len(t) for t in chosen),
+        }
+
     if worths:
         spent = {str(w): 0.0 for w in worths}
         models = {str(w): 0 for w in worths}
         chosen = list(by_claim.values())[:claims]
         for i, trials in enumerate(chosen):
-            configs = [replay_config(t.params, study.space) for t in trials]
-            seeds = [int(t.user_attrs["seed"]) for t in trials]
-            last = [len(t.intermediate_values) for t in trials]
+            configs, seeds, last = recorded(trials)
             turn = worths[i % len(worths) :] + worths[: i % len(worths)]
             for w in turn:
                 fused.WORTH = w
@@ -158,13 +202,18 @@ def main() -> None:
         help="train the claims whole, cut at each of these fused.WORTH values, and compare",
     )
     parser.add_argument(
+        "--merge",
+        type=int,
+        help="train every N consecutive claims as claimed and cut as one claim, and compare",
+    )
+    parser.add_argument(
         "--fuse", help="record the search with `selector run --fuse` (default: the study's)"
     )
     parser.add_argument("--child", nargs=3, metavar=("DB", "STUDY", "CLAIMS"))
     args = parser.parse_args()
     if args.child:
         db, study, claims = args.child
-        print(json.dumps(measure(db, study, int(claims), args.worth)))
+        print(json.dumps(measure(db, study, int(claims), args.worth, args.merge)))
         return
     from bench.anytime import one_thread_env, study_file
     from bench.replay import record
@@ -181,6 +230,8 @@ def main() -> None:
                 cmd += ["--child", str(db), str(study), str(args.claims)]
                 if args.worth:
                     cmd += ["--worth", *map(str, args.worth)]
+                if args.merge:
+                    cmd += ["--merge", str(args.merge)]
                 procs.append(
                     (
                         core,
@@ -200,6 +251,15 @@ def main() -> None:
                 if p.returncode != 0:
                     raise SystemExit(f"the measurement on core {core} failed (exit {p.returncode})")
                 r = json.loads(out)
+                if args.merge:
+                    t, m = r["merge"], r["models"]
+                    print(
+                        f"  core {core}: {r['claims']} claims, {r['members']} trials: as claimed "
+                        f"{t['claimed']:.2f} s ({m['claimed']} models), every {args.merge} "
+                        f"merged {t['merged']:.2f} s ({m['merged']} models): "
+                        f"{t['claimed'] / t['merged']:.2f}x faster merged"
+                    )
+                    continue
                 if args.worth:
                     first = str(args.worth[0])
                     told = ", ".join(
