@@ -17,17 +17,22 @@ matmul ceiling (measured in the same run), and the mean CV accuracy after the la
 from __future__ import annotations
 
 import os
-import re
 from importlib import metadata
 from pathlib import Path
+
+from packaging.utils import canonicalize_name
 
 CONSTRAINTS = Path(__file__).resolve().parents[1] / "constraints.txt"
 # the packages whose versions decide a benchmark's numbers: the engine's, and a search's path
 KEY_PACKAGES = ("torch", "optuna", "numpy", "scipy", "scikit-learn")
 
 
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+def _installed(name: str) -> str | None:
+    """The installed version of package `name`, or None."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def pinned(path: Path = CONSTRAINTS) -> dict[str, str]:
@@ -36,7 +41,7 @@ def pinned(path: Path = CONSTRAINTS) -> dict[str, str]:
     for line in path.read_text().splitlines():
         name, sep, version = line.split("#")[0].strip().partition("==")
         if sep:
-            out[_canonical(name)] = version.strip()
+            out[canonicalize_name(name)] = version.strip()
     return out
 
 
@@ -45,9 +50,8 @@ def differences(pins: dict[str, str]) -> list[str]:
     packages not installed are left out (a benchmark does not need the dev tools)."""
     out = []
     for name, version in sorted(pins.items()):
-        try:
-            have = metadata.version(name)
-        except metadata.PackageNotFoundError:
+        have = _installed(name)
+        if have is None:
             continue
         if "+" not in version:  # a pin without a local label takes any build (2.13.0+cpu)
             have = have.partition("+")[0]
@@ -59,12 +63,7 @@ def differences(pins: dict[str, str]) -> list[str]:
 def environment() -> str:
     """One line for a benchmark's header: the machine, its load, the key packages' versions and
     whether every installed package is at the version constraints.txt pins."""
-    versions = []
-    for name in KEY_PACKAGES:
-        try:
-            versions.append(f"{name} {metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{name} not installed")
+    versions = [f"{name} {_installed(name) or 'not installed'}" for name in KEY_PACKAGES]
     if CONSTRAINTS.exists():
         diff = differences(pinned())
         pins = "as constraints.txt pins" if not diff else "not as pinned: " + "; ".join(diff)

@@ -428,9 +428,9 @@ def table(dataset: str, outcomes: dict[str, Outcome], minutes: float) -> str:
     lines = [f"{dataset}: best CV score against wall time ({minutes:g} min each)", head]
     for o in outcomes.values():
         reach = o.time_to(target)
-        row = f"{o.name:40}{o.count():>8}{o.count() / minutes:>8.1f}"
-        row += f"{o.pruned_share():>8.0%}{o.epochs() / max(o.count(), 1):>8.1f}"
-        row += f"{o.epochs() / minutes:>8.0f}"
+        n, epochs = o.count(), o.epochs()
+        row = f"{o.name:40}{n:>8}{n / minutes:>8.1f}"
+        row += f"{o.pruned_share():>8.0%}{epochs / max(n, 1):>8.1f}{epochs / minutes:>8.0f}"
         row += "".join(f"{_fmt(o.best_at(m * 60)):>11}" for m in marks)
         row += f"{'-' if reach is None else f'{reach:.0f} s':>11}{_fmt(o.test):>9}"
         lines.append(row)

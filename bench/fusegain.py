@@ -166,13 +166,9 @@ def measure(
     seconds = {"fused": 0.0, "alone": 0.0}
     parts = members = member_epochs = 0
     for trials in list(by_claim.values())[:claims]:
-        configs = [replay_config(t.params, study.space) for t in trials]
+        configs, seeds, last = recorded(trials)
         for part in (p for p in cut(configs) if len(p) > 1):
-            args = (
-                [configs[i] for i in part],
-                [int(trials[i].user_attrs["seed"]) for i in part],
-                [len(trials[i].intermediate_values) for i in part],
-            )
+            args = tuple([x[i] for i in part] for x in (configs, seeds, last))
             ways = [("fused", together), ("alone", apart)]
             if parts % 2:
                 ways.reverse()

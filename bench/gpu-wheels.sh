@@ -12,8 +12,8 @@ for name in $NEED; do
   specs+=("$line")
 done
 platforms=()
-for n in 2_28 2_27 2_17 2014 1; do
-  case $n in 2014|1) platforms+=(--platform "manylinux${n}_x86_64") ;; *) platforms+=(--platform "manylinux_${n}_x86_64") ;; esac
+for p in manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1; do
+  platforms+=(--platform "${p}_x86_64")
 done
 rm -rf .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

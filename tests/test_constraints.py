@@ -7,16 +7,12 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from bench import differences, environment, pinned
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _name(requirement: str) -> str:
-    match = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement)
-    assert match, requirement
-    return re.sub(r"[-_.]+", "-", match.group()).lower()
 
 
 def test_every_dependency_make_install_installs_is_pinned() -> None:
@@ -24,7 +20,7 @@ def test_every_dependency_make_install_installs_is_pinned() -> None:
     extras = project["optional-dependencies"]
     wanted = [*project["dependencies"], *extras["dev"], *extras["postgres"]]
     pins = pinned(ROOT / "constraints.txt")
-    missing = sorted({_name(r) for r in wanted} - set(pins))
+    missing = sorted({canonicalize_name(Requirement(r).name) for r in wanted} - set(pins))
     assert not missing, f"not in constraints.txt (run `make lock`): {missing}"
     assert pins["torch"].startswith("2.13.0"), "the Makefile's TORCH wheel"
 
