@@ -3,6 +3,7 @@ message on stderr and its exit code (2 bad input, 1 refused by a rule), never a 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -64,13 +65,20 @@ class _Group(TyperGroup):
 
 
 class _App(typer.Typer):
-    """Every command of the app is a `_Command`."""
+    """Every command of the app is a `_Command`, listed in `selector --help` by its docstring's
+    first paragraph as one line of text (rich help keeps a docstring's line breaks there)."""
 
     def command(  # type: ignore[override]
         self, *args: Any, **kwargs: Any
     ) -> Callable[[CommandFunctionType], CommandFunctionType]:
         kwargs.setdefault("cls", _Command)
-        return super().command(*args, **kwargs)
+
+        def register(f: CommandFunctionType) -> CommandFunctionType:
+            first = inspect.cleandoc(f.__doc__ or "").split("\n\n")[0]
+            options = {"short_help": " ".join(first.split()), **kwargs}
+            return typer.Typer.command(self, *args, **options)(f)
+
+        return register
 
 
 app = _App(

@@ -244,7 +244,7 @@ def lockbox_line(st: StudyStatus) -> str:
     if f is None and st.test_rows == 0:
         return "none: the study holds back no test rows (test_size = 0)"
     if f is None:
-        return "sealed: evaluated once, by `selector final`"
+        return "sealed: not opened yet; `selector final` evaluates it, once"
     if f.state != "finished":
         return f"evaluation started, not finished (claimed at {record.shown_time(f.claimed_at)})"
     return (

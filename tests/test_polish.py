@@ -118,6 +118,17 @@ def test_rule_help_says_what_one_se_is() -> None:
     assert "one-se: the simplest trial (fewest parameters, then epochs) within one standard" in out
 
 
+def test_the_command_list_shows_each_commands_summary_as_running_text() -> None:
+    """A docstring wrapped in the source is not wrapped again in `selector --help`'s list."""
+    out = _sel("--help").output
+    listed = " ".join(line.strip("│ ").strip() for line in out.splitlines() if line.startswith("│"))
+    for name, cmd in typer.main.get_group(app).commands.items():
+        summary = " ".join((cmd.help or "").split("\n\n")[0].split())
+        assert cmd.short_help == summary, name
+        assert f"{name} {summary}" in " ".join(listed.split()), name
+    assert "expected test score, and the test set's state" in out  # one line at 200 columns
+
+
 def test_version_prints_the_package_version_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     r = _sel("--version")
     assert r.exit_code == 0 and r.output == f"selector {__version__}\n"
