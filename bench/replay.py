@@ -143,10 +143,11 @@ def replays(trees: list[str], db: Path, study: Path, groups: int) -> list[dict[s
 
     procs = []
     for core in sorted(os.sched_getaffinity(0)):
-        cmd = ["taskset", "-c", str(core), sys.executable, str(Path(__file__).resolve())]
+        cmd = ["taskset", "-c", str(core), sys.executable, "-m", "bench.replay"]
         cmd += ["--child", *trees, "--db", str(db), "--study", str(study)]
         cmd += ["--groups", str(groups)]
-        procs.append((core, subprocess.Popen(cmd, stdout=subprocess.PIPE, env=one_thread_env())))
+        child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, env=one_thread_env())
+        procs.append((core, child))
     out = []
     for core, p in procs:
         got, _ = p.communicate()
