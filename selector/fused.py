@@ -59,7 +59,7 @@ from selector.engine import CVResult, MemoryNeed, batch_bounds, derive_seed, mak
 from selector.errors import TrialDiverged
 from selector.fused_optim import STATES, FusedOptimizer, kind
 from selector.metrics import Metric, Task
-from selector.model import ACTIVATIONS, ZERO_AT_ZERO, build_mlp, initial_state
+from selector.model import ACTIVATION_FUNCTIONS, ZERO_AT_ZERO, build_mlp, initial_state
 from selector.space import TrialConfig
 from selector.spec import Param, SpaceSpec, TrainingSpec
 from selector.stacked import DROP_BITS, EVAL_CHUNK_ELEMENTS, pad_rows
@@ -203,6 +203,15 @@ class FusedModel:
             self.params[key] = p
         self.layer_weights = [self.params[f"blocks.{i}.linear.weight"] for i in range(self.depth)]
         self.layer_weights.append(self.params["head.weight"])
+        # each layer's (weight, bias, skip weight or None), looked up once, not by key each step
+        self.layers = [
+            (
+                self.params[f"blocks.{i}.linear.weight"],
+                self.params[f"blocks.{i}.linear.bias"],
+                self.params.get(f"blocks.{i}.skip.weight"),
+            )
+            for i in range(self.depth)
+        ]
 
         def column(values: Sequence[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=self.flat.dtype, device=dev).view(G, 1, 1)
@@ -240,7 +249,7 @@ class FusedModel:
         self.drop_floor = torch.tensor(floors, dtype=torch.int16, device=dev).view(G, 1, 1)
         self.drop_scale = column([levels / (levels - k) for k in cuts])
         self.runs = _runs([(c.activation, c.batch_norm) for c in cfgs])
-        self.acts = {a: ACTIVATIONS[a]() for a in {c.activation for c in cfgs}}
+        self.acts = {a: ACTIVATION_FUNCTIONS[a] for a in {c.activation for c in cfgs}}
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows`, in that order."""
@@ -275,14 +284,12 @@ class FusedModel:
 
         runs = [(act, bn, max(s, a) - a, min(e, b) - a) for act, bn, s, e in self.runs]
         runs = [r for r in runs if r[2] < r[3]]
-        p_all = self.params
-        for i in range(self.depth):
-            pre = f"blocks.{i}."
-            W, bias = cut(p_all[pre + "linear.weight"]), cut(p_all[pre + "linear.bias"])
-            h = torch.baddbmm(bias.unsqueeze(-1), W, x)
+        sizes = [e - s for _, _, s, e in runs]
+        for i, (weight, bias, skip) in enumerate(self.layers):
+            h = torch.baddbmm(cut(bias).unsqueeze(-1), cut(weight), x)
             # one split, not a slice per run: a slice's backward fills a zero gradient of the
             # whole of h for each run
-            pieces = h.split([e - s for _, _, s, e in runs]) if len(runs) > 1 else (h,)
+            pieces = h.split(sizes) if len(runs) > 1 else (h,)
             parts = []
             for (act, bn, s, e), hs in zip(runs, pieces, strict=True):
                 if bn:
@@ -300,9 +307,11 @@ class FusedModel:
             if ident is not None:
                 h = h + _fit_rows(x * cut(ident), h.shape[1])
             if proj is not None:
-                h = h + torch.bmm(cut(p_all[pre + "skip.weight"]) * cut(proj), x)
+                assert skip is not None
+                h = h + torch.bmm(cut(skip) * cut(proj), x)
             x = h
-        return torch.baddbmm(cut(p_all["head.bias"]).unsqueeze(-1), cut(p_all["head.weight"]), x)
+        head_weight, head_bias = self.params["head.weight"], self.params["head.bias"]
+        return torch.baddbmm(cut(head_bias).unsqueeze(-1), cut(head_weight), x)
 
     def _dropout_mask(
         self, shape: tuple[int, ...], a: int, b: int, bits: np.random.PCG64 | None

@@ -58,7 +58,7 @@ from selector.engine import (
 )
 from selector.errors import SpecError
 from selector.metrics import Task
-from selector.model import ACTIVATIONS, MLP, Block, build_mlp, initial_state
+from selector.model import ACTIVATION_FUNCTIONS, MLP, Block, build_mlp, initial_state
 from selector.space import TrialConfig
 from selector.spec import Param, SpaceSpec, StudySpec, TrainingSpec
 
@@ -160,7 +160,7 @@ class StackedMLP:
                 self.params[key] = stacked.requires_grad_(True)
             else:
                 self.buffers[key] = stacked
-        self.act = ACTIVATIONS[config.activation]()
+        self.act = ACTIVATION_FUNCTIONS[config.activation]
         bn = next((m for m in template.modules() if isinstance(m, nn.BatchNorm1d)), None)
         self.bn_eps = float(bn.eps) if bn is not None else 1e-5
         self.bn_momentum = float(bn.momentum or 0.1) if bn is not None else 0.1

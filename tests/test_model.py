@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selector.model import ACTIVATIONS, build_mlp, count_params, initial_state
+from selector.model import ACTIVATION_FUNCTIONS, ACTIVATIONS, build_mlp, count_params, initial_state
 from selector.space import TrialConfig
 
 
@@ -68,3 +68,19 @@ def test_initial_state_is_the_built_models_state(
     assert list(drawn) == list(built)
     for key, t in built.items():
         assert drawn[key].dtype == t.dtype and torch.equal(drawn[key], t), key
+
+
+def test_each_activation_function_is_its_modules_arithmetic_forward_and_backward() -> None:
+    """The engines call `ACTIVATION_FUNCTIONS`; the reference model calls the modules."""
+    assert set(ACTIVATION_FUNCTIONS) == set(ACTIVATIONS)
+    torch.manual_seed(0)
+    x = torch.randn(4, 33, 17) * 3
+    x[0, 0, :3] = torch.tensor([0.0, -0.0, 1e-30])
+    for name, make in ACTIVATIONS.items():
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out_a, out_b = make()(a), ACTIVATION_FUNCTIONS[name](b)
+        assert torch.equal(out_a, out_b), name
+        g = torch.randn_like(out_a)
+        out_a.backward(g)
+        out_b.backward(g)
+        assert torch.equal(a.grad, b.grad), name
