@@ -195,15 +195,18 @@ def typical(study_path: Path, minutes: float, pruned: bool, out: Path, t0: float
         config = sample_config(trial, s.space)
         scores, epochs = [], []
         ran = 0  # fold-epochs trained
-        for k, fold in enumerate(folds):
-            score, epoch, n = fold_score(config, fold, engine.derive_seed(s.seed, trial.number, k))
-            scores.append(score)
-            epochs.append(epoch)
-            ran += n
+        try:
+            for k, fold in enumerate(folds):
+                seed = engine.derive_seed(s.seed, trial.number, k)
+                score, epoch, n = fold_score(config, fold, seed)
+                scores.append(score)
+                epochs.append(epoch)
+                ran += n
+                trial.report(float(np.mean(scores)), k)
+                if pruned and trial.should_prune():
+                    raise optuna.TrialPruned()
+        finally:  # once a trial, pruned or not
             trial.set_user_attr("epochs", ran / len(folds))
-            trial.report(float(np.mean(scores)), k)
-            if pruned and trial.should_prune():
-                raise optuna.TrialPruned()
         trial.set_user_attr("best_epoch", round(float(np.mean(epochs))))
         return float(np.mean(scores))
 

@@ -201,9 +201,8 @@ class FusedModel:
             p = self._view(self.flat, key).requires_grad_(True)
             p.grad = self._view(self.grad, key)
             self.params[key] = p
-        self.layer_weights = [self.params[f"blocks.{i}.linear.weight"] for i in range(self.depth)]
-        self.layer_weights.append(self.params["head.weight"])
-        # each layer's (weight, bias, skip weight or None), looked up once, not by key each step
+        # each layer's (weight, bias, skip weight or None) and the head's, looked up once, not by
+        # key each step
         self.layers = [
             (
                 self.params[f"blocks.{i}.linear.weight"],
@@ -212,6 +211,8 @@ class FusedModel:
             )
             for i in range(self.depth)
         ]
+        self.head = (self.params["head.weight"], self.params["head.bias"])
+        self.layer_weights = [weight for weight, _, _ in self.layers] + [self.head[0]]
 
         def column(values: Sequence[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=self.flat.dtype, device=dev).view(G, 1, 1)
@@ -310,7 +311,7 @@ class FusedModel:
                 assert skip is not None
                 h = h + torch.bmm(cut(skip) * cut(proj), x)
             x = h
-        head_weight, head_bias = self.params["head.weight"], self.params["head.bias"]
+        head_weight, head_bias = self.head
         return torch.baddbmm(cut(head_bias).unsqueeze(-1), cut(head_weight), x)
 
     def _dropout_mask(

@@ -10,9 +10,10 @@ from torch import nn
 
 from selector.space import TrialConfig
 
+LEAKY_SLOPE = 0.01
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
-    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "leaky_relu": lambda: nn.LeakyReLU(LEAKY_SLOPE),
     "elu": nn.ELU,
     "gelu": nn.GELU,
     "tanh": nn.Tanh,
@@ -22,7 +23,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 # calls the kernel its module calls, without a module call's overhead (a few us, several a step).
 ACTIVATION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu,
-    "leaky_relu": lambda x: nn.functional.leaky_relu(x, 0.01),
+    "leaky_relu": lambda x: nn.functional.leaky_relu(x, LEAKY_SLOPE),
     "elu": nn.functional.elu,
     "gelu": nn.functional.gelu,
     "tanh": torch.tanh,
