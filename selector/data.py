@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,26 +230,27 @@ def _drop_hint(drop: list[str], col: str) -> str:
     return "drop = [" + ", ".join(json.dumps(c) for c in [*drop, col]) + "] in [data]"
 
 
-def _check_magnitude(s: pd.Series, what: str, origin: str, fix: str) -> None:
-    """Refuse infinite values, and values too large for float32 to train on."""
+def check_magnitude(s: pd.Series, what: str, origin: str, fix: str) -> None:
+    """Refuse infinite values, and values too large for float32 to train on (`origin`, where
+    they are, starts the message unless empty)."""
     values = s.to_numpy(dtype=float, na_value=np.nan)
+    at = f"{origin}: " if origin else ""
     inf = np.isinf(values)
     if inf.any():
         row, value = _row(s, inf)
         raise DataError(
-            f"{origin}: {what} has infinite values (the first, {value}, in row {row}); "
-            f"replace them{fix}"
+            f"{at}{what} has infinite values (the first, {value}, in row {row}); replace them{fix}"
         )
     huge = np.abs(values) > FLOAT32_SAFE
     if huge.any():
         row, value = _row(s, huge)
         raise DataError(
-            f"{origin}: {what} has values beyond ±{FLOAT32_SAFE:g} (the first, {value:g}, in row "
+            f"{at}{what} has values beyond ±{FLOAT32_SAFE:g} (the first, {value:g}, in row "
             f"{row}), which overflow float32 when scaled; rescale it (other units, a log){fix}"
         )
 
 
-def _check_text(s: pd.Series, col: str, origin: str, drop: list[str]) -> None:
+def _check_text(s: pd.Series, col: str, origin: str, leave_out: Callable[[str], str]) -> None:
     """A text column that mostly holds numbers has typos or markers in it: refused."""
     values = s.dropna()
     values = values[[not isinstance(v, bool | np.bool_) for v in values]]
@@ -262,11 +263,11 @@ def _check_text(s: pd.Series, col: str, origin: str, drop: list[str]) -> None:
     row, bad = _row(values, text)
     raise DataError(
         f"{origin}: column {col!r} is numeric but holds text such as {str(bad)!r} (row {row}); "
-        f"fix those cells, or leave the column out ({_drop_hint(drop, col)})"
+        f"fix those cells, or leave the column out ({leave_out(col)})"
     )
 
 
-def _check_levels(s: pd.Series, col: str, origin: str, drop: list[str]) -> None:
+def _check_levels(s: pd.Series, col: str, origin: str, leave_out: Callable[[str], str]) -> None:
     """A categorical column with about one value per row is an identifier: refused."""
     present = int(s.notna().sum())
     levels = int(s.nunique())
@@ -274,26 +275,26 @@ def _check_levels(s: pd.Series, col: str, origin: str, drop: list[str]) -> None:
         raise DataError(
             f"{origin}: column {col!r} has {levels} distinct values in {present} rows, like an "
             f"identifier; one-hot encoded it would add {levels} features no other row shares: "
-            f"leave it out ({_drop_hint(drop, col)})"
+            f"leave it out ({leave_out(col)})"
         )
 
 
-def _check_features(X: pd.DataFrame, origin: str, drop: list[str]) -> None:
-    if X.shape[1] == 0:
-        raise DataError(f"{origin}: no feature columns left after 'target' and 'drop'")
+def check_features(X: pd.DataFrame, origin: str, leave_out: Callable[[str], str]) -> None:
+    """Refuse feature columns no model can train on (empty, infinite or huge values, typos in
+    numbers, identifiers). `leave_out(column)` says how to leave a column out: the study file's
+    line, or (the estimators) what to do to X."""
     for col in X.columns:
         s = X[col]
         if s.isna().all():
             raise DataError(
-                f"{origin}: column {col!r} has no values (all missing); add it to data.drop"
+                f"{origin}: column {col!r} has no values (all missing); leave it out "
+                f"({leave_out(col)})"
             )
         if _is_numeric(s):
-            _check_magnitude(
-                s, f"column {col!r}", origin, f", or leave it out ({_drop_hint(drop, col)})"
-            )
+            check_magnitude(s, f"column {col!r}", origin, f", or leave it out ({leave_out(col)})")
             continue
-        _check_text(s, col, origin, drop)
-        _check_levels(s, col, origin, drop)
+        _check_text(s, col, origin, leave_out)
+        _check_levels(s, col, origin, leave_out)
 
 
 def _encode_target(
@@ -304,7 +305,7 @@ def _encode_target(
             raise DataError(
                 f'{origin}: target {col!r} is not numeric; set data.task = "classification"'
             )
-        _check_magnitude(y, f"target {col!r}", origin, "")
+        check_magnitude(y, f"target {col!r}", origin, "")
         return y.to_numpy(dtype=float), ()
     codes, uniques = pd.factorize(y, sort=True)
     if len(uniques) > MAX_CLASSES:
@@ -390,7 +391,9 @@ def load_table(ds: DataSpec, base_dir: str) -> Table:
     groups = frame[ds.groups].to_numpy() if ds.groups else None
     X = frame.drop(columns=[target, *ds.drop, *([ds.groups] if ds.groups else [])])
     X.columns = [str(c) for c in X.columns]
-    _check_features(X, origin, ds.drop)
+    if X.shape[1] == 0:
+        raise DataError(f"{origin}: no feature columns left after 'target' and 'drop'")
+    check_features(X, origin, lambda col: _drop_hint(ds.drop, col))
     return Table(
         X=X.reset_index(drop=True),
         y=codes,
@@ -516,20 +519,30 @@ class Prepared:
         return self.table.notes
 
 
-def _check_metric(table: Table, name: str) -> None:
-    """The study's metric must score the data's task (and `f1` needs exactly two classes)."""
+def metric_misfit(name: str, task: Task, n_classes: int) -> tuple[str, str] | None:
+    """Why the metric `name` cannot score this task's targets, and which can (None: it can):
+    it must score the task, and `f1` needs exactly two classes."""
     metric = metrics.get(name)
-    if metric.task != table.task:
-        fits = ", ".join(m.name for m in metrics.METRICS.values() if m.task == table.task)
-        raise DataError(
-            f"{table.origin}: metric {name!r} scores {metric.task}, but this is a {table.task} "
-            f"task; use one of {fits}, or set data.task"
+    if metric.task != task:
+        fits = ", ".join(m.name for m in metrics.METRICS.values() if m.task == task)
+        return (
+            f"metric {name!r} scores {metric.task}, but this is a {task} task",
+            f"use one of {fits}",
         )
-    if name == "f1" and len(table.classes) != 2:
-        raise DataError(
-            f"{table.origin}: metric 'f1' needs 2 classes, the target has {len(table.classes)} "
-            "classes; use f1_macro or f1_weighted"
+    if name == "f1" and n_classes != 2:
+        return (
+            f"metric 'f1' needs 2 classes, the target has {n_classes} classes",
+            "use f1_macro or f1_weighted",
         )
+    return None
+
+
+def _check_metric(table: Table, name: str) -> None:
+    misfit = metric_misfit(name, table.task, len(table.classes))
+    if misfit is not None:
+        problem, fix = misfit
+        task = ", or set data.task" if metrics.get(name).task != table.task else ""
+        raise DataError(f"{table.origin}: {problem}; {fix}{task}")
 
 
 def _memory_bytes() -> int:

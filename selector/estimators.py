@@ -21,6 +21,7 @@ Seeded: with the default storage, two fits on the same rows give the same model.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import tempfile
 import uuid
@@ -34,7 +35,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, column_or_1d, validate_data
 
-from selector import api
+from selector import api, data
 from selector import spec as specs
 from selector import storage as stores
 from selector.errors import DataError, SpecError
@@ -45,6 +46,20 @@ if TYPE_CHECKING:
 
     from selector.record import TrialRecord
     from selector.spec import StudySpec
+
+# A fit's temporary directory (its name's start) and the file of its rows in it.
+FOLDER, ROWS = "selector-fit-", "rows.parquet"
+
+# The parameters that a study table holds under another name: SpecError's messages name the
+# parameter.
+SETTINGS = {
+    "folds": "cv.folds",
+    "max_epochs": "training.max_epochs",
+    "patience": "training.patience",
+    "device": "training.device",
+    "sampler": "search.sampler",
+    "pruner": "search.pruner",
+}
 
 # The search space when none is given: depth, width, regularisation and learning rate.
 DEFAULT_SPACE: dict[str, Any] = {
@@ -111,8 +126,10 @@ class _MLPSearch(BaseEstimator):
         target = self._target(y, len(frame))
         self._check_workers()
         self._check_rows(len(frame))
+        self._check_data(frame, target)
         with _as_value_error(), _workspace(self.storage) as (folder, url):
             s = self._spec(folder, frame, target)
+            self._check_metric(s.metric)
             self._search(s, url)
             records = api.trials(s, storage=url)
             chosen = _best(records, s.name)
@@ -137,6 +154,24 @@ class _MLPSearch(BaseEstimator):
                 f"n_samples = {n}: too few rows for {folds}-fold cross-validation "
                 f"(at least {2 * folds}); lower folds or give more rows"
             )
+
+    def _check_data(self, frame: pd.DataFrame, target: np.ndarray) -> None:
+        """What the study would refuse in these rows, said in the estimator's terms (X, y and its
+        parameters, not a study file's), before any file or study exists."""
+        with _as_value_error():
+            data.check_features(frame, "X", lambda col: f"drop column {col!r} from X")
+        self._check_target(target)
+
+    def _check_target(self, target: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _check_metric(self, metric: str) -> None:
+        """The metric must score this estimator's task (`f1`: a classifier of two classes)."""
+        n_classes = len(getattr(self, "classes_", ()))
+        misfit = data.metric_misfit(metric, self._task, n_classes)
+        if misfit is not None:
+            problem, fix = misfit
+            raise ValueError(f"{problem}; {fix}")
 
     def _target(self, y: Any, n: int) -> np.ndarray:
         """`y` checked (1-d, one value per row, finite), as the study's target column."""
@@ -177,23 +212,19 @@ class _MLPSearch(BaseEstimator):
     def _spec(self, folder: Path, frame: pd.DataFrame, target: np.ndarray) -> StudySpec:
         """The study of this fit: its rows in a Parquet file in `folder`, no test set."""
         column = _free_name("target", frame.columns)
-        path = folder / "rows.parquet"
+        path = folder / ROWS
         _write_parquet(frame.assign(**{column: self._encode(target)}), path)
-        raw = {
+        raw: dict[str, Any] = {
             "name": f"{type(self).__name__}-{uuid.uuid4().hex[:12]}",
             "metric": self.metric if self.metric is not None else self._metric,
             "n_trials": self.n_trials,
             "seed": self.seed,
             "data": {"path": path.name, "target": column, "task": self._task, "test_size": 0.0},
-            "cv": {"folds": self.folds},
-            "training": {
-                "max_epochs": self.max_epochs,
-                "patience": self.patience,
-                "device": self.device,
-            },
-            "search": {"sampler": self.sampler, "pruner": self.pruner},
             "space": self.space if self.space is not None else DEFAULT_SPACE,
         }
+        for param, setting in SETTINGS.items():
+            section, key = setting.split(".")
+            raw.setdefault(section, {})[key] = getattr(self, param)
         return specs.parse(_native(raw), origin=type(self).__name__, base_dir=str(folder))
 
     def _encode(self, target: np.ndarray) -> np.ndarray:
@@ -286,6 +317,19 @@ class MLPSearchClassifier(ClassifierMixin, _MLPSearch):
             raise ValueError(f"y has 1 class ({shown!r}); a classifier needs at least 2 classes")
         return codes.astype(np.int64)  # type: ignore[no-any-return]
 
+    def _check_target(self, target: np.ndarray) -> None:
+        """Every class in each of the K folds' training rows: at least `folds` rows a class."""
+        folds = self.folds if isinstance(self.folds, int | np.integer) else 2
+        counts = np.bincount(target, minlength=len(self.classes_))
+        rare = int(counts.argmin())
+        if counts[rare] < folds:
+            label = self.classes_[rare]
+            shown = label.item() if isinstance(label, np.generic) else label
+            raise ValueError(
+                f"y: class {shown!r} has {_rows(counts[rare])}, fewer than folds = {folds}, so some "
+                "fold would train without it; lower folds or leave out that class's rows"
+            )
+
     def _encode(self, target: np.ndarray) -> np.ndarray:
         return target
 
@@ -307,6 +351,12 @@ class MLPSearchRegressor(RegressorMixin, _MLPSearch):
 
     _task = "regression"
     _metric = "r2"
+
+    def _check_target(self, target: np.ndarray) -> None:
+        if np.all(target == target[0]):
+            raise ValueError(f"y is constant ({target[0].item()!r}); nothing to learn")
+        with _as_value_error():
+            data.check_magnitude(pd.Series(target), "y", "", "")
 
     def predict(self, X: Any) -> np.ndarray:
         return self._outputs(X)
@@ -389,7 +439,7 @@ def _last_line(text: str | None) -> str:
 def _workspace(storage: str | None) -> Iterator[tuple[Path, str]]:
     """A temporary directory for the fit's rows and, without `storage`, its SQLite database;
     removed afterwards, the database's pooled connections closed first."""
-    folder = Path(tempfile.mkdtemp(prefix="selector-fit-"))
+    folder = Path(tempfile.mkdtemp(prefix=FOLDER))
     url = stores.resolve_url(storage) if storage is not None else f"sqlite:///{folder / 'db'}"
     try:
         yield folder, url
@@ -426,6 +476,10 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
         raise ValueError(f"X cannot be stored as a table: {first}") from None
 
 
+def _rows(n: int) -> str:
+    return "1 row" if n == 1 else f"{n} rows"
+
+
 def _free_name(name: str, taken: Any) -> str:
     """`name`, or `name_1`, `name_2`, ...: the first not among the feature columns."""
     used = {str(c) for c in taken}
@@ -451,4 +505,7 @@ def _as_value_error() -> Iterator[None]:
     try:
         yield
     except (SpecError, DataError) as e:
-        raise ValueError(str(e)) from None
+        message = re.sub(rf"\S*{FOLDER}[^/\s]*/{ROWS}", "the rows given to fit", str(e))
+        for param, setting in SETTINGS.items():  # a setting named as the parameter that set it
+            message = message.replace(f": {setting}: ", f": {param}: ")
+        raise ValueError(message) from None

@@ -7,12 +7,14 @@ fingerprints of its data, split and folds; a run whose spec or data differ is re
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import socket
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +90,17 @@ def create_or_resume(spec: StudySpec, url: str) -> tuple[optuna.Study, data.Prep
     return _create(spec, url, optuna_storage, prep)
 
 
+@contextlib.contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna's INFO lines (a study created) held back, its warnings and errors not."""
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(level, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
 def _create(
     spec: StudySpec, url: str, optuna_storage: optuna.storages.BaseStorage, prep: data.Prepared
 ) -> tuple[optuna.Study, data.Prepared, StudyRecord]:
@@ -97,9 +110,10 @@ def _create(
             f"an Optuna study named {spec.name!r} already exists in {storage.mask(url)} but was not "
             "created by selector; choose another name"
         )
-    study = optuna.create_study(
-        study_name=spec.name, storage=optuna_storage, direction=spec.study_direction
-    )
+    with _quiet_optuna():  # selector says what it created (the command's output, the API's study)
+        study = optuna.create_study(
+            study_name=spec.name, storage=optuna_storage, direction=spec.study_direction
+        )
     try:
         _describe(study, spec, prep)
         with db.transaction(url) as conn:

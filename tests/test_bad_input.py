@@ -557,7 +557,10 @@ DATA_CASES = [
     pytest.param(
         data_case(with_text, None, "'bill_length_mm'", "about 40"), id="data-text-in-numeric"
     ),
-    pytest.param(data_case(assign(sex=np.nan), None, "'sex'", "missing"), id="data-all-nan-column"),
+    pytest.param(
+        data_case(assign(sex=np.nan), None, "'sex'", "missing", 'drop = ["year", "sex"] in [data]'),
+        id="data-all-nan-column",
+    ),
     pytest.param(data_case(with_inf, None, "'bill_depth_mm'", "infinite"), id="data-inf-values"),
     pytest.param(
         data_case(

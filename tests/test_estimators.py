@@ -3,6 +3,7 @@ scikit-learn's contracts (clone, params, pickling, Pipeline, cross_val_score, it
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import pandas as pd
 import pytest
 from sklearn.base import clone
@@ -180,6 +182,150 @@ def test_bad_settings_and_rows_are_value_errors() -> None:
         MLPSearchClassifier(**TINY).fit(X, np.zeros(len(X), dtype=int))
     with pytest.raises(ValueError, match="Unknown label type"):
         MLPSearchClassifier(**TINY).fit(X, X[:, 0])
+
+
+# Rows and settings a fit refuses, and what its ValueError must say. The messages speak of X, y
+# and the estimator's parameters: never the fit's temporary file, the study's column names, or a
+# study file's settings.
+RNG = np.random.default_rng(0)
+ROWS = RNG.normal(size=(40, 3))
+PAIRS = np.array(["cat", "dog"] * 20)
+REFUSED = [
+    pytest.param(
+        MLPSearchClassifier,
+        {},
+        ROWS,
+        np.array(["cat"] * 20 + ["dog"] * 19 + ["eel"]),
+        ["y: class 'eel' has 1 row, fewer than folds = 3", "lower folds"],
+        id="rare-class",
+    ),
+    pytest.param(
+        MLPSearchClassifier,
+        {},
+        np.c_[ROWS, np.full(40, np.nan)],
+        PAIRS,
+        ["X: column 'x3' has no values", "drop column 'x3' from X"],
+        id="empty-column",
+    ),
+    pytest.param(
+        MLPSearchClassifier,
+        {},
+        np.c_[ROWS, np.full(40, 1e39)],
+        PAIRS,
+        ["X: column 'x3' has values beyond", "drop column 'x3' from X"],
+        id="huge-column",
+    ),
+    pytest.param(
+        MLPSearchClassifier,
+        {},
+        pd.DataFrame({"a": ROWS[:, 0], "n": ["1"] * 39 + ["x"]}),
+        PAIRS,
+        ["X: column 'n' is numeric but holds text such as 'x'", "drop column 'n' from X"],
+        id="text-in-numbers",
+    ),
+    pytest.param(
+        MLPSearchClassifier,
+        {},
+        pd.DataFrame({"a": ROWS[:, 0], "n": [1.0] * 39 + [np.inf]}),
+        PAIRS,
+        ["X: column 'n' has infinite values", "drop column 'n' from X"],
+        id="inf-in-frame",
+    ),
+    pytest.param(
+        MLPSearchRegressor,
+        {},
+        ROWS,
+        np.ones(40),
+        ["y is constant (1.0)"],
+        id="constant-y",
+    ),
+    pytest.param(
+        MLPSearchRegressor,
+        {},
+        ROWS,
+        np.r_[np.zeros(39), 1e39],
+        ["y has values beyond"],
+        id="huge-y",
+    ),
+    pytest.param(
+        MLPSearchClassifier,
+        {"metric": "r2"},
+        ROWS,
+        PAIRS,
+        ["metric 'r2' scores regression", "use one of accuracy"],
+        id="metric-of-other-task",
+    ),
+    pytest.param(
+        MLPSearchClassifier,
+        {"metric": "f1"},
+        ROWS,
+        np.array(["a", "b", "c", "d"] * 10),
+        ["metric 'f1' needs 2 classes", "f1_macro"],
+        id="f1-of-four-classes",
+    ),
+    pytest.param(
+        MLPSearchClassifier,
+        {"folds": 1},
+        ROWS,
+        PAIRS,
+        ["MLPSearchClassifier: folds: ", "greater than or equal to 2"],
+        id="one-fold",
+    ),
+    pytest.param(
+        MLPSearchClassifier,
+        {"max_epochs": 0},
+        ROWS,
+        PAIRS,
+        ["MLPSearchClassifier: max_epochs: "],
+        id="no-epochs",
+    ),
+    pytest.param(
+        MLPSearchRegressor,
+        {"sampler": "grid"},
+        ROWS,
+        RNG.normal(size=40),
+        ["MLPSearchRegressor: sampler: ", "'tpe'"],
+        id="unknown-sampler",
+    ),
+    pytest.param(
+        MLPSearchClassifier,
+        {"device": "tpu"},
+        ROWS,
+        PAIRS,
+        ["MLPSearchClassifier: device: "],
+        id="unknown-device",
+    ),
+]
+
+
+@pytest.mark.parametrize(("cls", "settings", "X", "y", "says"), REFUSED)
+def test_refused_rows_and_settings_are_named_as_the_estimator_takes_them(
+    cls: type, settings: dict[str, Any], X: Any, y: Any, says: list[str]
+) -> None:
+    with pytest.raises(ValueError) as refused:
+        cls(**{**TINY, **settings}).fit(X, y)
+    message = str(refused.value)
+    for part in says:
+        assert part in message
+    for study_term in ("selector-fit-", ".parquet", "'target'", "cv.", "data.", "training."):
+        assert study_term not in message
+
+
+def test_a_fit_leaves_optunas_log_quiet() -> None:
+    """No "A new study created" line a fit, at Optuna's default verbosity (INFO; the suite's
+    fixture sets ERROR): a handler of the test's own sees what Optuna's would print."""
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    log = logging.getLogger("optuna")
+    log.addHandler(handler)
+    try:
+        X, y = load_iris(return_X_y=True)
+        MLPSearchClassifier(**{**TINY, "n_trials": 1}).fit(X, y)
+    finally:
+        log.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == []
 
 
 # scikit-learn's own checks, on a budget of one trial of two folds.
