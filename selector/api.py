@@ -16,6 +16,7 @@ run side is imported by the functions that need it.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -123,6 +124,9 @@ def run(
     from selector import study as studies
     from selector.storage import Heartbeat
 
+    fuse = _check_run(
+        n_trials=n_trials, timeout=timeout, workers=workers, threads=threads, fuse=fuse
+    )
     name, url, given = resolve(source, storage)
     s = _spec_to_run(name, url, given)
     beat = heartbeat or Heartbeat()
@@ -296,6 +300,47 @@ def curves(source: StudySource, trial: int, *, storage: str | None = None) -> pd
     return pd.DataFrame(columns, index=epochs)
 
 
+# More torch threads than this many per core are refused: each worker would oversubscribe the
+# machine (a typo such as threads=400 slows every trial to a crawl) and gains nothing.
+MAX_THREADS_PER_CORE = 4
+
+
+def check_threads(threads: int | None, name: str) -> None:
+    """Torch threads per worker: at most `MAX_THREADS_PER_CORE` x this machine's cores."""
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > MAX_THREADS_PER_CORE * cores:
+        raise SelectorError(
+            f"{name} {threads}: more than {MAX_THREADS_PER_CORE} x the {cores} cores of this "
+            f"machine; use at most {MAX_THREADS_PER_CORE * cores}, or leave it out (the cores "
+            "are shared among the workers)"
+        )
+
+
+def _check_run(
+    *,
+    n_trials: int | None,
+    timeout: float | None,
+    workers: int | None,
+    threads: int | None,
+    fuse: int | str | None,
+) -> int | str | None:
+    """`run`'s arguments checked as the command line checks its options (no type check guards
+    a Python caller), before the study is opened; returns the fuse setting."""
+    for field, value in (("n_trials", n_trials), ("workers", workers), ("threads", threads)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise SelectorError(f"{field}: give a whole number >= 1 (or None), got {value!r}")
+    check_threads(threads, "threads")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not (math.isfinite(timeout) and timeout >= 0)
+    ):
+        raise SelectorError(f"timeout: give seconds >= 0 (or None), got {timeout!r}")
+    return specs.fuse_setting(fuse, "fuse")
+
+
 # --- choosing, evaluating, applying ------------------------------------------------------------
 
 
@@ -314,7 +359,7 @@ def export(
     from selector import export as ex
     from selector import record, selection
 
-    _check_one_of("rule", rule, selection.RULES)
+    selection.check_rule(rule)
     _check_one_of("format", format, ex.FORMATS)
     out = Path(path) if path is not None else None
     kind = ex.format_for(format, out)
@@ -436,8 +481,9 @@ def learning_curve(
     `learning.LearningCurve` (`.points`, `.verdict`, `as_dict()`)."""
     from selector import learning
 
+    shares = learning.check_sizes(sizes, "sizes") if sizes is not None else learning.DEFAULT_SIZES
     name, url, _ = resolve(source, storage)
-    return learning.compute(url, name, tuple(sizes) if sizes else learning.DEFAULT_SIZES)
+    return learning.compute(url, name, shares)
 
 
 # --- a handle ----------------------------------------------------------------------------------

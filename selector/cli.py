@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -213,19 +212,6 @@ ThreadsOpt = Annotated[
         help="Torch threads per worker (default: cores / workers; at most 4 x the cores)",
     ),
 ]
-# More torch threads than this many per core are refused: each worker would oversubscribe the
-# machine (a typo such as --threads 400 slows every trial to a crawl) and gains nothing.
-MAX_THREADS_PER_CORE = 4
-
-
-def _check_threads(threads: int | None) -> None:
-    cores = os.cpu_count() or 1
-    if threads is not None and threads > MAX_THREADS_PER_CORE * cores:
-        raise SelectorError(
-            f"--threads {threads}: more than {MAX_THREADS_PER_CORE} x the {cores} cores of this "
-            f"machine; use at most {MAX_THREADS_PER_CORE * cores}, or leave it out (the cores "
-            "are shared among the workers)"
-        )
 
 
 def _heartbeat(interval: int, grace: int) -> Any:
@@ -284,18 +270,6 @@ FuseOpt = Annotated[
 ]
 
 
-def _fuse(value: str | None) -> int | str | None:
-    """`--fuse`'s value checked: None, 'auto' or a whole number from 1 to 64."""
-    from selector.errors import SpecError
-    from selector.spec import MAX_FUSE
-
-    if value is None or value == "auto":
-        return value
-    if not value.isdigit() or not 1 <= int(value) <= MAX_FUSE:
-        raise SpecError(f"--fuse {value}: give a whole number from 1 to {MAX_FUSE}, or auto")
-    return int(value)
-
-
 @app.command()
 def run(
     study_file: Annotated[Path, typer.Argument(help="Study file (.toml)")],
@@ -323,7 +297,8 @@ def run(
         from selector import api, spec
         from selector import storage as st
 
-        _check_threads(threads)
+        api.check_threads(threads, "--threads")
+        fused = spec.fuse_setting(fuse, "--fuse")
         s = spec.load(study_file)
         _quiet_optuna()
         url = st.resolve_url(storage, s.storage)
@@ -338,7 +313,7 @@ def run(
                 workers=workers,
                 threads=threads,
                 heartbeat=hb,
-                fuse=_fuse(fuse),
+                fuse=fused,
             )
 
         _run_then_report(trials, strict=strict)
@@ -371,12 +346,13 @@ def worker(
     """Join an existing study from any machine and run trials until its budget is spent."""
 
     def body() -> None:
-        from selector import progress
+        from selector import api, progress, spec
         from selector import storage as st
         from selector import study as st_study
         from selector import worker as wk
 
-        _check_threads(threads)
+        api.check_threads(threads, "--threads")
+        fused = spec.fuse_setting(fuse, "--fuse")
         _quiet_optuna()
         url = st.resolve_url(storage)
         hb = _heartbeat(heartbeat, grace)
@@ -393,7 +369,7 @@ def worker(
                     timeout=timeout,
                     heartbeat=hb,
                     progress=bar,
-                    fuse=_fuse(fuse),
+                    fuse=fused,
                 )
 
         _run_then_report(trials, strict=strict)

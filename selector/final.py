@@ -184,6 +184,7 @@ def evaluate(
 
     `resume_crashed` finishes an evaluation whose process died after its claim (explicitly, once,
     recorded in `resumed_at`); it never re-opens a finished one. `progress` hears of the refit."""
+    selection.check_rule(rule)
     study, rec = record.open_study(url, name)
     if rec.spec.data.test_size == 0:
         raise RefusedError(

@@ -201,22 +201,30 @@ def verdict(points: Sequence[Point], metric: str) -> Verdict:
 
 
 def parse_sizes(text: str) -> tuple[float, ...]:
-    """`--sizes`: comma-separated shares of each fold's training rows in (0, 1], at least two
-    different ones; returned sorted, without repeats."""
+    """`--sizes`: comma-separated shares of each fold's training rows (`check_sizes`)."""
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise SelectorError(
             f"--sizes {text!r}: not a comma-separated list of numbers (e.g. 0.1,0.25,0.5,1.0)"
         ) from None
-    bad = [v for v in values if not (math.isfinite(v) and 0 < v <= 1)]
+    return check_sizes(values, "--sizes")
+
+
+def check_sizes(values: Sequence[float], name: str) -> tuple[float, ...]:
+    """Shares of each fold's training rows in (0, 1], at least two different ones; returned
+    sorted, without repeats."""
+    numbers = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if len(numbers) != len(values):
+        raise SelectorError(f"{name} {list(values)!r}: give numbers, e.g. [0.25, 0.5, 1.0]")
+    bad = [v for v in numbers if not (math.isfinite(v) and 0 < v <= 1)]
     if bad:
         raise SelectorError(
-            f"--sizes: {bad[0]:g} is not a share of the training rows; use values in (0, 1]"
+            f"{name}: {bad[0]:g} is not a share of the training rows; use values in (0, 1]"
         )
-    sizes = tuple(sorted(set(values)))
+    sizes = tuple(sorted(set(numbers)))
     if len(sizes) < 2:
-        raise SelectorError("--sizes: give at least two different shares, e.g. 0.25,1.0")
+        raise SelectorError(f"{name}: give at least two different shares, e.g. 0.25, 1.0")
     return sizes
 
 

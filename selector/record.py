@@ -173,6 +173,10 @@ class Curves:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __repr__(self) -> str:  # the arrays are in the fields; a trial's repr stays readable
+        k, e = self.folds.shape if self.folds.ndim == 2 else (0, 0)
+        return f"Curves(folds={k}, epochs={e}, layers={self.grads.shape[-1] if e else 0})"
+
     @property
     def val(self) -> np.ndarray:
         """The mean validation score per epoch (what the pruner and early stopping watched)."""

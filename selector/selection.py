@@ -20,7 +20,7 @@ import numpy as np
 import sqlalchemy as sa
 
 from selector import db, storage
-from selector.errors import RefusedError
+from selector.errors import RefusedError, SelectorError
 from selector.record import (
     FOLDS_ROW,
     TARGET_ROW,
@@ -39,6 +39,15 @@ RULE_HELP = (
     "best: the highest mean CV score; one-se: the simplest trial (fewest parameters, then "
     "fewest epochs) whose mean CV score is within one standard error of the best's"
 )
+
+
+def check_rule(rule: str | None) -> None:
+    """A rule given by name (the Python API's, which no type check guards) must be one of
+    `RULES`: an unknown one is refused before anything is chosen, recorded or opened."""
+    if rule is not None and rule not in RULES:
+        raise SelectorError(f"rule: unknown value {rule!r}; use one of {', '.join(RULES)}")
+
+
 # Candidates of the bias-corrected estimate: the top trials by mean CV score. A trial further
 # down almost never wins a bootstrap sample's selection.
 TOP_CANDIDATES = 100

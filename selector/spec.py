@@ -225,6 +225,18 @@ class TrainingSpec(_Strict):
 MAX_FUSE = 64
 
 
+def fuse_setting(value: int | str | None, name: str) -> int | str | None:
+    """A fuse given outside a study file (`--fuse`, the API's `fuse=`) checked as `[search] fuse`
+    is: None (the study's), 'auto', or a whole number from 1 to `MAX_FUSE` (a string of digits
+    from the command line)."""
+    if value is None or value == "auto":
+        return value
+    number = int(value) if isinstance(value, str) and value.isdigit() else value
+    if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= MAX_FUSE:
+        raise SpecError(f"{name} {value}: give a whole number from 1 to {MAX_FUSE}, or auto")
+    return number
+
+
 class SearchSpec(_Strict):
     sampler: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
     pruner: Literal["median", "hyperband", "none"] = "median"

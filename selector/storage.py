@@ -140,8 +140,8 @@ def check(url: str, *, must_exist: bool) -> None:
 def _check_sqlite(path: Path, *, must_exist: bool) -> None:
     if must_exist and not path.exists():
         raise StorageError(
-            f"storage sqlite:///{path}: no such database; run `selector run STUDY_FILE` first "
-            "or pass --storage"
+            f"storage sqlite:///{path}: no such database; run the study first (`selector run "
+            "STUDY_FILE`, or `Study.run()` in Python), or name the storage it ran in"
         )
     if path.is_dir():
         raise StorageError(f"storage sqlite:///{path}: is a directory; name a database file")

@@ -52,8 +52,11 @@ class TrialView:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class StudyStatus:
+    """A study's state as `selector status` shows it: printed (`str`, or the value of a notebook
+    cell) it is that text; `repr` is one line."""
+
     study: str
     storage: str
     metric: str
@@ -92,6 +95,19 @@ class StudyStatus:
         if self.final is None:
             return "no test set" if self.test_rows == 0 else "sealed"
         return self.final.lockbox_state
+
+    def __str__(self) -> str:
+        return status_text(self)
+
+    def __repr__(self) -> str:
+        chosen = f"trial {self.choice.trial}" if self.choice is not None else "none"
+        return (
+            f"<StudyStatus {self.study!r}: {self.finished}/{self.n_trials} trials finished, "
+            f"chosen {chosen}, test set {self.lockbox}>"
+        )
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython's display
+        printer.text(repr(self) if cycle else str(self))
 
     def counts(self, what: str) -> Counter[str]:
         """How many complete trials carry each fit label (`fit`) or gradient label."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -16,7 +17,7 @@ from sklearn.datasets import load_iris
 from typer.testing import CliRunner
 
 import selector
-from selector import api, progress, record, study
+from selector import api, progress, record, study, summary
 from selector.cli import app
 from selector.errors import RefusedError, SelectorError, SpecError
 from tests.conftest import ROOT, small_raw, write_study
@@ -65,6 +66,55 @@ def test_the_storage_follows_the_command_lines_rules(
     assert selector.Study(in_file).storage == f"sqlite:///{tmp_path / 'from-env.db'}"
     given = selector.Study(in_file, storage="sqlite:///given.db")
     assert given.storage == f"sqlite:///{tmp_path / 'given.db'}"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        ({"n_trials": 0}, "n_trials: give a whole number >= 1 (or None), got 0"),
+        ({"n_trials": -1}, "n_trials: give a whole number >= 1 (or None), got -1"),
+        ({"workers": 0}, "workers: give a whole number >= 1"),
+        ({"threads": 2.5}, "threads: give a whole number >= 1 (or None), got 2.5"),
+        ({"threads": 10_000}, "threads 10000: more than 4 x the"),
+        ({"timeout": -5}, "timeout: give seconds >= 0 (or None), got -5"),
+        ({"timeout": float("nan")}, "timeout: give seconds >= 0"),
+        ({"fuse": "bogus"}, "fuse bogus: give a whole number from 1 to 64, or auto"),
+        ({"fuse": 0}, "fuse 0: give a whole number from 1 to 64, or auto"),
+        ({"fuse": True}, "fuse True: give a whole number"),
+    ],
+)
+def test_run_refuses_arguments_the_command_line_would(
+    url: str, arguments: dict[str, Any], says: str
+) -> None:
+    """Checked as the command line checks its options, before the study is created: a typo
+    such as n_trials=-1 once ran nothing and reported a budget of -1."""
+    s = selector.Study(small_raw(n_trials=1), storage=url)
+    with pytest.raises(SelectorError) as refused:
+        s.run(progress=False, **arguments)
+    assert says in str(refused.value)
+    assert not Path(url.removeprefix("sqlite:///")).exists()  # nothing created
+
+
+def test_learning_curve_sizes_are_shares_checked_as_the_commands() -> None:
+    with pytest.raises(SelectorError, match=r"sizes: 2 is not a share of the training rows"):
+        api.learning_curve("any", [0.5, 2.0], storage="sqlite:///never.db")
+    with pytest.raises(SelectorError, match=r"sizes \['a'\]: give numbers"):
+        api.learning_curve("any", ["a"], storage="sqlite:///never.db")  # type: ignore[list-item]
+    with pytest.raises(SelectorError, match="at least two different shares"):
+        api.learning_curve("any", [0.5, 0.5], storage="sqlite:///never.db")
+
+
+def test_a_status_prints_as_the_command_shows_it(ran: selector.Study) -> None:
+    """In a notebook or at a prompt a status reads as `selector status` prints it; its repr is
+    one line, and a trial's repr leaves its curves' arrays out."""
+    status = ran.status()
+    assert str(status) == summary.status_text(status)
+    assert repr(status).startswith(f"<StudyStatus {ran.name!r}: ") and "\n" not in repr(status)
+    printed: list[str] = []  # IPython's printer, as `_repr_pretty_` is called with it
+    status._repr_pretty_(types.SimpleNamespace(text=printed.append), False)
+    assert printed == [str(status)]
+    record = status.trials[0].record
+    assert "Curves(folds=3, epochs=" in repr(record) and "array(" not in repr(record)
 
 
 def test_results_read_back_as_objects(ran: selector.Study) -> None:
@@ -118,6 +168,12 @@ def test_export_returns_the_document_writes_it_and_records_the_choice(
 def test_final_predict_and_report_take_and_give_frames(url: str, tmp_path: Path) -> None:
     s = selector.Study(small_raw(n_trials=1), storage=url)
     s.run(workers=1, progress=False)
+    # a rule no type check caught is refused before the lockbox is touched: nothing chosen,
+    # recorded or opened (it once ran the evaluation and left a choice `status` could not read)
+    with pytest.raises(SelectorError, match="rule: unknown value 'worst'; use one of best"):
+        s.final(rule="worst", progress=False)  # type: ignore[arg-type]
+    before = s.status()
+    assert before.lockbox == "sealed" and before.choice is not None and before.choice.by is None
     done = s.final(progress=False)
     assert done.result.test_rows == 30 and 0.0 <= done.result.test_score <= 1.0  # type: ignore[operator]
     X, y = load_iris(return_X_y=True, as_frame=True)
