@@ -297,10 +297,19 @@ def check_space_value(key: str, value: Any) -> None:
     _check_value(rule, value)
 
 
+# A study's name: it names the artifacts' folder, so nothing that reads as a path.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$"
+# How a refusal by each pattern reads (a regular expression is not a message).
+_PATTERN_TEXT = {
+    NAME_PATTERN: "use letters, digits, '_', '.' and '-', a letter or digit first, at most 100 "
+    "characters",
+}
+
+
 class StudySpec(_Strict):
     """A validated study file. `base_dir` resolves relative data paths; `raw` is the file's table."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+    name: str = Field(pattern=NAME_PATTERN)
     metric: str
     direction: Literal["maximize", "minimize"] | None = None
     n_trials: int = Field(default=50, ge=1, le=1_000_000)
@@ -391,10 +400,11 @@ def _problems(err: ValidationError) -> list[str]:
             out.append(f"{where}: missing; this field is required")
         else:
             msg = _PREFIX.sub("", e["msg"])
-            out.append(
-                f"{where}: {msg}"
-                + ("" if e["type"] == "value_error" else f" (got {e.get('input')!r})")
-            )
+            if e["type"] == "string_pattern_mismatch":
+                msg = _PATTERN_TEXT.get(e.get("ctx", {}).get("pattern"), msg)
+            got = repr(e.get("input"))
+            got = got if len(got) <= 60 else got[:57] + "..."
+            out.append(f"{where}: {msg}" + ("" if e["type"] == "value_error" else f" (got {got})"))
     return out
 
 

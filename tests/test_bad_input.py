@@ -266,7 +266,18 @@ def study_missing(w: Work) -> Call:
 
 STUDY_CASES = [
     pytest.param(study_case({"name": DELETE}, "name", "missing"), id="study-missing-name"),
-    pytest.param(study_case({"name": "my study!"}, "name"), id="study-name-with-space"),
+    pytest.param(
+        study_case({"name": "my study!"}, "name", "use letters, digits, '_', '.' and '-'"),
+        id="study-name-with-space",
+    ),
+    pytest.param(
+        study_case({"name": "../evil"}, "name", "a letter or digit first", "'../evil'"),
+        id="study-name-like-a-path",
+    ),
+    pytest.param(
+        study_case({"name": "a" * 300}, "name", "at most 100 characters", "'" + "a" * 50),
+        id="study-name-too-long",
+    ),
     pytest.param(
         study_case({"space.lr": {"low": 0.1, "high": 0.001}}, "space.lr", "greater than high"),
         id="study-range-low-above-high",
