@@ -401,7 +401,7 @@ def _problems(err: ValidationError) -> list[str]:
         else:
             msg = _PREFIX.sub("", e["msg"])
             if e["type"] == "string_pattern_mismatch":
-                msg = _PATTERN_TEXT.get(e.get("ctx", {}).get("pattern"), msg)
+                msg = _PATTERN_TEXT.get(str(e.get("ctx", {}).get("pattern")), msg)
             got = repr(e.get("input"))
             got = got if len(got) <= 60 else got[:57] + "..."
             out.append(f"{where}: {msg}" + ("" if e["type"] == "value_error" else f" (got {got})"))
