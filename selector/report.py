@@ -28,7 +28,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.subplots import make_subplots
 
-from selector import __version__, export, learning, record, summary
+from selector import __version__, export, learning, metrics, record, summary
 from selector.errors import SelectorError
 from selector.learning import LearningCurve
 from selector.record import StudyRecord
@@ -302,12 +302,15 @@ def _summary(st: StudyStatus) -> str:
             "best",
             "-"
             if best is None
-            else f"trial {best.record.number}: {_fmt(best.record.value)} ± "
+            else f"trial {best.record.number}: {metrics.shown(st.metric, best.record.value)} ± "
             f"{_fmt(best.record.cv_std)}, {best.diagnosis.label if best.diagnosis else '-'}",
         ],
         ["chosen", st.choice.describe() if st.choice else "-"],
         ["expected test score", summary.estimate_line(st)],
-        ["trivial predictor (CV)", _fmt(st.baseline)],
+        [
+            "trivial predictor (CV)",
+            "-" if st.baseline is None else metrics.shown(st.metric, st.baseline),
+        ],
         ["storage", st.storage],
     ]
     return "<h2>Summary</h2>" + _pairs(rows)
@@ -324,14 +327,19 @@ def _test_set(st: StudyStatus) -> str:
     optimism = None
     if f.cv_score is not None and f.test_score is not None:
         optimism = f.cv_score - f.test_score
+    m = f.metric  # scores as a person reads them (an error's sign undone), as the summary shows
+    gap = "optimism (test − CV error)" if m in metrics.ERROR_NAMES else "optimism (CV − test)"
     rows: list[list[Any]] = [
-        ["test score", f"{f.metric} = {_fmt(f.test_score)} on {f.test_rows} rows"],
-        ["chosen trial", f"{f.trial} (rule {f.rule}), CV {_fmt(f.cv_score)}"],
+        ["test score", f"{metrics.shown(m, f.test_score)} on {f.test_rows} rows"],
+        ["chosen trial", f"{f.trial} (rule {f.rule}), CV {metrics.shown_value(m, f.cv_score)}"],
         [
             "expected test score (bias-corrected CV)",
-            "-" if est is None else f"{_fmt(est.value)} [90% {_fmt(est.low)}, {_fmt(est.high)}]",
+            "-"
+            if est is None
+            else f"{metrics.shown_value(m, est.value)} "
+            f"[90% {metrics.shown_range(m, est.low, est.high)}]",
         ],
-        ["optimism (CV − test)", _fmt(optimism, "+.4f")],
+        [gap, _fmt(optimism, "+.4f")],
         ["evaluated at", f.finished_at],
         ["model", f.artifact or "-"],
     ]

@@ -84,6 +84,34 @@ def test_report_shows_the_test_score_and_the_optimism_once_final_ran(
     assert f"<th>optimism (CV − test)</th><td>{optimism:+.4f}</td>" in page
 
 
+def test_an_error_metrics_scores_read_as_errors_wherever_the_summary_shows_them(
+    tmp_path: Path, url: str
+) -> None:
+    """RMSE, not neg_root_mean_squared_error: the test score, the chosen trial's CV, the
+    expected test score and the trivial predictor, as the summary's estimate line already read
+    (a report once showed `RMSE = 52.48` and `neg_root_mean_squared_error = -57.8399` on one
+    page). The top-trials table keeps the raw score."""
+    raw = small_raw(
+        name="diabetes-small",
+        metric="neg_root_mean_squared_error",
+        n_trials=2,
+        data={"source": "sklearn:diabetes", "test_size": 0.2},
+    )
+    s = spec.load(write_study(tmp_path / "diabetes.toml", raw))
+    study.run(s, url)
+    result = final.evaluate(url, "diabetes-small").result
+    report.write(url, "diabetes-small", tmp_path / "r.html")
+    page = html.unescape((tmp_path / "r.html").read_text())
+    assert result.test_score is not None and result.cv_score is not None
+    assert f"RMSE = {-result.test_score:.4g} on {result.test_rows} rows" in page
+    assert f"CV {-result.cv_score:.4g}" in page
+    assert "neg_root_mean_squared_error =" not in page
+    optimism = result.cv_score - result.test_score
+    assert f"<th>optimism (test − CV error)</th><td>{optimism:+.4f}</td>" in page
+    baseline = summary.status(url, "diabetes-small").baseline
+    assert baseline is not None and f"<td>RMSE = {-baseline:.4g}</td>" in page
+
+
 def test_figures_hold_the_trials_real_values(ran: tuple[Path, str]) -> None:
     _, url = ran
     s = optuna.load_study(study_name="iris-small", storage=url)
