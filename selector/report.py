@@ -86,6 +86,9 @@ def fig_cv_scores(views: list[TrialView], metric: str) -> go.Figure:
         yaxis_title=f"mean validation {metric}",
         **LAYOUT,
     )
+    # trial numbers are whole: no ticks at 0.5 (plotly's choice for a few trials)
+    last = max((v.record.number for v in views), default=0)
+    fig.update_xaxes(tickformat="d", **({"dtick": 1} if last < 20 else {}))
     return fig
 
 

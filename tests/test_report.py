@@ -117,6 +117,8 @@ def test_figures_hold_the_trials_real_values(ran: tuple[Path, str]) -> None:
     s = optuna.load_study(study_name="iris-small", storage=url)
     views = summary.status(url, "iris-small").ranked
     figs = report.study_figures(views, "accuracy")
+    axis = figs["cv-scores"].layout.xaxis  # three trials: a tick per trial, none at 0.5
+    assert (axis.tickformat, axis.dtick) == ("d", 1)
     points = {
         (x, y, e)
         for tr in figs["cv-scores"].data
