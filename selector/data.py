@@ -125,7 +125,7 @@ def _read_file(path: Path, field: str) -> pd.DataFrame:
             return pd.read_parquet(path)
         if suffix not in (".csv", ".txt", ".tsv", ""):
             raise DataError(f"{path}: unknown file type {suffix!r} ({field}); use .csv or .parquet")
-        return pd.read_csv(path, sep=_separator(path))
+        frame = pd.read_csv(path, sep=_separator(path))
     except DataError:
         raise
     except pd.errors.EmptyDataError:
@@ -135,6 +135,34 @@ def _read_file(path: Path, field: str) -> pd.DataFrame:
         raise DataError(f"{path}: not a readable CSV ({detail}); check the file") from None
     except (OSError, ValueError, ImportError) as e:
         raise DataError(f"{path}: cannot read ({str(e).splitlines()[0][:120]})") from None
+    _check_separator(path, frame)
+    return frame
+
+
+# Separators files use between fields: a header read as one column holding another than the one
+# expected is a file that does not use it (a spreadsheet's ';' export, commas in a .tsv).
+OTHER_SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'", ",": "','"}
+
+
+def _check_separator(path: Path, frame: pd.DataFrame) -> None:
+    """A CSV whose header is one column holding another separator is refused, with what to do
+    (read as it is, every field of a row would be one text value)."""
+    if frame.shape[1] != 1:
+        return
+    header = str(frame.columns[0])
+    expected = "tabs" if _separator(path) == "\t" else "','"
+    for sep, name in OTHER_SEPARATORS.items():
+        if sep in header and name != expected:
+            fix = (
+                "name it .csv, or save it with tabs"
+                if sep == ","
+                else "save it with ',' between fields (and '.' for decimals), or with tabs as .tsv"
+            )
+            raise DataError(
+                f"{path}: the header is one column, {header[:60]!r}, so the file seems to use "
+                f"{name} between fields; selector reads {expected} in a {path.suffix or 'CSV'} "
+                f"file: {fix}"
+            )
 
 
 def _regular_file(path: Path, field: str) -> None:

@@ -552,6 +552,20 @@ DATA_CASES = [
         raw_data_case("not parquet at all\n", csv="data.parquet"), id="data-parquet-garbage"
     ),
     pytest.param(raw_data_case("a,b\n1,2\n", ".xlsx", csv="data.xlsx"), id="data-unknown-type"),
+    pytest.param(
+        raw_data_case(
+            "species;bill;mass\nAdelie;39,1;3750\nGentoo;47,2;5200\n",
+            "seems to use ';' between fields",
+            "save it with ',' between fields",
+        ),
+        id="data-semicolon-separated-csv",
+    ),
+    pytest.param(
+        raw_data_case(
+            "species,bill\nAdelie,39.1\n", "use ',' between fields", "name it .csv", csv="d.tsv"
+        ),
+        id="data-commas-in-a-tsv",
+    ),
     pytest.param(data_is_directory, id="data-path-is-directory"),
     pytest.param(
         data_case(None, {"data.target": "specie"}, "data.target", "'species'"),
