@@ -107,7 +107,7 @@ def load_study(store: optuna.storages.BaseStorage, url: str, name: str, **kw: An
     try:
         return optuna.load_study(study_name=name, storage=store, **kw)
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(store, False)]
+        names = [s.study_name for s in store.get_all_studies()]  # no trial read
         known = f"; studies here: {', '.join(names)}" if names else "; this storage has no studies"
         raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}") from None
 
@@ -398,6 +398,13 @@ def _attrs_table(name: str, owner: str) -> sa.Table:
 
 _studies_t = sa.Table("studies", _optuna, _c("study_id", sa.Integer), _c("study_name", sa.String))
 _study_attrs_t = _attrs_table("study_user_attributes", "study_id")
+_directions_t = sa.Table(
+    "study_directions",
+    _optuna,
+    _c("study_id", sa.Integer),
+    _c("direction", sa.String),
+    _c("objective", sa.Integer),
+)
 _trials_t = sa.Table(
     "trials",
     _optuna,
@@ -821,6 +828,59 @@ def _study_id(conn: sa.Connection, url: str, name: str) -> int:
         known = f"; studies here: {', '.join(names)}" if names else "; this storage has no studies"
         raise StudyError(f"no study {name!r} in {storage.mask(url)}{known}")
     return int(study_id)
+
+
+@dataclass(frozen=True)
+class StudyOverview:
+    """A study as a storage's list shows it: its trials, and its best value (None without a
+    complete trial, or with several objectives)."""
+
+    name: str
+    trials: int
+    best: float | None
+
+
+def study_overviews(url: str) -> list[StudyOverview]:
+    """Every study in the storage, in the order Optuna lists them, with its trial count and
+    best value: four Core queries. (`optuna.get_all_study_summaries` loads every trial of every
+    study, even without the best trial: 5 s at 4,800 trials.) Through a gRPC proxy, Optuna's."""
+    if storage.is_grpc(url):
+        store = storage.open_storage(url, must_exist=True)
+        return [
+            StudyOverview(s.study_name, s.n_trials, s.best_trial.value if s.best_trial else None)
+            for s in optuna.get_all_study_summaries(store, include_best_trial=True)
+        ]
+    storage.check(url, must_exist=True)
+    st, t, v, d = _studies_t.c, _trials_t.c, _values_t.c, _directions_t.c
+    with storage.engine(url).connect() as conn:
+        studies = list(conn.execute(sa.select(st.study_id, st.study_name).order_by(st.study_id)))
+        counts = {
+            int(sid): int(n)
+            for sid, n in conn.execute(sa.select(t.study_id, sa.func.count()).group_by(t.study_id))
+        }
+        directions: dict[int, list[str]] = {}
+        for sid, direction in conn.execute(
+            sa.select(d.study_id, d.direction).order_by(d.objective)
+        ):
+            directions.setdefault(sid, []).append(direction)
+        values: dict[int, list[float]] = {}
+        complete = (
+            sa.select(t.study_id, v.value, v.value_type)
+            .select_from(_trials_t.join(_values_t, v.trial_id == t.trial_id))
+            .where(t.state == TrialState.COMPLETE.name, v.objective == 0)
+        )
+        for sid, value, kind in conn.execute(complete):
+            x = float(value) if kind == "FINITE" else _INF[kind]
+            if not math.isnan(x):
+                values.setdefault(sid, []).append(x)
+    out = []
+    for sid, name in studies:
+        dirs, scores = directions.get(sid, []), values.get(sid)
+        best = None
+        if len(dirs) == 1 and scores:
+            best = max(scores) if dirs[0] == "MAXIMIZE" else min(scores)
+        out.append(StudyOverview(name, int(counts.get(sid, 0)), best))
+    return out
 
 
 def silent_trials(url: str, name: str, default_grace: int = 120) -> list[int]:

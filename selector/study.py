@@ -105,7 +105,7 @@ def _create(
     spec: StudySpec, url: str, optuna_storage: optuna.storages.BaseStorage, prep: data.Prepared
 ) -> tuple[optuna.Study, data.Prepared, StudyRecord]:
     _check_fits(spec, prep)
-    if spec.name in {s.study_name for s in optuna.get_all_study_summaries(optuna_storage, False)}:
+    if spec.name in {s.study_name for s in optuna_storage.get_all_studies()}:  # no trial read
         raise StudyError(
             f"an Optuna study named {spec.name!r} already exists in {storage.mask(url)} but was not "
             "created by selector; choose another name"

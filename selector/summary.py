@@ -13,7 +13,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import optuna
 from optuna.trial import TrialState
 
 from selector import diagnose, metrics, record, selection, storage
@@ -271,16 +270,15 @@ def lockbox_line(st: StudyStatus) -> str:
 
 
 def studies(url: str) -> list[dict[str, Any]]:
-    optuna_storage = storage.open_storage(url, must_exist=True)
     out = []
-    for s in optuna.get_all_study_summaries(optuna_storage, include_best_trial=True):
-        rec = record.find_record(url, s.study_name)
-        final = record.stored_final(url, s.study_name) if rec else None
+    for s in record.study_overviews(url):
+        rec = record.find_record(url, s.name)
+        final = record.stored_final(url, s.name) if rec else None
         out.append(
             {
-                "study": s.study_name,
-                "trials": s.n_trials,
-                "best": s.best_trial.value if s.best_trial else None,
+                "study": s.name,
+                "trials": s.trials,
+                "best": s.best,
                 "metric": rec.spec.metric if rec else None,
                 "n_trials": rec.n_trials if rec else None,
                 "test_set": (
