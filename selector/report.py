@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 import plotly.graph_objects as go
 import plotly.io as pio
+from optuna.trial import FrozenTrial
 from plotly.subplots import make_subplots
 
 from selector import __version__, export, learning, metrics, record, summary
@@ -225,9 +226,22 @@ def study_figures(views: list[TrialView], metric: str) -> dict[str, go.Figure]:
     }
 
 
+class _Shared(optuna.Study):
+    """A study as Optuna's figures read it: its trials not deep-copied at each read, which only
+    reads do. (`plot_param_importances` reads `study.trials` once a parameter for its hover
+    text: 0.43 s each at 4,800 trials, 4.3 s for the figure.)"""
+
+    @property
+    def trials(self) -> list[FrozenTrial]:
+        return self.get_trials(deepcopy=False)
+
+
 def optuna_figures(study: optuna.Study) -> tuple[dict[str, go.Figure], list[str]]:
     """Optuna's history, parameter importances and parallel coordinates; and why any is missing."""
     from optuna import visualization as vis
+
+    # the same storage, so the trials `open_study` read are not read again
+    study = _Shared(study_name=study.study_name, storage=study._storage)
 
     makers = {
         "history": vis.plot_optimization_history,

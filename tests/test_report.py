@@ -18,7 +18,7 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from typer.testing import CliRunner
 
-from selector import final, report, spec, study, summary
+from selector import final, record, report, spec, study, summary
 from selector.cli import app
 from selector.model import count_params
 from selector.record import TrialRecord
@@ -110,6 +110,26 @@ def test_an_error_metrics_scores_read_as_errors_wherever_the_summary_shows_them(
     assert f"<th>optimism (test − CV error)</th><td>{optimism:+.4f}</td>" in page
     baseline = summary.status(url, "diabetes-small").baseline
     assert baseline is not None and f"<td>RMSE = {-baseline:.4g}</td>" in page
+
+
+def test_optunas_figures_are_drawn_from_trials_read_once(ran: tuple[Path, str]) -> None:
+    """The figures Optuna draws from the study itself, drawn from a view of it whose trials
+    are not deep-copied at each read (the importances read them once a parameter)."""
+    from optuna import visualization as vis
+
+    _, url = ran
+    s, _ = record.open_study(url, "iris-small")
+    figs, missing = report.optuna_figures(s)
+    assert missing == []
+    expected = {
+        "history": vis.plot_optimization_history(s),
+        "importances": vis.plot_param_importances(
+            s, evaluator=optuna.importance.PedAnovaImportanceEvaluator()
+        ),
+        "parallel": vis.plot_parallel_coordinate(s),
+    }
+    for key, fig in expected.items():
+        assert figs[key].to_json() == fig.update_layout(**report.LAYOUT).to_json(), key
 
 
 def test_figures_hold_the_trials_real_values(ran: tuple[Path, str]) -> None:
