@@ -292,12 +292,15 @@ def _figure_of(study_id: int, trial: FrozenTrial) -> str | None:
 
 
 def note_label(system_attrs: dict[str, Any], trial_id: int) -> str | None:
-    """The diagnosis a trial's note shows now (its heading), or None when it has no note."""
-    from optuna_dashboard._note import get_note_from_system_attrs
+    """The diagnosis a trial's note shows now (its heading), or None when it has no note. The
+    heading is in the note's first chunk, read by its key: optuna-dashboard's
+    `get_note_from_system_attrs` scans every study system attr for a note's chunks, which for
+    every trial of a 4,800-trial study took 5 s."""
+    from optuna_dashboard._note import note_str_key_prefix
 
     if not has_note(system_attrs, trial_id):
         return None
-    body = str(get_note_from_system_attrs(system_attrs, trial_id).get("body", ""))
+    body = str(system_attrs.get(f"{note_str_key_prefix(trial_id)}0", ""))
     first = body.split("\n", 1)[0]
     return first.split(": ", 1)[1] if first.startswith("### Trial") and ": " in first else None
 

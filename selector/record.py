@@ -25,6 +25,7 @@ import math
 import time
 import weakref
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -881,6 +882,19 @@ def study_overviews(url: str) -> list[StudyOverview]:
             best = max(scores) if dirs[0] == "MAXIMIZE" else min(scores)
         out.append(StudyOverview(name, int(counts.get(sid, 0)), best))
     return out
+
+
+def state_counts(url: str, name: str) -> Counter[TrialState]:
+    """How many of the study's trials are in each state: one query (through a gRPC proxy,
+    Optuna's trials)."""
+    if storage.is_grpc(url):
+        study = load_study(storage.open_storage(url, must_exist=True), url, name)
+        return Counter(t.state for t in study.get_trials(deepcopy=False))
+    t = _trials_t.c
+    with storage.engine(url).connect() as conn:
+        study_id = _study_id(conn, url, name)
+        query = sa.select(t.state, sa.func.count()).where(t.study_id == study_id).group_by(t.state)
+        return Counter({TrialState[state]: int(n) for state, n in conn.execute(query)})
 
 
 def silent_trials(url: str, name: str, default_grace: int = 120) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import optuna
@@ -139,10 +140,23 @@ def test_listing_studies_never_reads_their_trials(
         record.open_study(url, "nope")
 
 
+def _optunas_counts(url: str, name: str) -> Counter[TrialState]:
+    s = optuna.load_study(study_name=name, storage=storage.open_storage(url, must_exist=True))
+    return Counter(t.state for t in s.get_trials(deepcopy=False))
+
+
+def test_state_counts_count_what_optuna_reads(url: str) -> None:
+    _mixed_storage(url)
+    for name in ("iris-small", "minimizing", "pruned-only", "empty"):
+        assert record.state_counts(url, name) == _optunas_counts(url, name), name
+    assert record.state_counts(url, "minimizing") == {TrialState.COMPLETE: 3, TrialState.FAIL: 1}
+
+
 @pytest.mark.postgres
 def test_study_overviews_on_postgresql(pg_url: str) -> None:
     _mixed_storage(pg_url)
     assert record.study_overviews(pg_url) == _optunas_overviews(pg_url)
+    assert record.state_counts(pg_url, "minimizing") == _optunas_counts(pg_url, "minimizing")
 
 
 def test_user_attrs_stay_small(ran: str) -> None:
