@@ -235,10 +235,13 @@ def _report_run(summary: Any) -> None:
     typer.echo(f"study {summary.study!r}: {summary.finished}/{total} trials finished{now}; {best}")
 
 
-def _run_then_report(trials: Callable[[], Any], *, strict: bool) -> None:
+def _run_then_report(
+    trials: Callable[[], Any], *, strict: bool, study: tuple[str, str] | None = None
+) -> None:
     """Run trials and print the run's summary. A study whose n_trials are all finished has
     nothing to do: one line saying so and exit 0, so that a script may run it again at will;
-    with --strict the refusal, exit 1. (A sealed study is refused either way.)"""
+    with --strict the refusal, exit 1. (A sealed study is refused either way.) Stopped by
+    Ctrl-C or SIGTERM, where the study `(url, name)` stands."""
     try:
         summary = trials()
     except BudgetSpent as e:
@@ -246,7 +249,31 @@ def _run_then_report(trials: Callable[[], Any], *, strict: bool) -> None:
             raise
         typer.echo(e.nothing_to_do)
         return
+    except KeyboardInterrupt:
+        if study is not None:
+            _report_stopped(*study)
+        raise
     _report_run(summary)
+
+
+def _report_stopped(url: str, name: str) -> None:
+    """The study's count when a run stops early: the progress lines of trials that ended with
+    the stop may not have been printed. Never hides the stop itself."""
+    from optuna.trial import TrialState
+
+    from selector import record
+
+    try:
+        counts = record.state_counts(url, name)
+        rec = record.find_record(url, name)
+    except Exception:
+        return
+    finished = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+    total = f"/{rec.n_trials}" if rec is not None else ""
+    typer.echo(
+        f"study {name!r}: {finished}{total} trials finished when the run stopped "
+        f"({counts[TrialState.FAIL]} failed in all)"
+    )
 
 
 StrictOpt = Annotated[
@@ -316,7 +343,7 @@ def run(
                 fuse=fused,
             )
 
-        _run_then_report(trials, strict=strict)
+        _run_then_report(trials, strict=strict, study=(url, s.name))
 
     guarded(lambda: _deferring(body))
 
@@ -372,7 +399,7 @@ def worker(
                     fuse=fused,
                 )
 
-        _run_then_report(trials, strict=strict)
+        _run_then_report(trials, strict=strict, study=(url, study))
 
     guarded(lambda: _deferring(body))
 

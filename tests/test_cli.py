@@ -187,6 +187,9 @@ def test_ctrl_c_keeps_finished_trials_and_run_resumes_to_the_exact_budget(tmp_pa
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     kept = _finished(db)
     assert kept >= 3
+    # where the study stands, as the stop left it (trials ending with it print no line)
+    stood = f"study 'iris-small': {kept}/6 trials finished when the run stopped"
+    assert f"{stood} ({len(interrupted)} failed in all)" in out, out
 
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr

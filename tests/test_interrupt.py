@@ -244,7 +244,7 @@ def test_sigterm_records_running_trials_as_terminated_and_leaves_no_process(
         os.killpg(proc.pid, signal.SIGTERM)
     else:
         os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=60)
     while any(_alive(p) for p in tree) and time.monotonic() - sent < 30:
         time.sleep(0.05)
     assert not [p for p in tree if _alive(p)], "a process outlived the stop"
@@ -258,5 +258,6 @@ def test_sigterm_records_running_trials_as_terminated_and_leaves_no_process(
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) == workers
     assert {t.user_attrs.get("fail_reason") for t in failed} == {"terminated"}
+    assert f"trials finished when the run stopped ({workers} failed in all)" in out, out
     status = CliRunner().invoke(app, ["status", "iris-small", "--storage", url])
     assert f"terminated {workers}" in status.output, status.output
