@@ -131,9 +131,9 @@ def publish(url: str, st: optuna.storages.BaseStorage, name: str) -> Published |
         if v.diagnosis is not None
         and notes.note_label(system, frozen[v.record.number]._trial_id) != v.diagnosis.label
     ]
-    for v in stale:
+    for v in stale:  # each from the one read of the study's attrs above
         assert v.diagnosis is not None
-        notes.annotate_finished(study, frozen[v.record.number], v.diagnosis)
+        notes.annotate_finished(study, frozen[v.record.number], v.diagnosis, system)
     text, current = study_note(status), get_note(study)
     write = current != text and (not current or STUDY_FOOTER in current)
     if write:

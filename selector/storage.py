@@ -679,6 +679,29 @@ def write_trials(writes: Sequence[TrialWrite]) -> None:
             cached.datetime_complete = ended
 
 
+def write_study_system_attrs(
+    store: optuna.storages.BaseStorage, study_id: int, attrs: Mapping[str, Any]
+) -> None:
+    """A study's system attrs set together (a dashboard note written anew): one upsert on
+    SQLite and PostgreSQL, in the row format `set_study_system_attr` writes; elsewhere one
+    call a key."""
+    if not attrs:
+        return
+    rdb = _rdb_behind(store)
+    if rdb is None or rdb.engine.name not in ("sqlite", "postgresql"):
+        for key, value in attrs.items():
+            store.set_study_system_attr(study_id, key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(rdb.scoped_session, True) as session:
+        session.execute(
+            _upsert(rdb.engine.name, models.StudySystemAttributeModel),
+            _attr_rows(study_id, attrs, "study_id"),
+        )
+
+
 @contextlib.contextmanager
 def created_trials(study: optuna.Study) -> Iterator[list[int]]:
     """The ids of the trials `study`'s storage creates while the block runs. Optuna's `ask`

@@ -227,6 +227,35 @@ def test_a_notes_label_is_its_whole_bodys_heading(url: str) -> None:
         assert (first.split(": ", 1)[1] if first.startswith("### Trial") else None) == label
 
 
+def test_a_note_written_from_attrs_read_once_is_what_save_note_writes(url: str) -> None:
+    """`notes.note_attrs` + one upsert write what optuna-dashboard's `save_note` writes (which
+    reads every study attr twice a note: 0.5 s a note beside 4,800 trials), over a note's
+    versions: longer, shorter (older chunks cleared), longer again."""
+    bodies = ["### Trial 0: overfit\n" + "x" * 5000, "### Trial 0: good fit\nshort", "y" * 2500]
+    store = storage.open_storage(url, must_exist=False)
+    written = {}
+    for how in ("save_note", "note_attrs"):
+        s = optuna.create_study(study_name=how, storage=store)
+        trial = s.ask()
+        for body in bodies:
+            if how == "save_note":
+                save_note(trial, body)
+            else:
+                system = store.get_study_system_attrs(s._study_id)
+                attrs = notes.note_attrs(system, trial._trial_id, body)
+                assert attrs is not None
+                storage.write_study_system_attrs(store, s._study_id, attrs)
+            assert get_note(trial) == body
+        own = f"dashboard:{trial._trial_id}:"
+        written[how] = {
+            k.replace(own, "dashboard:T:"): v
+            for k, v in store.get_study_system_attrs(s._study_id).items()
+            if k.startswith(own)
+        }
+    assert written["note_attrs"] == written["save_note"]
+    assert written["save_note"]["dashboard:T:note_ver"] == 3
+
+
 def test_a_trial_note_is_rewritten_when_its_diagnosis_changes(ran: str) -> None:
     st, _ = dashboard.studies(ran)
     dashboard.publish(ran, st, "iris-small")
