@@ -305,13 +305,18 @@ def curves(source: StudySource, trial: int, *, storage: str | None = None) -> pd
 MAX_THREADS_PER_CORE = 4
 
 
+def max_threads() -> int:
+    """The most torch threads a worker may take: `MAX_THREADS_PER_CORE` x this machine's cores."""
+    return MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+
+
 def check_threads(threads: int | None, name: str) -> None:
-    """Torch threads per worker: at most `MAX_THREADS_PER_CORE` x this machine's cores."""
+    """Torch threads per worker: at most `max_threads()`."""
     cores = os.cpu_count() or 1
-    if threads is not None and threads > MAX_THREADS_PER_CORE * cores:
+    if threads is not None and threads > max_threads():
         raise SelectorError(
             f"{name} {threads}: more than {MAX_THREADS_PER_CORE} x the {cores} cores of this "
-            f"machine; use at most {MAX_THREADS_PER_CORE * cores}, or leave it out (the cores "
+            f"machine; use at most {max_threads()}, or leave it out (the cores "
             "are shared among the workers)"
         )
 

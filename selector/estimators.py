@@ -238,8 +238,9 @@ class _MLPSearch(BaseEstimator):
             s,
             storage=url,
             workers=int(self.workers),
-            # one worker: this process's torch threads, as for any torch code it runs
-            threads=torch.get_num_threads() if self.workers == 1 else None,
+            # one worker: this process's torch threads, as for any torch code it runs (within
+            # what a worker may take: a caller's torch may have been set to more)
+            threads=min(torch.get_num_threads(), api.max_threads()) if self.workers == 1 else None,
             progress=bool(self.verbose),
         )
 

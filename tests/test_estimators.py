@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import selector
+from selector import api
 from selector.errors import RefusedError
 from selector.estimators import MLPSearchClassifier, MLPSearchRegressor
 from tests.conftest import PENGUINS
@@ -309,6 +310,34 @@ def test_refused_rows_and_settings_are_named_as_the_estimator_takes_them(
         assert part in message
     for study_term in ("selector-fit-", ".parquet", "'target'", "cv.", "data.", "training."):
         assert study_term not in message
+
+
+def test_a_fit_runs_where_torch_was_set_to_more_threads_than_a_worker_may_take(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fit's one worker takes the caller's torch threads, capped at what `run` accepts (a
+    caller's torch set past that must not make `fit` refuse a parameter it does not have)."""
+    import torch
+
+    threads = (
+        torch.get_num_threads()
+    )  # what the run's restore would otherwise leave at 4 x cores + 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: api.max_threads() + 1)
+    seen: list[int | None] = []
+    run = api.run
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("threads"))
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(api, "run", recording)
+    X, y = load_iris(return_X_y=True)
+    try:
+        MLPSearchClassifier(**{**TINY, "n_trials": 1}).fit(X, y)
+    finally:
+        monkeypatch.undo()
+        torch.set_num_threads(threads)
+    assert seen == [api.max_threads()]
 
 
 def test_a_fit_leaves_optunas_log_quiet() -> None:
