@@ -312,12 +312,12 @@ def max_threads() -> int:
 
 def check_threads(threads: int | None, name: str) -> None:
     """Torch threads per worker: at most `max_threads()`."""
-    cores = os.cpu_count() or 1
-    if threads is not None and threads > max_threads():
+    most = max_threads()
+    if threads is not None and threads > most:
         raise SelectorError(
-            f"{name} {threads}: more than {MAX_THREADS_PER_CORE} x the {cores} cores of this "
-            f"machine; use at most {max_threads()}, or leave it out (the cores "
-            "are shared among the workers)"
+            f"{name} {threads}: more than {MAX_THREADS_PER_CORE} x the {most // MAX_THREADS_PER_CORE} "
+            f"cores of this machine; use at most {most}, or leave it out (the cores are shared "
+            "among the workers)"
         )
 
 

@@ -125,7 +125,8 @@ def _read_file(path: Path, field: str) -> pd.DataFrame:
             return pd.read_parquet(path)
         if suffix not in (".csv", ".txt", ".tsv", ""):
             raise DataError(f"{path}: unknown file type {suffix!r} ({field}); use .csv or .parquet")
-        frame = pd.read_csv(path, sep=_separator(path))
+        sep = _separator(path)
+        frame = pd.read_csv(path, sep=sep)
     except DataError:
         raise
     except pd.errors.EmptyDataError:
@@ -135,7 +136,7 @@ def _read_file(path: Path, field: str) -> pd.DataFrame:
         raise DataError(f"{path}: not a readable CSV ({detail}); check the file") from None
     except (OSError, ValueError, ImportError) as e:
         raise DataError(f"{path}: cannot read ({str(e).splitlines()[0][:120]})") from None
-    _check_separator(path, frame)
+    _check_separator(path, frame, sep)
     return frame
 
 
@@ -144,18 +145,18 @@ def _read_file(path: Path, field: str) -> pd.DataFrame:
 OTHER_SEPARATORS = {";": "';'", "\t": "tabs", "|": "'|'", ",": "','"}
 
 
-def _check_separator(path: Path, frame: pd.DataFrame) -> None:
+def _check_separator(path: Path, frame: pd.DataFrame, sep: str) -> None:
     """A CSV whose header is one column holding another separator is refused, with what to do
     (read as it is, every field of a row would be one text value)."""
     if frame.shape[1] != 1:
         return
     header = str(frame.columns[0])
-    expected = "tabs" if _separator(path) == "\t" else "','"
-    for sep, name in OTHER_SEPARATORS.items():
-        if sep in header and name != expected:
+    expected = OTHER_SEPARATORS[sep]
+    for other, name in OTHER_SEPARATORS.items():
+        if other in header and other != sep:
             fix = (
                 "name it .csv, or save it with tabs"
-                if sep == ","
+                if other == ","
                 else "save it with ',' between fields (and '.' for decimals), or with tabs as .tsv"
             )
             raise DataError(

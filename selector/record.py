@@ -880,7 +880,7 @@ def study_overviews(url: str) -> list[StudyOverview]:
         best = None
         if len(dirs) == 1 and scores:
             best = max(scores) if dirs[0] == "MAXIMIZE" else min(scores)
-        out.append(StudyOverview(name, int(counts.get(sid, 0)), best))
+        out.append(StudyOverview(name, counts.get(sid, 0), best))
     return out
 
 
